@@ -1,0 +1,55 @@
+"""daskml_scale: train and serve pandas + Keras models at scale on Dask.
+
+Everything a user imports lives in this namespace; ``__all__`` is kept honest by
+``tests/test_api.py``.
+"""
+
+from __future__ import annotations
+
+import os as _os
+
+_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from daskml_scale import config  # noqa: E402  (registers the dask.config defaults)
+from daskml_scale.cluster import KerasWorkerPlugin, connect  # noqa: E402
+from daskml_scale.exceptions import (  # noqa: E402
+    BadRowError,
+    BundleError,
+    ClusterError,
+    DaskmlScaleError,
+    DaskmlScaleWarning,
+    DataError,
+    EmptyFileError,
+    GPUUnavailableError,
+    MissingColumnError,
+    NonFiniteValueError,
+    NotFittedError,
+    TrainingError,
+    UnsafeBundleError,
+    WorkersLostError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "config",
+    "connect",
+    "KerasWorkerPlugin",
+    # errors
+    "DaskmlScaleError",
+    "DaskmlScaleWarning",
+    "ClusterError",
+    "GPUUnavailableError",
+    "DataError",
+    "MissingColumnError",
+    "BadRowError",
+    "EmptyFileError",
+    "NonFiniteValueError",
+    "NotFittedError",
+    "BundleError",
+    "UnsafeBundleError",
+    "TrainingError",
+    "WorkersLostError",
+]

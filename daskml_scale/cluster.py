@@ -1,0 +1,304 @@
+"""Connect to a Dask cluster: local CPU workers, local GPU workers, or a remote scheduler.
+
+The same user code runs on a laptop and on a cluster; only the address given to
+:func:`connect` changes.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from typing import Any
+
+import dask
+import dask.config
+from distributed import Client, LocalCluster, WorkerPlugin
+from distributed.security import Security
+
+from daskml_scale import config
+from daskml_scale.exceptions import ClusterError, GPUUnavailableError
+
+__all__ = ["connect", "KerasWorkerPlugin", "local_cores"]
+
+PLUGIN_NAME = "daskml-scale-keras"
+
+
+def local_cores() -> int:
+    """Cores this process may use (cgroup and affinity aware, as Dask counts them)."""
+    return int(dask.system.CPU_COUNT)
+
+
+def _tensorflow_env(threads: int) -> dict[str, str]:
+    """Environment that sizes TensorFlow's thread pools before it starts."""
+    level = str(config.get("worker.tensorflow-log-level", 2))
+    return {
+        "TF_CPP_MIN_LOG_LEVEL": level,
+        "TF_NUM_INTRAOP_THREADS": str(threads),
+        "TF_NUM_INTEROP_THREADS": str(max(1, min(2, threads))),
+        # oneDNN's custom ops change float results run to run; keep them off so that
+        # workers and a single process compute the same numbers
+        "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "0"),
+        "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
+    }
+
+
+class KerasWorkerPlugin(WorkerPlugin):
+    """Prepare a worker for Keras/TensorFlow, once, when it joins.
+
+    * TensorFlow's intra-op pool gets the worker's thread count (or the
+      ``daskml_scale.worker.tensorflow-threads`` setting), so that N workers x
+      threads never oversubscribe the cores;
+    * TensorFlow's C++ logs are quieted (``daskml_scale.worker.tensorflow-log-level``);
+    * on GPU workers, GPU memory grows on demand instead of being taken whole
+      (``daskml_scale.worker.gpu-memory-growth``).
+
+    What was applied is kept in ``worker.data``-free state and can be read back with
+    :func:`worker_tensorflow_settings` in a task.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    def __init__(
+        self,
+        threads: int | None = None,
+        log_level: int | None = None,
+        gpu_memory_growth: bool | None = None,
+    ) -> None:
+        self.threads = threads
+        self.log_level = log_level if log_level is not None else config.get("worker.tensorflow-log-level", 2)
+        self.gpu_memory_growth = (
+            gpu_memory_growth if gpu_memory_growth is not None else config.get("worker.gpu-memory-growth", True)
+        )
+
+    def setup(self, worker: Any) -> None:
+        threads = int(self.threads or worker.state.nthreads or 1)
+        env = _tensorflow_env(threads)
+        env["TF_CPP_MIN_LOG_LEVEL"] = str(self.log_level)
+        os.environ.update(env)
+        settings: dict[str, Any] = {"intra_op": threads, "inter_op": int(env["TF_NUM_INTEROP_THREADS"])}
+
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(settings["intra_op"])
+            tf.config.threading.set_inter_op_parallelism_threads(settings["inter_op"])
+        except RuntimeError:
+            # TensorFlow was already initialised in this process (e.g. by a task that
+            # ran before the plugin): its pools keep the environment's sizes.
+            settings["intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
+            settings["inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
+        gpus = tf.config.list_physical_devices("GPU")
+        if gpus and self.gpu_memory_growth:
+            for gpu in gpus:
+                try:
+                    tf.config.experimental.set_memory_growth(gpu, True)
+                except RuntimeError:
+                    pass
+        settings["gpus"] = [g.name for g in gpus]
+        settings["log_level"] = int(self.log_level)
+        worker._daskml_scale_tf = settings  # read back by worker_tensorflow_settings()
+
+
+def worker_tensorflow_settings(dask_worker: Any = None) -> dict[str, Any]:
+    """The TensorFlow settings the plugin applied on this worker.
+
+    Call it in a task, or with ``client.run(worker_tensorflow_settings)``.
+    """
+    import tensorflow as tf
+
+    if dask_worker is None:
+        from distributed import get_worker
+
+        dask_worker = get_worker()
+    worker = dask_worker
+    applied = dict(getattr(worker, "_daskml_scale_tf", {}))
+    applied["effective_intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
+    applied["effective_inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
+    applied["nthreads"] = worker.state.nthreads
+    return applied
+
+
+# ------------------------------------------------------------------------------ GPUs
+def _dask_cuda_installed() -> bool:
+    try:
+        import dask_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def visible_gpu_count() -> int:
+    """Number of CUDA GPUs this process can see (0 when none, or no driver)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        n = pynvml.nvmlDeviceGetCount()
+    except Exception:
+        smi = shutil.which("nvidia-smi")
+        if smi is None:
+            return 0
+        try:
+            out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError):
+            return 0
+        n = sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+    if visible is not None:
+        n = min(n, len([v for v in visible.split(",") if v.strip()]))
+    return n
+
+
+def _gpu_cluster(gpus: int | str | list[int], threads: int | None, kwargs: dict[str, Any]) -> Any:
+    n_visible = visible_gpu_count()
+    has_dask_cuda = _dask_cuda_installed()
+    if n_visible == 0:
+        hint = "" if has_dask_cuda else " (dask-cuda is not installed either: pip install 'daskml_scale[gpu]')"
+        raise GPUUnavailableError(
+            f"connect(gpus={gpus!r}) asked for GPU workers, but no CUDA GPU is visible to this "
+            "process (no NVIDIA driver, or CUDA_VISIBLE_DEVICES hides them)"
+            f"{hint}. Run on a machine with a GPU, or call connect() without gpus= for CPU workers.",
+            reason="no-gpu",
+        )
+    if not has_dask_cuda:
+        raise GPUUnavailableError(
+            f"connect(gpus={gpus!r}) needs dask-cuda, which is not installed; "
+            f"{n_visible} GPU(s) are visible. Install it with: pip install 'daskml_scale[gpu]'",
+            reason="dask-cuda-missing",
+        )
+    from dask_cuda import LocalCUDACluster
+
+    if isinstance(gpus, str) and gpus == "all":
+        devices = list(range(n_visible))
+    elif isinstance(gpus, int):
+        if gpus < 1 or gpus > n_visible:
+            raise GPUUnavailableError(
+                f"connect(gpus={gpus}) asked for {gpus} GPU(s); {n_visible} are visible.",
+                reason="no-gpu",
+            )
+        devices = list(range(gpus))
+    else:
+        devices = [int(d) for d in gpus]
+    return LocalCUDACluster(
+        CUDA_VISIBLE_DEVICES=devices,
+        threads_per_worker=threads or 1,
+        **kwargs,
+    )
+
+
+class _ClusterOwningClient(Client):
+    """A client that closes the cluster :func:`connect` started for it."""
+
+    _owned_cluster: Any = None
+
+    def close(self, *args: Any, **kwargs: Any) -> Any:
+        result = super().close(*args, **kwargs)
+        if self._owned_cluster is not None:
+            cluster, self._owned_cluster = self._owned_cluster, None
+            cluster.close()
+        return result
+
+
+# --------------------------------------------------------------------------- connect
+def connect(
+    address: str | None = None,
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    gpus: int | str | list[int] | None = None,
+    security: Security | None = None,
+    plugin: bool = True,
+    timeout: float | str = "30s",
+    **cluster_kwargs: Any,
+) -> Client:
+    """Return a :class:`distributed.Client` on the cluster to use.
+
+    Parameters
+    ----------
+    address : str, optional
+        A scheduler address (``tcp://host:8786``, ``tls://...``). When omitted, the
+        address configured the Dask way (``DASK_SCHEDULER_ADDRESS`` or the
+        ``scheduler-address`` config key) is used; when neither is set a local
+        cluster is started.
+    n_workers : int, optional
+        Local workers to start. Default: one per core (CPU) or one per GPU.
+    threads_per_worker : int, optional
+        Threads per local worker. Default 1: small Keras models scale better with
+        processes than with threads.
+    gpus : int, "all" or list of int, optional
+        Start a ``LocalCUDACluster`` (dask-cuda) with one worker per GPU.
+    security : distributed.security.Security, optional
+        TLS settings, passed through to the client (and to a local cluster).
+    plugin : bool, default True
+        Register :class:`KerasWorkerPlugin` on every worker, present and future.
+    timeout : float or str
+        How long to wait for a remote scheduler.
+    **cluster_kwargs
+        Passed to ``LocalCluster`` / ``LocalCUDACluster`` (e.g. ``memory_limit``,
+        ``dashboard_address``).
+
+    Returns
+    -------
+    distributed.Client
+        Closing it also closes a cluster that :func:`connect` started.
+
+    Raises
+    ------
+    ClusterError
+        The scheduler cannot be reached.
+    GPUUnavailableError
+        ``gpus=`` was given but dask-cuda is missing or no GPU is visible.
+
+    Examples
+    --------
+    >>> client = daskml_scale.connect()                      # doctest: +SKIP
+    >>> client = daskml_scale.connect("tcp://10.0.0.5:8786")  # doctest: +SKIP
+    """
+    if address is None and gpus is None:
+        address = dask.config.get("scheduler-address", None) or dask.config.get("scheduler_address", None)
+
+    if address is not None:
+        if gpus is not None or n_workers is not None or cluster_kwargs:
+            raise ValueError(
+                "Expected either a scheduler address or local cluster options "
+                f"(n_workers, gpus, ...), not both. Received: address={address!r}, "
+                f"n_workers={n_workers!r}, gpus={gpus!r}, other={sorted(cluster_kwargs)}"
+            )
+        try:
+            client = Client(address, security=security, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise ClusterError(
+                f"Could not reach the Dask scheduler at {address!r} within {timeout}: {exc}. "
+                "Check the address and that `dask scheduler` is running there."
+            ) from exc
+    elif gpus is not None:
+        if security is not None:
+            cluster_kwargs.setdefault("security", security)
+        cluster = _gpu_cluster(gpus, threads_per_worker, cluster_kwargs)
+        client = _ClusterOwningClient(cluster, security=security)
+        client._owned_cluster = cluster
+    else:
+        threads = threads_per_worker or 1
+        if n_workers is None:
+            n_workers = max(1, local_cores() // threads)
+        cluster_kwargs.setdefault("dashboard_address", ":8787")
+        env = {**_tensorflow_env(threads), **cluster_kwargs.pop("env", {})}
+        if security is not None:
+            cluster_kwargs.setdefault("security", security)
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=threads,
+            processes=True,
+            env=env,
+            **cluster_kwargs,
+        )
+        client = _ClusterOwningClient(cluster, security=security)
+        client._owned_cluster = cluster
+
+    if plugin:
+        client.register_plugin(KerasWorkerPlugin(threads=None))
+    return client

@@ -1,0 +1,25 @@
+"""Defaults under the ``daskml_scale`` key of :mod:`dask.config`.
+
+They are set the Dask way: in a YAML file under ``~/.config/dask/``, through
+environment variables (``DASK_DASKML_SCALE__IO__BLOCKSIZE=128MiB``) or with
+``dask.config.set({"daskml_scale.io.blocksize": "128MiB"})``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import dask.config
+import yaml
+
+_fn = os.path.join(os.path.dirname(__file__), "daskml_scale.yaml")
+with open(_fn) as _f:
+    defaults: dict[str, Any] = yaml.safe_load(_f)
+
+dask.config.update_defaults(defaults)
+
+
+def get(key: str, default: Any = None) -> Any:
+    """Return ``dask.config.get("daskml_scale." + key)``."""
+    return dask.config.get(f"daskml_scale.{key}", default=default)

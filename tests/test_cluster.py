@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import os
+
+import dask
+import pandas as pd
+import pytest
+from distributed.security import Security
+
+import daskml_scale
+from daskml_scale.cluster import worker_tensorflow_settings
+from daskml_scale.exceptions import ClusterError, GPUUnavailableError
+
+
+def _whereami():
+    from distributed import get_worker
+
+    return get_worker().address
+
+
+def test_local_cluster_has_two_worker_processes(client):
+    info = client.scheduler_info()
+    assert len(info["workers"]) == 2
+    pids = client.run(os.getpid)
+    assert len(set(pids.values())) == 2
+    assert os.getpid() not in pids.values()
+    assert client.dashboard_link  # the dashboard is reachable from the client
+
+
+def test_worker_plugin_sizes_tensorflow_to_worker_threads(client):
+    settings = client.run(worker_tensorflow_settings)
+    assert len(settings) == 2
+    for s in settings.values():
+        assert s["nthreads"] == 1
+        assert s["effective_intra_op"] == 1
+        assert s["inter_op"] == 1
+        assert s["log_level"] == 2
+    envs = client.run(lambda: os.environ.get("TF_CPP_MIN_LOG_LEVEL"))
+    assert set(envs.values()) == {"2"}
+
+
+def test_connect_sizes_local_cluster_to_machine():
+    with daskml_scale.connect(threads_per_worker=1, dashboard_address=None, plugin=False) as c:
+        assert len(c.scheduler_info()["workers"]) == daskml_scale.cluster.local_cores()
+        cluster = c._owned_cluster
+    assert cluster.status.name == "closed"  # closing the client closed its cluster
+
+
+def test_connect_to_remote_scheduler_process(remote_cluster):
+    with daskml_scale.connect(remote_cluster.address) as c:
+        workers = list(c.scheduler_info()["workers"])
+        assert len(workers) == 1
+        assert c.submit(_whereami, pure=False).result() == workers[0]
+        # the worker lives in another OS process than this test
+        pid = c.submit(os.getpid, pure=False).result()
+        assert pid != os.getpid()
+
+
+def test_connect_uses_dask_config_scheduler_address(remote_cluster):
+    with dask.config.set({"scheduler-address": remote_cluster.address}):
+        with daskml_scale.connect() as c:
+            assert c.scheduler.address == remote_cluster.address
+            assert c.submit(lambda x: x + 1, 1).result() == 2
+
+
+def test_connect_unreachable_scheduler_is_clear():
+    from tests.conftest import free_port
+
+    addr = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(ClusterError, match="Could not reach the Dask scheduler"):
+        daskml_scale.connect(addr, timeout="2s", plugin=False)
+
+
+def test_connect_rejects_address_plus_local_options():
+    with pytest.raises(ValueError, match="not both"):
+        daskml_scale.connect("tcp://127.0.0.1:1", n_workers=2)
+
+
+def test_connect_gpus_without_gpu_is_clear(monkeypatch):
+    # this machine has no GPU; CUDA_VISIBLE_DEVICES="" makes that true anywhere
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with pytest.raises(GPUUnavailableError) as err:
+        daskml_scale.connect(gpus=1)
+    assert err.value.reason == "no-gpu"
+    assert "no CUDA GPU is visible" in str(err.value)
+    assert isinstance(err.value, RuntimeError)
+
+
+def test_connect_gpus_without_dask_cuda_names_the_install(monkeypatch):
+    import daskml_scale.cluster as cl
+
+    try:
+        import dask_cuda  # noqa: F401
+
+        pytest.skip("dask-cuda is installed here")
+    except ImportError:
+        pass
+    monkeypatch.setattr(cl, "visible_gpu_count", lambda: 1)  # pretend a GPU is there
+    with pytest.raises(GPUUnavailableError) as err:
+        daskml_scale.connect(gpus=1)
+    assert err.value.reason == "dask-cuda-missing"
+    assert "pip install 'daskml_scale[gpu]'" in str(err.value)
+
+
+@pytest.mark.gpu
+def test_connect_gpus_starts_one_worker_per_gpu():
+    n = daskml_scale.cluster.visible_gpu_count()
+    if n == 0:
+        pytest.skip("no GPU on this machine")
+    pytest.importorskip("dask_cuda")
+    with daskml_scale.connect(gpus="all") as c:
+        assert len(c.scheduler_info()["workers"]) == n
+        settings = c.run(worker_tensorflow_settings)
+        assert all(len(s["gpus"]) == 1 for s in settings.values())
+
+
+def test_connect_tls_scheduler_process(tls_cluster):
+    sec = tls_cluster.security()
+    with daskml_scale.connect(tls_cluster.address, security=sec) as c:
+        assert c.scheduler.address.startswith("tls://")
+        assert c.submit(lambda x: x * 2, 21).result() == 42
+    # without the certificates the TLS scheduler cannot be used
+    with pytest.raises((ClusterError, Exception)):
+        daskml_scale.connect(tls_cluster.address.replace("tls://", "tcp://"), timeout="3s", plugin=False)
+
+
+def test_temporary_security_local_cluster():
+    sec = Security.temporary()
+    with daskml_scale.connect(n_workers=1, security=sec, dashboard_address=None, plugin=False) as c:
+        assert c.scheduler.address.startswith("tls://")
+        assert c.submit(lambda: 7).result() == 7
+
+
+def test_s3_server_round_trip_csv(s3):
+    df = pd.DataFrame({"a": [1, 2, 3], "b": ["x", "y", "z"]})
+    url = s3.url("roundtrip.csv")
+    df.to_csv(url, index=False, storage_options=s3.storage_options)
+    back = pd.read_csv(url, storage_options=s3.storage_options)
+    pd.testing.assert_frame_equal(back, df, check_dtype=False)
+    assert s3.filesystem().exists(url)
+
+
+def test_config_defaults_are_dask_config():
+    assert dask.config.get("daskml_scale.io.on-bad-rows") == "error"
+    with dask.config.set({"daskml_scale.predict.batch-size": 123}):
+        assert daskml_scale.config.get("predict.batch-size") == 123
