@@ -30,6 +30,9 @@ from daskml_scale.exceptions import (  # noqa: E402
     WorkersLostError,
 )
 
+from daskml_scale.io import bad_rows_report, read_csv, read_parquet  # noqa: E402
+from daskml_scale.preprocessing import Preprocessor  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -37,6 +40,11 @@ __all__ = [
     "config",
     "connect",
     "KerasWorkerPlugin",
+    # data
+    "read_csv",
+    "read_parquet",
+    "bad_rows_report",
+    "Preprocessor",
     # errors
     "DaskmlScaleError",
     "DaskmlScaleWarning",

@@ -1,0 +1,507 @@
+"""The bridge from the user's pandas code: a row-wise transform plus global statistics.
+
+``Preprocessor(transform=fn, target=..., numeric=[...], categorical=[...])``
+
+* ``fit(ddf)`` runs ``fn`` on every partition and computes, in ONE ``compute`` of
+  one graph, the statistics the features need: the mean and scale of every numeric
+  column (Chan's parallel update, so partitions combine exactly), the value that
+  imputes its missing numbers (the mean), and the category set of every categorical
+  column (one-hot, columns sorted by value).
+* ``transform(pandas_df)`` returns ``(X, y)`` as float32 arrays; the same object
+  transforms a partition on a worker and a single frame in a server, with identical
+  numbers. ``y`` is ``None`` when the target column is absent (prediction time).
+* Unseen categories (and missing ones) encode as all zeros in that column's one-hot
+  block: the stated rule, never an exception in the middle of a job.
+* ``to_json()`` / ``from_json()``: no pickle. The user's function is stored as an
+  import reference (``package.module:function``); a lambda cannot be stored and must
+  be passed again to ``from_json(..., transform=fn)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from daskml_scale.exceptions import DataError, MissingColumnError, NonFiniteValueError, NotFittedError
+from daskml_scale.io import LINE_COLUMN, PATH_COLUMN
+
+__all__ = ["Preprocessor"]
+
+FORMAT = "daskml_scale.Preprocessor/1"
+Transform = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+# ------------------------------------------------------------------------- helpers
+def _transform_ref(fn: Transform | None) -> str | None:
+    """``module:qualname`` when ``fn`` can be imported back, else ``None``."""
+    if fn is None:
+        return None
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or "<" in qualname or module == "__main__":
+        return None
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{qualname}" if obj is fn else None
+
+
+def _resolve_ref(ref: str) -> Transform:
+    module, _, qualname = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def category_keys(values: pd.Series) -> pd.Series:
+    """Category values as strings, the same way at fit and at transform time.
+
+    Integral numbers print without a decimal point (``3.0`` -> ``"3"``), so an integer
+    column read with missing values in some files gives the same categories.
+    """
+    if pd.api.types.is_bool_dtype(values.dtype):
+        return values.astype("object").where(values.notna(), None).map(lambda v: None if v is None else str(v))
+    if pd.api.types.is_numeric_dtype(values.dtype):
+        num = values.astype("float64")
+        out = num.map(lambda v: None if v != v else (str(int(v)) if float(v).is_integer() else repr(float(v))))
+        return out
+    return values.astype("object").where(values.notna(), None).map(lambda v: None if v is None else str(v))
+
+
+def _where(df: pd.DataFrame, pos: int) -> tuple[str | None, int | None, str]:
+    """(path, line, words) locating row ``pos`` of ``df`` for an error message."""
+    if PATH_COLUMN in df.columns and LINE_COLUMN in df.columns:
+        path = str(df[PATH_COLUMN].iloc[pos])
+        line = int(df[LINE_COLUMN].iloc[pos])
+        return path, line, f"{path}, line {line}"
+    return None, None, f"row {pos} (index {df.index[pos]!r})"
+
+
+def _numeric_column(df: pd.DataFrame, col: str) -> np.ndarray:
+    s = df[col]
+    if pd.api.types.is_bool_dtype(s.dtype) or pd.api.types.is_numeric_dtype(s.dtype):
+        return s.astype("float64").to_numpy(dtype="float64", na_value=np.nan)
+    num = pd.to_numeric(s, errors="coerce")
+    bad = num.isna() & s.notna()
+    if bad.any():
+        pos = int(np.flatnonzero(bad.to_numpy())[0])
+        path, line, where = _where(df, pos)
+        raise DataError(
+            f"{where}, column {col!r}: expected a number, found {s.iloc[pos]!r}",
+            path=path, line=line, column=col,
+        )
+    return num.to_numpy(dtype="float64", na_value=np.nan)
+
+
+# --------------------------------------------------------------- partition statistics
+def _partition_stats(df: pd.DataFrame, pre: "Preprocessor") -> dict[str, Any]:
+    """Sufficient statistics of one partition (after the user's transform)."""
+    df = pre._apply_user_transform(df)
+    pre._check_columns(df, need_target=pre.target is not None)
+    out: dict[str, Any] = {"rows": int(len(df)), "numeric": {}, "categorical": {}, "target": None}
+    for col in pre.numeric:
+        x = _numeric_column(df, col)
+        inf = np.isinf(x)
+        if inf.any():
+            pos = int(np.flatnonzero(inf)[0])
+            path, line, where = _where(df, pos)
+            raise NonFiniteValueError(
+                f"{where}, column {col!r}: found {x[pos]} (an infinite value) in a numeric feature; "
+                "clean it in your transform or drop the row", path=path, line=line, column=col,
+            )
+        nan = np.isnan(x)
+        if nan.any() and pre.missing == "error":
+            pos = int(np.flatnonzero(nan)[0])
+            path, line, where = _where(df, pos)
+            raise NonFiniteValueError(
+                f"{where}, column {col!r}: missing value (NaN) where missing='error'; "
+                "use Preprocessor(missing='impute') to fill it with the mean",
+                path=path, line=line, column=col,
+            )
+        v = x[~nan]
+        n = int(v.size)
+        mean = float(v.mean()) if n else 0.0
+        m2 = float(((v - mean) ** 2).sum()) if n else 0.0
+        out["numeric"][col] = (n, mean, m2)
+    for col in pre.categorical:
+        counts = category_keys(df[col]).value_counts(dropna=True)
+        out["categorical"][col] = {str(k): int(c) for k, c in counts.items()}
+    if pre.target is not None and pre.target in df.columns:
+        t = df[pre.target]
+        if pre._target_is_numeric(t):
+            y = _numeric_column(df, pre.target)
+            y = y[~np.isnan(y)]
+            n = int(y.size)
+            mean = float(y.mean()) if n else 0.0
+            out["target"] = ("numeric", n, mean, float(((y - mean) ** 2).sum()) if n else 0.0)
+        else:
+            counts = category_keys(t).value_counts(dropna=True)
+            out["target"] = ("classes", {str(k): int(c) for k, c in counts.items()})
+    return out
+
+
+def _merge_moments(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
+    """Chan et al.'s combination of (count, mean, M2)."""
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    n = na + nb
+    if n == 0:
+        return (0, 0.0, 0.0)
+    delta = mb - ma
+    mean = ma + delta * nb / n
+    return (n, mean, m2a + m2b + delta * delta * na * nb / n)
+
+
+def _combine_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    total: dict[str, Any] = {"rows": 0, "numeric": {}, "categorical": {}, "target": None}
+    for p in parts:
+        total["rows"] += p["rows"]
+        for col, mom in p["numeric"].items():
+            total["numeric"][col] = _merge_moments(total["numeric"].get(col, (0, 0.0, 0.0)), mom)
+        for col, counts in p["categorical"].items():
+            acc = total["categorical"].setdefault(col, {})
+            for k, c in counts.items():
+                acc[k] = acc.get(k, 0) + c
+        t = p["target"]
+        if t is None:
+            continue
+        if t[0] == "numeric":
+            prev = total["target"][1:] if total["target"] else (0, 0.0, 0.0)
+            total["target"] = ("numeric", *_merge_moments(prev, t[1:]))
+        else:
+            acc = dict(total["target"][1]) if total["target"] else {}
+            for k, c in t[1].items():
+                acc[k] = acc.get(k, 0) + c
+            total["target"] = ("classes", acc)
+    return total
+
+
+# ---------------------------------------------------------------------- Preprocessor
+class Preprocessor:
+    """Global feature statistics fitted in one pass, applied identically everywhere.
+
+    Parameters
+    ----------
+    target : str, optional
+        The target column. Numeric targets are regression targets; text targets are
+        class labels (``classes_``, encoded as their index).
+    numeric : list of str
+        Numeric feature columns: missing values imputed with the mean, then
+        standardized (``(x - mean) / std``; a constant column gets scale 1).
+    categorical : list of str
+        Categorical feature columns, one-hot encoded with columns sorted by value.
+    transform : callable, optional
+        The user's pandas function, DataFrame -> DataFrame, row-wise. It runs before
+        everything else, on every partition and on every served frame.
+    missing : {"impute", "error"}
+        What to do with NaN in a numeric feature. Infinite values are always an error.
+    max_categories : int
+        Keep at most this many categories per column (the most frequent); the rest
+        encode as unseen.
+
+    Attributes
+    ----------
+    feature_names_ : list of str
+        The columns of X, in order.
+    means_, scales_, fill_values_ : dict
+        Per numeric column.
+    categories_ : dict of list of str
+        Per categorical column.
+    classes_ : list of str or None
+        Class labels for a text target.
+    n_samples_ : int
+        Rows seen by ``fit``.
+    input_schema_ : dict
+        Column -> dtype of the raw input ``fit`` saw (before the transform).
+    """
+
+    def __init__(
+        self,
+        *,
+        target: str | None = None,
+        numeric: Sequence[str] = (),
+        categorical: Sequence[str] = (),
+        transform: Transform | None = None,
+        missing: str = "impute",
+        max_categories: int = 1000,
+    ) -> None:
+        self.target = target
+        self.numeric = list(numeric)
+        self.categorical = list(categorical)
+        self.transform_fn = transform
+        self.missing = missing
+        self.max_categories = max_categories
+        if missing not in ("impute", "error"):
+            raise ValueError(f"Expected missing to be 'impute' or 'error'. Received: missing={missing!r}")
+        overlap = set(self.numeric) & set(self.categorical)
+        if overlap:
+            raise ValueError(f"Columns cannot be both numeric and categorical. Received: {sorted(overlap)}")
+        if target is not None and target in set(self.numeric) | set(self.categorical):
+            raise ValueError(f"The target {target!r} cannot also be a feature")
+
+    # -- helpers ----------------------------------------------------------------
+    def _apply_user_transform(self, df: pd.DataFrame) -> pd.DataFrame:
+        if self.transform_fn is None:
+            if getattr(self, "_transform_missing", None):
+                raise NotFittedError(
+                    f"This preprocessor was fitted with the transform {self._transform_missing!r}, which "
+                    "cannot be stored (it is not importable by name). Pass it again: "
+                    "Preprocessor.from_json(text, transform=fn) or load_bundle(url, transform=fn)."
+                )
+            return df
+        out = self.transform_fn(df)
+        if not isinstance(out, pd.DataFrame):
+            raise TypeError(
+                f"Expected the transform to return a pandas DataFrame. Received: {type(out).__name__}"
+            )
+        # keep provenance columns for error messages when the transform dropped them
+        for col in (PATH_COLUMN, LINE_COLUMN):
+            if col in df.columns and col not in out.columns and len(out) == len(df) and out.index.equals(df.index):
+                out = out.assign(**{col: df[col]})
+        return out
+
+    def _check_columns(self, df: pd.DataFrame, need_target: bool) -> None:
+        required = self.numeric + self.categorical + ([self.target] if need_target and self.target else [])
+        for col in required:
+            if col not in df.columns:
+                where = ""
+                if PATH_COLUMN in df.columns and len(df):
+                    where = f"{df[PATH_COLUMN].iloc[0]}: "
+                raise MissingColumnError(
+                    f"{where}required column {col!r} is missing; the data has columns {list(df.columns)}",
+                    column=col, path=str(df[PATH_COLUMN].iloc[0]) if where else None,
+                )
+
+    @staticmethod
+    def _target_is_numeric(t: pd.Series) -> bool:
+        return bool(pd.api.types.is_numeric_dtype(t.dtype) or pd.api.types.is_bool_dtype(t.dtype))
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "feature_names_"):
+            raise NotFittedError("This Preprocessor is not fitted yet. Call fit(data) first.")
+
+    # -- fit ----------------------------------------------------------------------
+    def fit(self, data: Any, *, client: Any = None) -> "Preprocessor":
+        """Compute every global statistic in one pass over ``data``.
+
+        Parameters
+        ----------
+        data : dask.dataframe.DataFrame or pandas.DataFrame
+        client : distributed.Client, optional
+            Defaults to the current client, or the local scheduler when none.
+
+        Returns
+        -------
+        self
+        """
+        if isinstance(data, pd.DataFrame):
+            stats = _combine_stats([_partition_stats(data, self)])
+            schema = data.dtypes
+        else:
+            import dask
+
+            parts = data.to_delayed()
+            if not parts:
+                raise DataError("Expected data with at least one partition. Received: an empty DataFrame")
+            chunks = [dask.delayed(_partition_stats)(p, self) for p in parts]
+            total = dask.delayed(_combine_stats)(chunks)
+            if client is not None:
+                (stats,) = client.compute([total], sync=True)
+            else:
+                (stats,) = dask.compute(total)
+            schema = data.dtypes
+        self._set_stats(stats, schema)
+        return self
+
+    def _set_stats(self, stats: dict[str, Any], schema: pd.Series) -> None:
+        if stats["rows"] == 0:
+            raise DataError("Expected data with rows. Received: 0 rows (every file empty or every row skipped)")
+        self.n_samples_ = int(stats["rows"])
+        self.means_, self.scales_, self.fill_values_ = {}, {}, {}
+        for col in self.numeric:
+            n, mean, m2 = stats["numeric"].get(col, (0, 0.0, 0.0))
+            if n == 0:
+                raise DataError(f"Numeric column {col!r} has no values at all: cannot compute its mean", column=col)
+            std = math.sqrt(m2 / n) if n else 0.0
+            self.means_[col] = float(mean)
+            self.scales_[col] = float(std) if std > 0 else 1.0
+            self.fill_values_[col] = float(mean)
+        self.categories_ = {}
+        for col in self.categorical:
+            counts = stats["categorical"].get(col, {})
+            top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_categories]
+            self.categories_[col] = sorted(k for k, _ in top)
+        self.classes_ = None
+        self.target_stats_: dict[str, Any] = {}
+        t = stats["target"]
+        if t is not None and t[0] == "numeric":
+            n, mean, m2 = t[1:]
+            self.target_stats_ = {"count": n, "mean": mean, "std": math.sqrt(m2 / n) if n else 0.0}
+        elif t is not None:
+            self.classes_ = sorted(t[1])
+            self.target_stats_ = {"class_counts": dict(sorted(t[1].items()))}
+        self.feature_names_ = list(self.numeric) + [
+            f"{col}={value}" for col in self.categorical for value in self.categories_[col]
+        ]
+        self.input_schema_ = {
+            str(c): str(d) for c, d in schema.items() if c not in (PATH_COLUMN, LINE_COLUMN)
+        }
+
+    # -- transform ------------------------------------------------------------------
+    @property
+    def n_features_(self) -> int:
+        self._check_fitted()
+        return len(self.feature_names_)
+
+    def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+        """Features and target of a pandas frame, as float32 arrays.
+
+        Returns
+        -------
+        X : ndarray of shape (rows, n_features_), float32
+        y : ndarray of shape (rows,) or None
+            float32 values for regression, int64 class indices for classification;
+            ``None`` when the target column is absent.
+        """
+        self._check_fitted()
+        df = self._apply_user_transform(df)
+        self._check_columns(df, need_target=False)
+        n = len(df)
+        X = np.empty((n, len(self.feature_names_)), dtype=np.float32)
+        for j, col in enumerate(self.numeric):
+            x = _numeric_column(df, col)
+            if np.isinf(x).any():
+                pos = int(np.flatnonzero(np.isinf(x))[0])
+                path, line, where = _where(df, pos)
+                raise NonFiniteValueError(
+                    f"{where}, column {col!r}: found {x[pos]} (an infinite value) in a numeric feature",
+                    path=path, line=line, column=col,
+                )
+            nan = np.isnan(x)
+            if nan.any():
+                if self.missing == "error":
+                    pos = int(np.flatnonzero(nan)[0])
+                    path, line, where = _where(df, pos)
+                    raise NonFiniteValueError(
+                        f"{where}, column {col!r}: missing value (NaN) where missing='error'",
+                        path=path, line=line, column=col,
+                    )
+                x = np.where(nan, self.fill_values_[col], x)
+            X[:, j] = (x - self.means_[col]) / self.scales_[col]
+        offset = len(self.numeric)
+        rows = np.arange(n)
+        for col in self.categorical:
+            cats = self.categories_[col]
+            block = X[:, offset : offset + len(cats)]
+            block[:] = 0.0
+            if cats:
+                codes = pd.Categorical(category_keys(df[col]), categories=cats).codes
+                hit = codes >= 0  # unseen and missing values: all zeros (the stated rule)
+                block[rows[hit], codes[hit]] = 1.0
+            offset += len(cats)
+        y = None
+        if self.target is not None and self.target in df.columns:
+            y = self._encode_target(df)
+        return X, y
+
+    def _encode_target(self, df: pd.DataFrame) -> np.ndarray:
+        t = df[self.target]
+        if self.classes_ is None:
+            y = _numeric_column(df, self.target)
+            if np.isnan(y).any():
+                pos = int(np.flatnonzero(np.isnan(y))[0])
+                path, line, where = _where(df, pos)
+                raise NonFiniteValueError(
+                    f"{where}, column {self.target!r}: the target is missing", path=path, line=line, column=self.target
+                )
+            return y.astype(np.float32)
+        codes = pd.Categorical(category_keys(t), categories=self.classes_).codes
+        if (codes < 0).any():
+            pos = int(np.flatnonzero(codes < 0)[0])
+            path, line, where = _where(df, pos)
+            raise DataError(
+                f"{where}, column {self.target!r}: label {t.iloc[pos]!r} is not one of the classes seen in fit "
+                f"{self.classes_}", path=path, line=line, column=self.target,
+            )
+        return codes.astype(np.int64)
+
+    def fit_transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.fit(df).transform(df)
+
+    # -- serialization ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (parameters and fitted statistics)."""
+        fn = self.transform_fn
+        ref = _transform_ref(fn)
+        d: dict[str, Any] = {
+            "format": FORMAT,
+            "params": {
+                "target": self.target, "numeric": self.numeric, "categorical": self.categorical,
+                "missing": self.missing, "max_categories": self.max_categories,
+            },
+            "transform": {
+                "ref": ref,
+                "name": None if fn is None else getattr(fn, "__qualname__", repr(fn)),
+            },
+        }
+        if fn is None and getattr(self, "_transform_missing", None):
+            d["transform"]["name"] = self._transform_missing
+        if hasattr(self, "feature_names_"):
+            d["fitted"] = {
+                "n_samples": self.n_samples_, "means": self.means_, "scales": self.scales_,
+                "fill_values": self.fill_values_, "categories": self.categories_, "classes": self.classes_,
+                "target_stats": self.target_stats_, "feature_names": self.feature_names_,
+                "input_schema": self.input_schema_,
+            }
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, transform: Transform | None = None) -> "Preprocessor":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise DataError(
+                f"Expected a preprocessor description with format {FORMAT!r}. "
+                f"Received: format={d.get('format') if isinstance(d, dict) else type(d).__name__!r}"
+            )
+        pre = cls(**d["params"])
+        info = d.get("transform") or {}
+        if transform is not None:
+            pre.transform_fn = transform
+        elif info.get("ref"):
+            pre.transform_fn = _resolve_ref(info["ref"])
+        elif info.get("name"):
+            pre._transform_missing = info["name"]
+        f = d.get("fitted")
+        if f:
+            pre.n_samples_ = f["n_samples"]
+            pre.means_, pre.scales_, pre.fill_values_ = f["means"], f["scales"], f["fill_values"]
+            pre.categories_ = f["categories"]
+            pre.classes_ = f["classes"]
+            pre.target_stats_ = f["target_stats"]
+            pre.feature_names_ = f["feature_names"]
+            pre.input_schema_ = f["input_schema"]
+        return pre
+
+    @classmethod
+    def from_json(cls, text: str, *, transform: Transform | None = None) -> "Preprocessor":
+        return cls.from_dict(json.loads(text), transform=transform)
+
+    def __repr__(self) -> str:
+        fitted = f", {len(self.feature_names_)} features" if hasattr(self, "feature_names_") else ""
+        return (
+            f"Preprocessor(target={self.target!r}, numeric={self.numeric!r}, "
+            f"categorical={self.categorical!r}{fitted})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Preprocessor) and self.to_dict() == other.to_dict()
