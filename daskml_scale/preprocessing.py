@@ -403,7 +403,7 @@ class Preprocessor:
             block = X[:, offset : offset + len(cats)]
             block[:] = 0.0
             if cats:
-                codes = pd.Categorical(category_keys(df[col]), categories=cats).codes
+                codes = pd.Index(cats).get_indexer(category_keys(df[col]))
                 hit = codes >= 0  # unseen and missing values: all zeros (the stated rule)
                 block[rows[hit], codes[hit]] = 1.0
             offset += len(cats)
@@ -423,7 +423,7 @@ class Preprocessor:
                     f"{where}, column {self.target!r}: the target is missing", path=path, line=line, column=self.target
                 )
             return y.astype(np.float32)
-        codes = pd.Categorical(category_keys(t), categories=self.classes_).codes
+        codes = pd.Index(self.classes_).get_indexer(category_keys(t))
         if (codes < 0).any():
             pos = int(np.flatnonzero(codes < 0)[0])
             path, line, where = _where(df, pos)
