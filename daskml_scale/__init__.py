@@ -33,6 +33,9 @@ from daskml_scale.exceptions import (  # noqa: E402
 from daskml_scale.io import bad_rows_report, read_csv, read_parquet  # noqa: E402
 from daskml_scale.preprocessing import Preprocessor  # noqa: E402
 
+# prediction
+from daskml_scale.bundle import Bundle, load_bundle, save_bundle  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -45,6 +48,10 @@ __all__ = [
     "read_parquet",
     "bad_rows_report",
     "Preprocessor",
+    # prediction
+    "Bundle",
+    "save_bundle",
+    "load_bundle",
     # errors
     "DaskmlScaleError",
     "DaskmlScaleWarning",

@@ -1,0 +1,527 @@
+"""The single artifact: a Keras model, its Preprocessor and metadata in one zip file.
+
+``save_bundle(model, preprocessor, url)`` writes, atomically, to any fsspec URL a zip
+holding
+
+* ``model.keras``       the Keras 3 ``.keras`` file, as bytes;
+* ``preprocessor.json`` :meth:`Preprocessor.to_json`;
+* ``metadata.json``     format name and version, library / Keras / TensorFlow versions,
+  the input schema, feature names, output names, task, training summary.
+
+``load_bundle(url)`` reads it back. Nothing is unpickled; the model is loaded with
+Keras' safe mode, so a Lambda layer carrying Python code is refused
+(:class:`UnsafeBundleError`) unless the user opts in with ``safe_mode=False``.
+A corrupt file, a missing part or a format version from the future is a
+:class:`BundleError` that says what to do.
+
+The SHA-256 of the file bytes (``Bundle.content_hash``) is the key under which
+workers cache the loaded model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from daskml_scale import config
+from daskml_scale.exceptions import BundleError, DataError, UnsafeBundleError
+from daskml_scale.preprocessing import Preprocessor
+from daskml_scale.writers import write_bytes_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+
+__all__ = ["Bundle", "save_bundle", "load_bundle", "FORMAT_NAME", "FORMAT_VERSION"]
+
+FORMAT_NAME = "daskml_scale.Bundle"
+FORMAT_VERSION = 1
+_MODEL, _PRE, _META = "model.keras", "preprocessor.json", "metadata.json"
+_PARTS = (_MODEL, _PRE, _META)
+
+
+# --------------------------------------------------------------------------- helpers
+def _versions() -> dict[str, str]:
+    import keras
+
+    from daskml_scale import __version__
+
+    out = {"daskml_scale": __version__, "keras": keras.__version__, "keras_backend": keras.backend.backend()}
+    try:
+        import tensorflow as tf
+
+        out["tensorflow"] = tf.__version__
+    except ImportError:  # pragma: no cover - another backend
+        out["tensorflow"] = None  # type: ignore[assignment]
+    return out
+
+
+def _model_to_bytes(model: "keras.Model") -> bytes:
+    """The ``.keras`` file of ``model`` (Keras insists on a path ending in ``.keras``)."""
+    with tempfile.TemporaryDirectory(prefix="daskml-bundle-") as d:
+        path = os.path.join(d, "model.keras")
+        model.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _model_from_bytes(data: bytes, *, safe_mode: bool, where: str) -> "keras.Model":
+    import keras
+
+    with tempfile.TemporaryDirectory(prefix="daskml-bundle-") as d:
+        path = os.path.join(d, "model.keras")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            return keras.saving.load_model(path, safe_mode=safe_mode, compile=False)
+        except Exception as exc:  # Keras raises ValueError/TypeError/... of its own
+            text = str(exc)
+            if safe_mode and ("safe_mode" in text or "unsafe" in text.lower() or "Lambda" in text):
+                raise UnsafeBundleError(
+                    f"{where}: the model holds Python code (e.g. a Lambda layer), which safe loading refuses "
+                    "because loading it would run code from the file. If you trust the file, load it with "
+                    f"load_bundle(url, safe_mode=False). Keras said: {text}"
+                ) from exc
+            raise BundleError(
+                f"{where}: cannot load the Keras model in {_MODEL!r}: {type(exc).__name__}: {text}"
+            ) from exc
+
+
+def _output_width(model: "keras.Model") -> int:
+    outputs = model.outputs if getattr(model, "outputs", None) else None
+    if outputs is None or len(outputs) != 1:
+        n = "no known" if outputs is None else str(len(outputs))
+        raise BundleError(
+            f"Expected a built model with exactly one output tensor. Received: a model with {n} outputs. "
+            "Build the model (call it once, or give it an Input) and concatenate multiple heads into one output."
+        )
+    shape = tuple(outputs[0].shape)
+    return int(np.prod([d for d in shape[1:] if d is not None])) if len(shape) > 1 else 1
+
+
+def output_names_for(preprocessor: Preprocessor, width: int) -> tuple[str, list[str]]:
+    """(task, output column names) for a model with ``width`` outputs."""
+    classes = getattr(preprocessor, "classes_", None)
+    if classes is not None:
+        if width not in (len(classes), 1) or (width == 1 and len(classes) != 2):
+            raise BundleError(
+                f"Expected a classifier with one output per class ({len(classes)}: {classes}) or a single "
+                f"sigmoid output for two classes. Received: a model with {width} outputs."
+            )
+        return "classification", [f"proba_{c}" for c in classes] + ["label"]
+    if width == 1:
+        return "regression", ["prediction"]
+    return "regression", [f"prediction_{i}" for i in range(width)]
+
+
+# --------------------------------------------------------------------------- Bundle
+class Bundle:
+    """A model, its preprocessor and metadata, as loaded from one bundle file.
+
+    Build one with :func:`load_bundle` or :meth:`Bundle.from_bytes`; write one with
+    :func:`save_bundle`.
+
+    Attributes
+    ----------
+    preprocessor : Preprocessor
+    metadata : dict
+        Versions, created time, training summary, user metadata.
+    content_hash : str
+        SHA-256 (hex) of the file bytes.
+    output_names : list of str
+        Prediction columns: ``["prediction"]`` (``prediction_0``... for several outputs)
+        for regression; ``["proba_<class>"..., "label"]`` for classification.
+    task : str
+        ``"regression"`` or ``"classification"``.
+    input_schema : dict
+        Raw input column -> dtype string, as the preprocessor saw them in ``fit``.
+    """
+
+    def __init__(
+        self,
+        data: bytes,
+        *,
+        safe_mode: bool = True,
+        transform: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+        lazy: bool = False,
+        where: str = "bundle",
+    ) -> None:
+        self._data = bytes(data)
+        self._safe_mode = safe_mode
+        self._where = where
+        self.content_hash = hashlib.sha256(self._data).hexdigest()
+        parts = _read_parts(self._data, where)
+        self.metadata: dict[str, Any] = _parse_metadata(parts[_META], where)
+        try:
+            self.preprocessor = Preprocessor.from_json(parts[_PRE].decode("utf-8"), transform=transform)
+        except (ValueError, KeyError, TypeError, ImportError, AttributeError) as exc:
+            hint = (
+                " The transform it names cannot be imported here: install/import the module that defines it, "
+                "or pass it with load_bundle(url, transform=fn)." if isinstance(exc, (ImportError, AttributeError)) else ""
+            )
+            raise BundleError(f"{where}: {_PRE!r} is not a valid preprocessor: {exc}.{hint}") from exc
+        self._model_bytes = parts[_MODEL]
+        self._model: Any = None
+        self.task: str = self.metadata["task"]
+        self.output_names: list[str] = list(self.metadata["output_names"])
+        self.input_schema: dict[str, str] = dict(self.metadata.get("input_schema") or {})
+        self._predict_fn: Callable[[np.ndarray], np.ndarray] | None = None
+        if not lazy:
+            self.model  # noqa: B018  (load now: errors surface at load time)
+
+    # -- model ---------------------------------------------------------------------
+    @property
+    def model(self) -> "keras.Model":
+        """The Keras model, loaded on first access."""
+        if self._model is None:
+            self._model = _model_from_bytes(self._model_bytes, safe_mode=self._safe_mode, where=self._where)
+        return self._model
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(self.preprocessor.feature_names_)
+
+    def predict_array(self, X: np.ndarray, *, batch_size: int | None = None) -> np.ndarray:
+        """Raw model outputs for a feature matrix, shape ``(rows, width)``, float32.
+
+        The model runs through a compiled function on batches of ``batch_size`` rows
+        (``daskml_scale.predict.batch-size``), not ``model.predict``.
+        """
+        if self._predict_fn is None:
+            self._predict_fn = compiled_forward(self.model)
+        return _batched(self._predict_fn, X, batch_size or int(config.get("predict.batch-size", 8192)))
+
+    def outputs_to_frame(self, out: np.ndarray, index: pd.Index) -> pd.DataFrame:
+        """Model outputs as the prediction columns, on ``index``."""
+        return outputs_to_frame(out, index, self.task, self.output_names, self.preprocessor.classes_)
+
+    def predict_frame(self, df: pd.DataFrame, *, batch_size: int | None = None) -> pd.DataFrame:
+        """Predictions for a pandas frame of raw input rows.
+
+        Parameters
+        ----------
+        df : pandas.DataFrame
+            Raw input columns (see ``input_schema``); the preprocessor's transform runs first.
+        batch_size : int, optional
+            Rows per model call; defaults to ``daskml_scale.predict.batch-size``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            The prediction columns only (``output_names``), with ``df``'s index.
+
+        Raises
+        ------
+        DataError
+            A column is missing or a value cannot be used (names the column).
+        """
+        X, _ = self.preprocessor.transform(df)
+        if len(X) != len(df):
+            raise DataError(
+                f"Expected the transform to keep every row ({len(df)}). Received: {len(X)} rows. "
+                "Prediction needs a row-wise transform that neither drops nor adds rows."
+            )
+        return self.outputs_to_frame(self.predict_array(X, batch_size=batch_size), df.index)
+
+    def empty_frame(self) -> pd.DataFrame:
+        """A zero-row frame with the prediction columns and their dtypes (Dask ``meta``)."""
+        return output_meta(self.task, self.output_names, self.preprocessor.classes_)
+
+    # -- description ---------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """A JSON-able description: versions, features, schema, outputs, task, hash."""
+        m = self.metadata
+        return {
+            "format": m.get("format"),
+            "format_version": m.get("format_version"),
+            "versions": dict(m.get("versions") or {}),
+            "created": m.get("created"),
+            "task": self.task,
+            "feature_names": self.feature_names,
+            "input_schema": dict(self.input_schema),
+            "output_names": list(self.output_names),
+            "classes": self.preprocessor.classes_,
+            "target": self.preprocessor.target,
+            "training_summary": m.get("training_summary"),
+            "metadata": m.get("user"),
+            "content_hash": self.content_hash,
+        }
+
+    def to_bytes(self) -> bytes:
+        """The bundle file's bytes (exactly what was loaded or saved)."""
+        return self._data
+
+    @classmethod
+    def from_bytes(
+        cls,
+        data: bytes,
+        *,
+        safe_mode: bool = True,
+        transform: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+    ) -> "Bundle":
+        """A Bundle from the bytes of a bundle file (see :func:`load_bundle`)."""
+        return cls(data, safe_mode=safe_mode, transform=transform)
+
+    def __repr__(self) -> str:
+        return (
+            f"Bundle(task={self.task!r}, features={len(self.feature_names)}, outputs={self.output_names!r}, "
+            f"hash={self.content_hash[:12]})"
+        )
+
+
+# --------------------------------------------------------------------- outputs
+def compiled_forward(model: "keras.Model") -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> model(x, training=False)`` as NumPy in, NumPy out, compiled once.
+
+    The only backend-specific code of prediction: with TensorFlow, a ``tf.function``
+    with a ``(None, n_features)`` signature (one trace for every batch size); with
+    another backend, the eager call.
+    """
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        width = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
+        fn = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[tf.TensorSpec([None, width], tf.float32)],
+            reduce_retracing=True,
+        )
+        return lambda x: fn(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()
+    return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
+
+
+def _batched(fn: Callable[[np.ndarray], np.ndarray], X: np.ndarray, batch_size: int) -> np.ndarray:
+    n = len(X)
+    if n <= batch_size:
+        return np.asarray(fn(X)).reshape(n, -1) if n else np.empty((0, 0), dtype=np.float32)
+    parts = [np.asarray(fn(X[i : i + batch_size])).reshape(min(batch_size, n - i), -1) for i in range(0, n, batch_size)]
+    return np.concatenate(parts, axis=0)
+
+
+def output_meta(task: str, names: list[str], classes: list[str] | None) -> pd.DataFrame:
+    cols: dict[str, pd.Series] = {n: pd.Series([], dtype="float32") for n in names}
+    if task == "classification":
+        cols["label"] = pd.Series([], dtype="str")
+    return pd.DataFrame(cols)
+
+
+def outputs_to_frame(
+    out: np.ndarray, index: pd.Index, task: str, names: list[str], classes: list[str] | None
+) -> pd.DataFrame:
+    n = len(index)
+    if n == 0:
+        meta = output_meta(task, names, classes)
+        meta.index = index
+        return meta
+    out = np.asarray(out, dtype=np.float32).reshape(n, -1)
+    if task == "classification":
+        assert classes is not None
+        if out.shape[1] == 1 and len(classes) == 2:
+            out = np.concatenate([1.0 - out, out], axis=1)
+        cols = {name: out[:, j] for j, name in enumerate(names[:-1])}
+        labels = np.asarray(classes, dtype=object)[np.argmax(out, axis=1)]
+        cols["label"] = pd.array(labels, dtype="str")
+        return pd.DataFrame(cols, index=index)
+    return pd.DataFrame({name: out[:, j] for j, name in enumerate(names)}, index=index)
+
+
+# --------------------------------------------------------------------- file format
+def _read_parts(data: bytes, where: str) -> dict[str, bytes]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile as exc:
+        raise BundleError(
+            f"{where}: not a daskml_scale bundle (expected a zip file with {list(_PARTS)}; "
+            f"received {len(data)} bytes starting {data[:16]!r}). Write bundles with save_bundle()."
+        ) from exc
+    with zf:
+        names = set(zf.namelist())
+        missing = [p for p in _PARTS if p not in names]
+        if missing:
+            raise BundleError(
+                f"{where}: the bundle is incomplete: expected the parts {list(_PARTS)}, missing {missing} "
+                f"(found {sorted(names)}). Save it again with save_bundle()."
+            )
+        try:
+            return {p: zf.read(p) for p in _PARTS}
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # CRC mismatch, truncation
+            raise BundleError(f"{where}: the bundle is corrupt ({exc}). Save it again with save_bundle().") from exc
+
+
+def _parse_metadata(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{where}: {_META!r} is not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise BundleError(f"{where}: expected format {FORMAT_NAME!r} in {_META!r}. Received: format={got!r}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise BundleError(f"{where}: expected an integer format_version >= 1. Received: {version!r}")
+    if version > FORMAT_VERSION:
+        raise BundleError(
+            f"{where}: bundle format version {version} is newer than this daskml_scale reads "
+            f"(up to {FORMAT_VERSION}; the file was written by daskml_scale "
+            f"{(meta.get('versions') or {}).get('daskml_scale', '?')}). Upgrade daskml_scale to load it."
+        )
+    for key in ("task", "output_names"):
+        if key not in meta:
+            raise BundleError(f"{where}: {_META!r} lacks the key {key!r}. Save the bundle again with save_bundle().")
+    return meta
+
+
+def bundle_bytes(
+    model: "keras.Model",
+    preprocessor: Preprocessor,
+    *,
+    training_summary: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> bytes:
+    """The bytes of a bundle file (what :func:`save_bundle` writes)."""
+    if not hasattr(preprocessor, "feature_names_"):
+        raise BundleError("Expected a fitted Preprocessor. Received: an unfitted one; call preprocessor.fit(data) first.")
+    width = _output_width(model)
+    task, names = output_names_for(preprocessor, width)
+    in_shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else None
+    if in_shape is not None and in_shape[-1] is not None and in_shape[-1] != len(preprocessor.feature_names_):
+        raise BundleError(
+            f"Expected the model to take the preprocessor's {len(preprocessor.feature_names_)} features. "
+            f"Received: a model with input shape {in_shape}."
+        )
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "task": task,
+        "output_names": names,
+        "output_width": width,
+        "feature_names": list(preprocessor.feature_names_),
+        "input_schema": dict(preprocessor.input_schema_),
+        "target": preprocessor.target,
+        "classes": preprocessor.classes_,
+        "training_summary": training_summary,
+        "user": metadata,
+    }
+    try:
+        meta_text = json.dumps(meta, sort_keys=True, default=_json_default)
+    except TypeError as exc:
+        raise BundleError(f"Expected JSON-able training_summary and metadata. Received: {exc}") from exc
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr(_META, meta_text, compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr(_PRE, preprocessor.to_json(), compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr(_MODEL, _model_to_bytes(model), compress_type=zipfile.ZIP_STORED)  # already a zip
+    return buf.getvalue()
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+# --------------------------------------------------------------------- public
+def save_bundle(
+    model: "keras.Model",
+    preprocessor: Preprocessor,
+    url: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    training_summary: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> str:
+    """Write a model and its preprocessor as one bundle file, atomically.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A built Keras 3 model with one output.
+    preprocessor : Preprocessor
+        The fitted preprocessor whose features the model takes.
+    url : str
+        Local path or fsspec URL (``s3://bucket/models/price.bundle``).
+    storage_options : dict, optional
+        Passed to fsspec.
+    training_summary, metadata : dict, optional
+        JSON-able; stored in ``metadata.json`` and shown by :meth:`Bundle.info`.
+
+    Returns
+    -------
+    str
+        ``url``.
+
+    Raises
+    ------
+    BundleError
+        The preprocessor is not fitted, the model's shape does not fit it, or the
+        metadata is not JSON-able.
+
+    Examples
+    --------
+    >>> save_bundle(model, pre, "s3://models/price.bundle")  # doctest: +SKIP
+    >>> bundle = load_bundle("s3://models/price.bundle")  # doctest: +SKIP
+    """
+    data = bundle_bytes(model, preprocessor, training_summary=training_summary, metadata=metadata)
+    write_bytes_atomic(url, data, storage_options=storage_options)
+    return url
+
+
+def read_bundle_bytes(url: str, storage_options: dict[str, Any] | None = None) -> bytes:
+    """The raw bytes of a bundle file at ``url``."""
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            return f.read()
+    except FileNotFoundError as exc:
+        raise BundleError(f"No bundle at {url!r}: the file does not exist. Write one with save_bundle().") from exc
+
+
+def load_bundle(
+    url: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    safe_mode: bool = True,
+    transform: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
+) -> Bundle:
+    """Load a bundle file written by :func:`save_bundle`.
+
+    Parameters
+    ----------
+    url : str
+        Local path or fsspec URL.
+    storage_options : dict, optional
+        Passed to fsspec.
+    safe_mode : bool
+        Keras safe mode (default): refuse models holding Python code (Lambda layers).
+        Set ``False`` only for files you trust.
+    transform : callable, optional
+        The preprocessor's transform, when it was not importable by name at save
+        time (a lambda or a function defined in ``__main__``).
+
+    Returns
+    -------
+    Bundle
+
+    Raises
+    ------
+    BundleError
+        The file is missing, corrupt, incomplete, or from a newer format version.
+    UnsafeBundleError
+        The model holds code and ``safe_mode`` is on.
+    """
+    return Bundle(read_bundle_bytes(url, storage_options), safe_mode=safe_mode, transform=transform, where=url)
