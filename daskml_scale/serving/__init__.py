@@ -1,0 +1,167 @@
+"""Online serving over REST: the same bundle, micro-batched, checked, measured.
+
+``create_app(bundle_or_url)`` builds a Starlette (ASGI) application;
+``serve(bundle_url)`` runs it under uvicorn and blocks. Endpoints:
+
+* ``POST /predict``  a JSON list of records or a ``text/csv`` body with a header;
+  the answer has the same format, one prediction per input row, in order
+  (``?id=column`` copies that column into each answer row);
+* ``GET /health``    liveness and readiness (200 once the model is loaded, 503 before);
+* ``GET /info``      versions, input schema, features, outputs, training summary;
+* ``POST /jobs``, ``GET /jobs/{id}``  ``predict_files`` on the Dask cluster, in the background;
+* ``GET /openapi.json``, ``GET /metrics`` (Prometheus text format).
+
+Concurrent requests are coalesced into one model call (``serve.max-batch-rows``,
+``serve.max-wait-ms`` in :mod:`daskml_scale.config`), which runs in one thread off
+the event loop. This module imports Starlette only when an app is built, so
+``import daskml_scale`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+    from distributed import Client
+    from starlette.applications import Starlette
+
+    from daskml_scale.bundle import Bundle
+
+__all__ = ["create_app", "serve"]
+
+
+def create_app(
+    bundle_or_url: "Bundle | str",
+    *,
+    client: "Client | None" = None,
+    scheduler: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    max_batch_rows: int | None = None,
+    max_wait_ms: float | None = None,
+    micro_batching: bool = True,
+    max_body_bytes: int | None = None,
+    id_column: str | None = None,
+    transform: "Callable[[pd.DataFrame], pd.DataFrame] | None" = None,
+    safe_mode: bool = True,
+    warmup: bool = True,
+) -> "Starlette":
+    """An ASGI application serving a bundle.
+
+    Parameters
+    ----------
+    bundle_or_url : Bundle or str
+        A loaded :class:`~daskml_scale.bundle.Bundle`, or the URL of a bundle file
+        (loaded in the background when the app starts; ``/health`` answers 503
+        ``"loading"`` until it is ready).
+    client : distributed.Client, optional
+        The Dask cluster that runs ``POST /jobs``.
+    scheduler : str, optional
+        A scheduler address for ``POST /jobs`` (connected on the first job), when no
+        ``client`` is given. Without either, ``POST /jobs`` answers 503.
+    storage_options : dict, optional
+        fsspec options for the bundle URL and for the jobs' input and output URLs.
+    max_batch_rows, max_wait_ms : optional
+        Micro-batching limits; default ``serve.max-batch-rows`` and ``serve.max-wait-ms``.
+    micro_batching : bool
+        ``False``: one model call per request (the baseline).
+    max_body_bytes : int, optional
+        Larger bodies are refused with 413; default ``serve.max-body-bytes``.
+    id_column : str, optional
+        A field copied from each input row to its prediction (``?id=`` overrides it);
+        default ``serve.id-column`` (none).
+    transform : callable, optional
+        The preprocessor's transform when the bundle cannot import it by name.
+    safe_mode : bool
+        Keras safe loading (refuse models that hold Python code).
+    warmup : bool
+        Run one prediction on a made-up row after loading, so the first request
+        does not pay for tracing the model.
+
+    Returns
+    -------
+    starlette.applications.Starlette
+        Run it with any ASGI server; ``app.state.serving`` holds its state.
+
+    Examples
+    --------
+    >>> app = create_app("s3://models/price.bundle", scheduler="tcp://scheduler:8786")  # doctest: +SKIP
+    >>> # uvicorn module:app --host 0.0.0.0 --port 8000
+    """
+    from daskml_scale.serving.app import create_app as _create_app
+
+    return _create_app(
+        bundle_or_url, client=client, scheduler=scheduler, storage_options=storage_options,
+        max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, micro_batching=micro_batching,
+        max_body_bytes=max_body_bytes, id_column=id_column, transform=transform, safe_mode=safe_mode,
+        warmup=warmup,
+    )
+
+
+def serve(
+    bundle_url: "str | Bundle",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    scheduler: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    max_batch_rows: int | None = None,
+    max_wait_ms: float | None = None,
+    micro_batching: bool = True,
+    max_body_bytes: int | None = None,
+    id_column: str | None = None,
+    transform: "Callable[[pd.DataFrame], pd.DataFrame] | None" = None,
+    safe_mode: bool = True,
+    tf_threads: int | None = None,
+    log_level: str = "warning",
+    access_log: bool = False,
+) -> None:
+    """Serve a bundle over HTTP with uvicorn; blocks until the server stops.
+
+    Parameters
+    ----------
+    bundle_url : str or Bundle
+        The bundle file's URL (or a loaded bundle).
+    host, port : str, int
+        Where to listen (loopback by default).
+    scheduler : str, optional
+        Dask scheduler address for ``POST /jobs``.
+    tf_threads : int, optional
+        TensorFlow intra-op threads in this process (set before the model loads).
+    log_level, access_log :
+        uvicorn's logging; the access log costs throughput and is off by default.
+    **others :
+        As in :func:`create_app`.
+
+    Raises
+    ------
+    ImportError
+        uvicorn or starlette is not installed (``pip install 'daskml_scale[serve]'``).
+
+    Examples
+    --------
+    >>> import daskml_scale
+    >>> daskml_scale.serve("models/price.bundle", port=8000)  # doctest: +SKIP
+    """
+    try:
+        import uvicorn
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("serve() needs uvicorn and starlette: pip install 'daskml_scale[serve]'") from exc
+    if tf_threads is not None:
+        _set_tf_threads(int(tf_threads))
+    app = create_app(
+        bundle_url, scheduler=scheduler, storage_options=storage_options, max_batch_rows=max_batch_rows,
+        max_wait_ms=max_wait_ms, micro_batching=micro_batching, max_body_bytes=max_body_bytes,
+        id_column=id_column, transform=transform, safe_mode=safe_mode,
+    )
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on")
+
+
+def _set_tf_threads(n: int) -> None:
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(n)

@@ -1,0 +1,476 @@
+"""The Starlette application: routes, readiness, metrics middleware, OpenAPI.
+
+Everything heavy lives elsewhere: parsing and checks in ``inputs``, coalescing in
+``batcher``, batch jobs in ``jobs``; the handlers only translate HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+
+import numpy as np
+import pandas as pd
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from daskml_scale import config
+from daskml_scale.exceptions import DataError
+from daskml_scale.serving.batcher import Block, MicroBatcher
+from daskml_scale.serving.inputs import InputSpec, RequestError, dumps, loads, output_csv, output_records
+from daskml_scale.serving.jobs import JobManager
+from daskml_scale.serving.metrics import CONTENT_TYPE, Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
+
+    from daskml_scale.bundle import Bundle
+
+__all__ = ["create_app", "ServingState"]
+
+logger = logging.getLogger("daskml_scale.serving")
+
+_ENDPOINTS = ("/predict", "/health", "/info", "/metrics", "/openapi.json", "/jobs")
+
+
+class _Json(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def _problem(err: RequestError) -> Response:
+    return _Json(err.to_dict(), status_code=err.status)
+
+
+# ---------------------------------------------------------------------------- state
+class ServingState:
+    """The loaded bundle, the batcher and the job manager of one app."""
+
+    def __init__(
+        self,
+        bundle_or_url: "Bundle | str",
+        *,
+        client: "Client | None",
+        scheduler: str | None,
+        storage_options: dict[str, Any] | None,
+        max_batch_rows: int,
+        max_wait_ms: float,
+        micro_batching: bool,
+        max_body_bytes: int,
+        id_column: str | None,
+        transform: Any,
+        safe_mode: bool,
+        warmup: bool,
+    ) -> None:
+        self.url = bundle_or_url if isinstance(bundle_or_url, str) else None
+        self.bundle: "Bundle | None" = None if isinstance(bundle_or_url, str) else bundle_or_url
+        self.storage_options = storage_options
+        self.max_body_bytes = int(max_body_bytes)
+        self.id_column = id_column
+        self.transform = transform
+        self.safe_mode = safe_mode
+        self.warmup = warmup
+        self.metrics = Registry()
+        self.spec: InputSpec | None = None
+        self.load_error: str | None = None
+        self.ready = threading.Event()
+        self.batcher = MicroBatcher(
+            self._predict, self._build_frame, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms,
+            enabled=micro_batching, metrics=self.metrics,
+        )
+        self.jobs = JobManager(
+            client=client, scheduler=scheduler, storage_options=storage_options, metrics=self.metrics
+        )
+
+    # -- loading (in the model thread) ------------------------------------------------
+    def load(self) -> None:
+        try:
+            if self.bundle is None:
+                from daskml_scale.bundle import load_bundle
+
+                assert self.url is not None
+                self.bundle = load_bundle(
+                    self.url, storage_options=self.storage_options, safe_mode=self.safe_mode, transform=self.transform
+                )
+            b = self.bundle
+            pre = b.preprocessor
+            self.spec = InputSpec(b.input_schema, [*pre.numeric, *pre.categorical], target=pre.target)
+            b.model  # noqa: B018  (load the model now, not on the first request)
+            if self.warmup:
+                self._warm_up()
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            logger.error("daskml_scale serve: cannot load the bundle: %s", self.load_error)
+            return
+        self.ready.set()
+
+    def _warm_up(self) -> None:
+        """One prediction on a made-up row, so the first request does not pay the trace."""
+        assert self.bundle is not None and self.spec is not None
+        pre = self.bundle.preprocessor
+        row: dict[str, Any] = {}
+        for c in self.spec.columns:
+            if not c.required:
+                continue
+            if c.name in pre.numeric:
+                row[c.name] = float(pre.means_.get(c.name, 0.0))
+            elif c.name in pre.categorical and pre.categories_.get(c.name):
+                row[c.name] = pre.categories_[c.name][0]
+            elif c.numeric:
+                row[c.name] = 0.0
+            else:
+                row[c.name] = ""
+        try:
+            self._predict(self.spec.records_to_frame([row]))
+        except Exception as exc:  # a transform that needs more columns: no warm-up, no harm
+            logger.info("daskml_scale serve: warm-up skipped (%s)", exc)
+
+    # -- the model call (in the model thread) -------------------------------------------------
+    def _build_frame(self, blocks: Sequence[Block]) -> pd.DataFrame:
+        spec = self.spec
+        assert spec is not None
+        if all(isinstance(b.rows, list) for b in blocks):
+            records: list[dict[str, Any]] = []
+            for b in blocks:
+                records.extend(b.rows)  # type: ignore[arg-type]
+            return spec.records_to_frame(records)
+        frames = [spec.records_to_frame(b.rows) if isinstance(b.rows, list) else b.rows for b in blocks]
+        return spec.frames_to_frame(frames)
+
+    def _predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        assert self.bundle is not None
+        try:
+            return self.bundle.predict_frame(frame, batch_size=max(len(frame), 1))
+        except RequestError:
+            raise
+        except DataError as exc:  # a value the preprocessor refuses: the client's fault
+            raise RequestError(422, f"The model's preprocessor refused the input: {exc}", field=exc.column) from exc
+        except (KeyError, TypeError, ValueError) as exc:  # the user's transform on bad input
+            raise RequestError(
+                422, f"The model's transform failed on this input: {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+# --------------------------------------------------------------------------- handlers
+async def _read_body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            raise RequestError(400, f"Malformed Content-Length header: {length!r}") from None
+        if n > limit:
+            raise RequestError(413, f"The body is {n} bytes; the limit is {limit} bytes (serve.max-body-bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"The body is over the limit of {limit} bytes (serve.max-body-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _state(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+def _require_ready(state: ServingState) -> None:
+    if not state.ready.is_set():
+        if state.load_error:
+            raise RequestError(503, f"The model failed to load: {state.load_error}")
+        raise RequestError(503, "The model is still loading; retry when GET /health says ready")
+
+
+async def predict(request: Request) -> Response:
+    state = _state(request)
+    try:
+        _require_ready(state)
+        spec = state.spec
+        assert spec is not None
+        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        id_column = request.query_params.get("id") or state.id_column
+        body = await _read_body(request, state.max_body_bytes)
+        if ctype in ("text/csv", "application/csv"):
+            frame, ids = spec.parse_csv(body, id_column)
+            out = await state.batcher.submit(frame, len(frame))
+            return Response(output_csv(out, ids, id_column), media_type="text/csv")
+        if ctype in ("application/json", "", "*/*") or ctype.endswith("+json"):
+            records, ids = spec.parse_json(body, id_column)
+            out = await state.batcher.submit(records, len(records))
+            return _Json(output_records(out, ids, id_column))
+        raise RequestError(
+            415, f"Unsupported Content-Type {ctype!r}: send application/json (a list of records) or text/csv"
+        )
+    except RequestError as err:
+        return _problem(err)
+
+
+async def health(request: Request) -> Response:
+    state = _state(request)
+    ready = state.ready.is_set()
+    body: dict[str, Any] = {
+        "live": True,
+        "ready": ready,
+        "status": "ready" if ready else ("failed" if state.load_error else "loading"),
+    }
+    if state.load_error:
+        body["error"] = state.load_error
+    if ready and state.bundle is not None:
+        body["content_hash"] = state.bundle.content_hash
+    return _Json(body, status_code=200 if ready else 503)
+
+
+async def info(request: Request) -> Response:
+    state = _state(request)
+    try:
+        _require_ready(state)
+    except RequestError as err:
+        return _problem(err)
+    assert state.bundle is not None
+    body = state.bundle.info()
+    b = state.batcher
+    body["serving"] = {
+        "micro_batching": b.enabled,
+        "max_batch_rows": b.max_batch_rows,
+        "max_wait_ms": b.max_wait * 1000.0,
+        "max_body_bytes": state.max_body_bytes,
+        "id_column": state.id_column,
+        "required_fields": state.spec.required if state.spec else None,
+        "jobs": state.jobs.configured,
+    }
+    return _Json(body)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE)
+
+
+async def submit_job(request: Request) -> Response:
+    state = _state(request)
+    try:
+        _require_ready(state)
+        body = await _read_body(request, state.max_body_bytes)
+        if not body.strip():
+            raise RequestError(400, "The request body is empty: expected {\"input\": URL, \"output\": URL}")
+        try:
+            spec = loads(body)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(400, f"Malformed JSON: {exc}") from None
+        job = state.jobs.submit(state.bundle, state.jobs.parse_request(spec))  # type: ignore[arg-type]
+    except RequestError as err:
+        return _problem(err)
+    return _Json(job, status_code=202, headers={"Location": f"/jobs/{job['id']}"})
+
+
+async def get_job(request: Request) -> Response:
+    try:
+        return _Json(_state(request).jobs.describe(request.path_params["job_id"]))
+    except RequestError as err:
+        return _problem(err)
+
+
+async def list_jobs(request: Request) -> Response:
+    return _Json({"jobs": _state(request).jobs.list()})
+
+
+async def openapi(request: Request) -> Response:
+    return _Json(openapi_document(_state(request)))
+
+
+# ---------------------------------------------------------------------------- OpenAPI
+def openapi_document(state: ServingState) -> dict[str, Any]:
+    """An OpenAPI 3.1 description, with the request schema taken from the bundle."""
+    props: dict[str, Any] = {}
+    required: list[str] = []
+    outputs: dict[str, Any] = {}
+    if state.spec is not None:
+        for c in state.spec.columns:
+            t = "boolean" if c.boolean else ("number" if c.numeric else "string")
+            props[c.name] = {"type": [t, "null"], "description": f"dtype {c.dtype}"}
+        required = list(state.spec.required)
+    if state.bundle is not None:
+        for name in state.bundle.output_names:
+            outputs[name] = {"type": "string"} if name == "label" else {"type": "number"}
+    error = {"$ref": "#/components/schemas/Error"}
+
+    def problem(desc: str) -> dict[str, Any]:
+        return {"description": desc, "content": {"application/json": {"schema": error}}}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "daskml_scale model server", "version": _version()},
+        "paths": {
+            "/predict": {
+                "post": {
+                    "summary": "Predict rows (micro-batched)",
+                    "parameters": [{
+                        "name": "id", "in": "query", "required": False, "schema": {"type": "string"},
+                        "description": "A field of each record to copy into its prediction",
+                    }],
+                    "requestBody": {"required": True, "content": {
+                        "application/json": {"schema": {"type": "array", "minItems": 1,
+                                                        "items": {"$ref": "#/components/schemas/Record"}}},
+                        "text/csv": {"schema": {"type": "string"}},
+                    }},
+                    "responses": {
+                        "200": {"description": "One prediction per input row, in order", "content": {
+                            "application/json": {"schema": {"type": "array",
+                                                            "items": {"$ref": "#/components/schemas/Prediction"}}},
+                            "text/csv": {"schema": {"type": "string"}},
+                        }},
+                        "400": problem("Empty or malformed body"),
+                        "413": problem("Body over the size limit"),
+                        "415": problem("Unsupported content type"),
+                        "422": problem("A missing field or a value of the wrong type"),
+                        "503": problem("The model is not loaded yet"),
+                    },
+                }
+            },
+            "/health": {"get": {"summary": "Liveness and readiness", "responses": {
+                "200": {"description": "Ready"}, "503": {"description": "Live, not ready"}}}},
+            "/info": {"get": {"summary": "Model, versions, schema, outputs, training summary",
+                              "responses": {"200": {"description": "The bundle's description"}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}}},
+            "/jobs": {
+                "post": {
+                    "summary": "Run predict_files on the Dask cluster in the background",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                        "type": "object", "required": ["input", "output"], "properties": {
+                            "input": {"type": "string", "description": "input URL path or glob"},
+                            "output": {"type": "string", "description": "output directory URL"},
+                            "format": {"enum": ["csv", "parquet"]},
+                            "keep": {"type": "array", "items": {"type": "string"}},
+                        }}}}},
+                    "responses": {"202": {"description": "Accepted; poll GET /jobs/{id}"},
+                                  "422": problem("Bad job request"), "503": problem("No cluster configured")},
+                },
+                "get": {"summary": "List jobs", "responses": {"200": {"description": "Jobs"}}},
+            },
+            "/jobs/{job_id}": {"get": {
+                "summary": "A job's state and report",
+                "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "The job"}, "404": problem("No such job")},
+            }},
+        },
+        "components": {"schemas": {
+            "Record": {"type": "object", "properties": props, "required": required},
+            "Prediction": {"type": "object", "properties": outputs},
+            "Error": {"type": "object", "properties": {
+                "error": {"type": "string"}, "status": {"type": "integer"}, "field": {"type": "string"},
+                "line": {"type": "integer"}}},
+        }},
+    }
+
+
+def _version() -> str:
+    from daskml_scale import __version__
+
+    return __version__
+
+
+# ------------------------------------------------------------------- metrics middleware
+class MetricsMiddleware:
+    """Count requests and errors and time them (plain ASGI: no per-request task)."""
+
+    def __init__(self, app: ASGIApp, registry: Registry) -> None:
+        self.app = app
+        self.registry = registry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            path = scope.get("path", "")
+            endpoint = "/jobs/{id}" if path.startswith("/jobs/") else (path if path in _ENDPOINTS else "other")
+            r = self.registry
+            r.requests.inc(1, endpoint, scope.get("method", ""), str(status))
+            if status >= 400:
+                r.errors.inc(1, endpoint, str(status))
+            r.latency.observe(time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- factory
+def create_app(
+    bundle_or_url: "Bundle | str",
+    *,
+    client: "Client | None" = None,
+    scheduler: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    max_batch_rows: int | None = None,
+    max_wait_ms: float | None = None,
+    micro_batching: bool = True,
+    max_body_bytes: int | None = None,
+    id_column: str | None = None,
+    transform: Any = None,
+    safe_mode: bool = True,
+    warmup: bool = True,
+) -> Starlette:
+    """See :func:`daskml_scale.serving.create_app`."""
+    state = ServingState(
+        bundle_or_url,
+        client=client,
+        scheduler=scheduler,
+        storage_options=storage_options,
+        max_batch_rows=int(max_batch_rows if max_batch_rows is not None else config.get("serve.max-batch-rows", 2048)),
+        max_wait_ms=float(max_wait_ms if max_wait_ms is not None else config.get("serve.max-wait-ms", 2)),
+        micro_batching=micro_batching,
+        max_body_bytes=int(max_body_bytes if max_body_bytes is not None else config.get("serve.max-body-bytes", 10 * 2**20)),
+        id_column=id_column if id_column is not None else config.get("serve.id-column", None),
+        transform=transform,
+        safe_mode=safe_mode,
+        warmup=warmup,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        state.batcher.start()
+        # load in the model thread, in the background: /health answers "loading" meanwhile
+        loading = asyncio.get_running_loop().create_task(state.batcher.run_in_model_thread(state.load))
+        try:
+            yield
+        finally:
+            if not loading.done():
+                loading.cancel()
+            await state.batcher.stop()
+            state.jobs.close()
+
+    app = Starlette(
+        middleware=[Middleware(MetricsMiddleware, registry=state.metrics)],
+        routes=[
+            Route("/predict", predict, methods=["POST"]),
+            Route("/health", health, methods=["GET"]),
+            Route("/info", info, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/openapi.json", openapi, methods=["GET"]),
+            Route("/jobs", submit_job, methods=["POST"]),
+            Route("/jobs", list_jobs, methods=["GET"]),
+            Route("/jobs/{job_id}", get_job, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.serving = state
+    return app

@@ -1,0 +1,213 @@
+"""Micro-batching: coalesce concurrent requests into one model call.
+
+Requests put their rows on a queue and await a future. One collector task takes
+the first waiting request, drains whatever else is queued (up to ``max_batch_rows``),
+and hands the whole batch to a single model thread, so the event loop never runs
+the model. While the model thread is busy, new requests pile up in the queue and
+form the next batch: the batch size adapts to the load by itself. ``max_wait_ms``
+is spent only when the model is idle, to give a lone request company.
+
+A batch that fails is retried one request at a time, so one bad request cannot
+fail the others that happened to share its model call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from daskml_scale.serving.metrics import Registry
+
+__all__ = ["Block", "MicroBatcher"]
+
+
+@dataclass
+class Block:
+    """The rows of one request: a list of JSON records or a DataFrame."""
+
+    rows: list[dict[str, Any]] | pd.DataFrame
+    n: int
+    future: asyncio.Future | None = field(default=None, repr=False)
+
+
+# frames(blocks) -> one frame; predict(frame) -> output frame of the same length
+FrameBuilder = Callable[[Sequence[Block]], pd.DataFrame]
+PredictFn = Callable[[pd.DataFrame], pd.DataFrame]
+
+
+class MicroBatcher:
+    """Run ``predict`` on coalesced requests in one worker thread.
+
+    Parameters
+    ----------
+    predict : callable
+        ``predict(frame) -> frame`` with one output row per input row, in order.
+    build_frame : callable
+        ``build_frame(blocks) -> frame``: the rows of several requests as one frame.
+    max_batch_rows : int
+        Stop adding requests to a batch once it holds this many rows (a single
+        larger request still runs, alone).
+    max_wait_ms : float
+        How long an idle model waits for more requests after the first one.
+    enabled : bool
+        ``False`` runs every request as its own model call (same thread, no
+        coalescing): the per-request baseline.
+    metrics : Registry, optional
+    """
+
+    def __init__(
+        self,
+        predict: PredictFn,
+        build_frame: FrameBuilder,
+        *,
+        max_batch_rows: int = 2048,
+        max_wait_ms: float = 2.0,
+        enabled: bool = True,
+        metrics: Registry | None = None,
+    ) -> None:
+        if max_batch_rows < 1:
+            raise ValueError(f"Expected max_batch_rows >= 1. Received: max_batch_rows={max_batch_rows}")
+        if max_wait_ms < 0:
+            raise ValueError(f"Expected max_wait_ms >= 0. Received: max_wait_ms={max_wait_ms}")
+        self.predict = predict
+        self.build_frame = build_frame
+        self.max_batch_rows = int(max_batch_rows)
+        self.max_wait = float(max_wait_ms) / 1000.0
+        self.enabled = enabled
+        self.metrics = metrics or Registry()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daskml-serve-model")
+        self._queue: asyncio.Queue[Block] | None = None
+        self._task: asyncio.Task | None = None
+        self._carry: Block | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+    def start(self) -> None:
+        """Start the collector task on the running event loop."""
+        if self.enabled and self._task is None:
+            self._queue = asyncio.Queue()
+            self._task = asyncio.get_running_loop().create_task(self._collect(), name="daskml-serve-batcher")
+
+    async def stop(self) -> None:
+        """Stop collecting and release the model thread."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def run_in_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` in the model thread (used for loading and warm-up)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- requests -----------------------------------------------------------------
+    async def submit(self, rows: list[dict[str, Any]] | pd.DataFrame, n: int) -> pd.DataFrame:
+        """Predict the rows of one request; returns the output frame (index 0..n-1)."""
+        loop = asyncio.get_running_loop()
+        block = Block(rows, n)
+        if not self.enabled or self._task is None:
+            (result,) = await loop.run_in_executor(self._executor, self._call, [block])
+        else:
+            block.future = loop.create_future()
+            self._queue.put_nowait(block)  # type: ignore[union-attr]
+            result = await block.future
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    # -- the collector --------------------------------------------------------------
+    def _drain(self, batch: list[Block], rows: int) -> int:
+        q = self._queue
+        assert q is not None
+        while rows < self.max_batch_rows and not q.empty():
+            nxt = q.get_nowait()
+            if rows + nxt.n > self.max_batch_rows:
+                self._carry = nxt  # starts the next batch
+                break
+            batch.append(nxt)
+            rows += nxt.n
+        return rows
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        q = self._queue
+        assert q is not None
+        inflight: asyncio.Future | None = None
+        while True:
+            if self._carry is not None:
+                first, self._carry = self._carry, None
+            else:
+                first = await q.get()
+            batch = [first]
+            rows = self._drain(batch, first.n)
+            if self._carry is None and rows < self.max_batch_rows:
+                if inflight is not None and not inflight.done():
+                    # the model is busy: requests gather while we wait for it
+                    await asyncio.wait([inflight])
+                    rows = self._drain(batch, rows)
+                elif self.max_wait > 0:
+                    await asyncio.sleep(self.max_wait)
+                    rows = self._drain(batch, rows)
+            if inflight is not None and not inflight.done():
+                await asyncio.wait([inflight])
+            inflight = loop.run_in_executor(self._executor, self._call, batch)
+            inflight.add_done_callback(lambda f, b=batch: _deliver(f, b))
+
+    # -- in the model thread ----------------------------------------------------------
+    def _call(self, blocks: list[Block]) -> list[pd.DataFrame | BaseException]:
+        t0 = time.perf_counter()
+        try:
+            out = self._predict_blocks(blocks)
+        except Exception as exc:
+            if len(blocks) == 1:
+                return [exc]
+            # isolate the bad request(s): run each one alone
+            return [self._call([b])[0] for b in blocks]
+        m = self.metrics
+        m.model_seconds.observe(time.perf_counter() - t0)
+        m.batch_rows.observe(sum(b.n for b in blocks))
+        m.batch_requests.observe(len(blocks))
+        return out
+
+    def _predict_blocks(self, blocks: list[Block]) -> list[pd.DataFrame | BaseException]:
+        frame = self.build_frame(blocks)
+        out = self.predict(frame)
+        total = sum(b.n for b in blocks)
+        if len(out) != total:
+            raise RuntimeError(f"the model returned {len(out)} rows for {total} input rows")
+        out = out.reset_index(drop=True)
+        self.metrics.rows.inc(total)
+        if len(blocks) == 1:
+            return [out]
+        results: list[pd.DataFrame | BaseException] = []
+        start = 0
+        for b in blocks:
+            part = out.iloc[start : start + b.n]
+            results.append(part.reset_index(drop=True))
+            start += b.n
+        return results
+
+
+def _deliver(done: asyncio.Future, blocks: list[Block]) -> None:
+    """Hand each request its part of a finished batch (on the event loop)."""
+    if done.cancelled():
+        results: list[Any] = [asyncio.CancelledError()] * len(blocks)
+    elif done.exception() is not None:
+        results = [done.exception()] * len(blocks)
+    else:
+        results = done.result()
+    for b, r in zip(blocks, results):
+        fut = b.future
+        if fut is None or fut.done():
+            continue
+        if isinstance(r, BaseException):
+            fut.set_exception(r)
+        else:
+            fut.set_result(r)

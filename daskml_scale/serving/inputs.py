@@ -1,0 +1,272 @@
+"""Request bodies in, prediction bodies out: parsing and checks against the bundle.
+
+Every check answers with a :class:`RequestError` that carries an HTTP status and
+a message naming what was wrong (the record or line, the field, what was expected
+and what was received). Bodies are parsed as JSON or CSV text only: nothing
+received is ever unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from daskml_scale.exceptions import DataError
+
+try:  # optional speed-up; the standard library is the fallback
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - depends on the environment
+    _orjson = None
+
+__all__ = ["RequestError", "InputSpec", "loads", "dumps"]
+
+
+class RequestError(DataError):
+    """A request the server refuses, with the HTTP status to answer.
+
+    Attributes
+    ----------
+    status : int
+        400 malformed or empty body, 413 too large, 415 unsupported content type,
+        422 well-formed but not what the model needs, 404/409/503 for jobs and readiness.
+    field : str or None
+        The field (column) concerned, when there is one.
+    """
+
+    def __init__(self, status: int, message: str, *, field: str | None = None, line: int | None = None) -> None:
+        super().__init__(message, column=field, line=line)
+        self.status = status
+        self.field = field
+
+    def __reduce__(self):
+        return (_rebuild, (self.status, str(self), self.field, self.line))
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"error": str(self), "status": self.status}
+        if self.field is not None:
+            d["field"] = self.field
+        if self.line is not None:
+            d["line"] = self.line
+        return d
+
+
+def _rebuild(status: int, message: str, field: str | None, line: int | None) -> RequestError:
+    return RequestError(status, message, field=field, line=line)
+
+
+def loads(body: bytes) -> Any:
+    """Parse JSON bytes (orjson when installed)."""
+    if _orjson is not None:
+        return _orjson.loads(body)
+    return json.loads(body)
+
+
+def dumps(obj: Any) -> bytes:
+    """JSON bytes; NaN and infinities become ``null``."""
+    if _orjson is not None:
+        return _orjson.dumps(obj, option=_orjson.OPT_SERIALIZE_NUMPY)
+    return json.dumps(obj, allow_nan=False, default=_json_default).encode()
+
+
+def _json_default(o: Any) -> Any:  # pragma: no cover - only without orjson
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"cannot encode {type(o).__name__}")
+
+
+_NUMERIC_PREFIXES = ("int", "uint", "float", "Int", "UInt", "Float", "double")
+
+
+def _is_numeric_dtype_name(dtype: str) -> bool:
+    return dtype.startswith(_NUMERIC_PREFIXES)
+
+
+@dataclass
+class Column:
+    name: str
+    dtype: str
+    numeric: bool
+    boolean: bool
+    required: bool
+
+
+class InputSpec:
+    """What a prediction request must look like, derived from a bundle.
+
+    A column is *required* when it is in the bundle's input schema and is a
+    feature of the preprocessor; the other schema columns are optional (a
+    transform may use them when present). Columns outside the schema are ignored,
+    except the id column, which is passed through to the answer.
+
+    Parameters
+    ----------
+    input_schema : dict
+        Raw input column -> dtype string (``Bundle.input_schema``).
+    features : sequence of str
+        The preprocessor's numeric and categorical columns.
+    target : str, optional
+        The preprocessor's target: never passed to the model at serving time.
+    """
+
+    def __init__(self, input_schema: dict[str, str], features: Sequence[str], target: str | None = None) -> None:
+        feats = set(features)
+        self.target = target
+        self.columns: list[Column] = []
+        for name, dtype in input_schema.items():
+            if name == target:
+                continue
+            dtype = str(dtype)
+            self.columns.append(
+                Column(
+                    name=name, dtype=dtype,
+                    numeric=_is_numeric_dtype_name(dtype) or dtype in ("bool", "boolean"),
+                    boolean=dtype in ("bool", "boolean"),
+                    required=name in feats,
+                )
+            )
+        self.by_name = {c.name: c for c in self.columns}
+        self.required = [c.name for c in self.columns if c.required]
+
+    # -- JSON ---------------------------------------------------------------------
+    def parse_json(self, body: bytes, id_column: str | None = None) -> tuple[list[dict[str, Any]], list[Any] | None]:
+        """Records from a JSON body (a list of objects, or ``{"records": [...]}``)."""
+        if not body.strip():
+            raise RequestError(400, "The request body is empty: expected a JSON list of records")
+        try:
+            data = loads(body)
+        except (ValueError, TypeError) as exc:
+            raise RequestError(400, f"Malformed JSON: {exc}") from None
+        if isinstance(data, dict) and isinstance(data.get("records"), list):
+            data = data["records"]
+        if not isinstance(data, list):
+            raise RequestError(
+                400, f"Expected a JSON list of records (objects). Received: a JSON {type(data).__name__}"
+            )
+        if not data:
+            raise RequestError(400, "Expected at least one record. Received: an empty list")
+        self.check_records(data)
+        ids = None
+        if id_column is not None:
+            ids = []
+            for i, r in enumerate(data):
+                if id_column not in r:
+                    raise RequestError(
+                        422, f"Record {i}: the id field {id_column!r} is missing", field=id_column
+                    )
+                ids.append(r[id_column])
+        return data, ids
+
+    def check_records(self, records: list[Any]) -> None:
+        """Each record an object with every required field, of the right type."""
+        required = self.required
+        cols = [(c.name, c.numeric, c.boolean) for c in self.columns]
+        for i, r in enumerate(records):
+            if not isinstance(r, dict):
+                raise RequestError(
+                    400, f"Record {i}: expected a JSON object. Received: {type(r).__name__} {str(r)[:80]}"
+                )
+            for name in required:
+                if name not in r:
+                    raise RequestError(
+                        422, f"Record {i}: required field {name!r} is missing; the model needs {required}",
+                        field=name,
+                    )
+            for name, numeric, boolean in cols:
+                v = r.get(name)
+                if v is None:
+                    continue
+                if numeric:
+                    if (isinstance(v, bool) and not boolean) or not isinstance(v, (int, float)):
+                        raise RequestError(
+                            422, f"Record {i}, field {name!r}: expected a number. Received: {v!r}", field=name
+                        )
+                elif not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                    raise RequestError(
+                        422, f"Record {i}, field {name!r}: expected a string. Received: {v!r}", field=name
+                    )
+
+    def records_to_frame(self, records: list[dict[str, Any]]) -> pd.DataFrame:
+        """One frame of the schema columns present in ``records`` (missing values NaN)."""
+        data: dict[str, Any] = {}
+        first = records[0]
+        for c in self.columns:
+            vals = [r.get(c.name) for r in records]
+            if not c.required and c.name not in first and all(v is None for v in vals):
+                continue
+            if c.numeric and not c.boolean:
+                arr = np.array(vals, dtype=np.float64)
+                if c.dtype.startswith(("int", "uint")) and not np.isnan(arr).any():
+                    arr = arr.astype(c.dtype)
+                data[c.name] = arr
+            else:
+                data[c.name] = vals
+        return pd.DataFrame(data)
+
+    # -- CSV ----------------------------------------------------------------------
+    def parse_csv(self, body: bytes, id_column: str | None = None) -> tuple[pd.DataFrame, list[Any] | None]:
+        """A frame from a CSV body with a header line."""
+        if not body.strip():
+            raise RequestError(400, "The request body is empty: expected CSV text with a header line")
+        try:
+            df = pd.read_csv(io.BytesIO(body), engine="c")
+        except pd.errors.EmptyDataError:
+            raise RequestError(400, "The CSV body has no header line") from None
+        except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
+            raise RequestError(400, f"Malformed CSV: {str(exc).strip()}") from None
+        if len(df) == 0:
+            raise RequestError(400, "The CSV body has a header but no rows")
+        for name in self.required:
+            if name not in df.columns:
+                raise RequestError(
+                    422, f"CSV column {name!r} is missing; the model needs {self.required}; "
+                    f"the body has {list(df.columns)}", field=name,
+                )
+        for c in self.columns:
+            if c.name not in df.columns or not c.numeric or c.boolean:
+                continue
+            s = df[c.name]
+            if pd.api.types.is_numeric_dtype(s.dtype):
+                continue
+            num = pd.to_numeric(s, errors="coerce")
+            bad = num.isna() & s.notna()
+            if bad.any():
+                pos = int(np.flatnonzero(bad.to_numpy())[0])
+                raise RequestError(
+                    422, f"CSV line {pos + 2}, column {c.name!r}: expected a number. Received: {s.iloc[pos]!r}",
+                    field=c.name, line=pos + 2,
+                )
+            df[c.name] = num
+        ids = None
+        if id_column is not None:
+            if id_column not in df.columns:
+                raise RequestError(422, f"The id column {id_column!r} is missing from the CSV header", field=id_column)
+            ids = df[id_column].tolist()
+        keep = [c.name for c in self.columns if c.name in df.columns]
+        return df[keep], ids
+
+    def frames_to_frame(self, frames: list[pd.DataFrame]) -> pd.DataFrame:
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
+
+
+# -------------------------------------------------------------------------- answers
+def output_records(out: pd.DataFrame, ids: list[Any] | None, id_column: str | None) -> list[dict[str, Any]]:
+    """One JSON object per row: the id (when asked for) then the output columns."""
+    names = list(out.columns)
+    cols = [out[c].tolist() for c in names]
+    if ids is not None and id_column is not None:
+        names = [id_column, *names]
+        cols = [ids, *cols]
+    return [dict(zip(names, row)) for row in zip(*cols)]
+
+
+def output_csv(out: pd.DataFrame, ids: list[Any] | None, id_column: str | None) -> bytes:
+    """CSV text with a header: the id column (when asked for) then the output columns."""
+    if ids is not None and id_column is not None:
+        out = out.copy()
+        out.insert(0, id_column, ids)
+    return out.to_csv(index=False).encode()

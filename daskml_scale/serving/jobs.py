@@ -1,0 +1,184 @@
+"""Batch jobs submitted over REST: ``predict_files`` run on the Dask cluster.
+
+A job runs in a background thread of the server (``predict_files`` blocks while
+the cluster works); its state and report are kept in memory, newest
+``max_jobs`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from daskml_scale.serving.inputs import RequestError
+from daskml_scale.serving.metrics import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from distributed import Client
+
+    from daskml_scale.bundle import Bundle
+
+__all__ = ["JobManager"]
+
+_FORMATS = ("csv", "parquet")
+_KEYS = {"input", "output", "format", "keep"}
+
+
+def _jsonable(obj: Any) -> Any:
+    """A report as plain JSON values (dataclasses, paths, numbers, exceptions)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        return obj
+    if isinstance(obj, BaseException):
+        return f"{type(obj).__name__}: {obj}"
+    if hasattr(obj, "item"):  # numpy scalars
+        try:
+            return obj.item()
+        except (TypeError, ValueError):
+            pass
+    return str(obj)
+
+
+class JobManager:
+    """Submit, run and describe batch prediction jobs.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        The cluster to run on.
+    scheduler : str, optional
+        A scheduler address to connect to on the first job (when no ``client``).
+    storage_options : dict, optional
+        fsspec options for the job's input and output URLs.
+    max_jobs : int
+        How many finished jobs to remember.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: "Client | None" = None,
+        scheduler: str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        max_jobs: int = 1000,
+        metrics: Registry | None = None,
+    ) -> None:
+        self._client = client
+        self._own_client: "Client | None" = None
+        self.scheduler = scheduler
+        self.storage_options = storage_options
+        self.max_jobs = max_jobs
+        self.metrics = metrics or Registry()
+        self._jobs: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="daskml-serve-job")
+
+    @property
+    def configured(self) -> bool:
+        return self._client is not None or self.scheduler is not None
+
+    def _get_client(self) -> "Client":
+        if self._client is not None:
+            return self._client
+        with self._lock:
+            if self._own_client is None:
+                from distributed import Client
+
+                self._own_client = Client(self.scheduler, set_as_default=False, timeout="30s")
+            return self._own_client
+
+    # -- requests -------------------------------------------------------------------
+    @staticmethod
+    def parse_request(spec: Any) -> dict[str, Any]:
+        """Check a job request: ``{"input": URL, "output": URL, "format"?, "keep"?}``."""
+        if not isinstance(spec, dict):
+            raise RequestError(400, f"Expected a JSON object {{'input': URL, 'output': URL}}. Received: {type(spec).__name__}")
+        unknown = sorted(set(spec) - _KEYS)
+        if unknown:
+            raise RequestError(422, f"Unknown job fields {unknown}; expected some of {sorted(_KEYS)}", field=unknown[0])
+        for key in ("input", "output"):
+            v = spec.get(key)
+            if not isinstance(v, str) or not v:
+                raise RequestError(422, f"Job field {key!r}: expected a URL string. Received: {v!r}", field=key)
+        fmt = spec.get("format", "csv")
+        if fmt not in _FORMATS:
+            raise RequestError(422, f"Job field 'format': expected one of {list(_FORMATS)}. Received: {fmt!r}", field="format")
+        keep = spec.get("keep")
+        if keep is not None and (not isinstance(keep, list) or not all(isinstance(k, str) for k in keep)):
+            raise RequestError(422, f"Job field 'keep': expected a list of column names. Received: {keep!r}", field="keep")
+        return {"input": spec["input"], "output": spec["output"], "format": fmt, "keep": keep}
+
+    def submit(self, bundle: "Bundle", spec: dict[str, Any]) -> dict[str, Any]:
+        """Start a job in the background; returns its description (state ``queued``)."""
+        if not self.configured:
+            raise RequestError(
+                503, "This server has no Dask cluster for batch jobs: start it with scheduler=ADDRESS "
+                "(daskml-scale serve BUNDLE --scheduler ADDRESS) or create_app(..., client=client)",
+            )
+        job_id = uuid.uuid4().hex
+        job = {
+            "id": job_id, "state": "queued", "request": spec, "submitted": time.time(),
+            "started": None, "finished": None, "report": None, "error": None,
+        }
+        with self._lock:
+            self._jobs[job_id] = job
+            while len(self._jobs) > self.max_jobs:
+                oldest = next(iter(self._jobs))
+                if self._jobs[oldest]["state"] in ("queued", "running"):
+                    break
+                self._jobs.popitem(last=False)
+        self._executor.submit(self._run, job, bundle)
+        return self.describe(job_id)
+
+    def describe(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                raise RequestError(404, f"No job with id {job_id!r} (jobs are kept in memory, newest {self.max_jobs})")
+            return _jsonable(dict(job))
+
+    def list(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"id": j["id"], "state": j["state"], "submitted": j["submitted"]} for j in self._jobs.values()]
+
+    # -- in a job thread --------------------------------------------------------------------
+    def _run(self, job: dict[str, Any], bundle: "Bundle") -> None:
+        from daskml_scale.predict import predict_files
+
+        job["state"], job["started"] = "running", time.time()
+        spec = job["request"]
+        try:
+            report = predict_files(
+                bundle, spec["input"], spec["output"], format=spec["format"], keep=spec["keep"],
+                storage_options=self.storage_options, client=self._get_client(),
+            )
+        except Exception as exc:  # the job fails, the server goes on
+            job["error"] = f"{type(exc).__name__}: {exc}"
+            job["traceback"] = traceback.format_exc(limit=5)
+            job["state"] = "failed"
+        else:
+            job["report"] = _jsonable(report)
+            failed = getattr(report, "failed", None)
+            job["state"] = "failed" if failed else "done"
+        job["finished"] = time.time()
+        self.metrics.jobs.inc(1, job["state"])
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_client is not None:
+            try:
+                self._own_client.close()
+            except Exception:  # pragma: no cover - closing a lost connection
+                pass
+            self._own_client = None
