@@ -32,9 +32,11 @@ from daskml_scale.exceptions import (  # noqa: E402
 
 from daskml_scale.io import bad_rows_report, read_csv, read_parquet  # noqa: E402
 from daskml_scale.preprocessing import Preprocessor  # noqa: E402
+from daskml_scale.training import ModelAveraging, fit  # noqa: E402
 
 # prediction
 from daskml_scale.bundle import Bundle, load_bundle, save_bundle  # noqa: E402
+from daskml_scale.predict import PredictReport, predict, predict_files  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -48,10 +50,16 @@ __all__ = [
     "read_parquet",
     "bad_rows_report",
     "Preprocessor",
+    # training
+    "fit",
+    "ModelAveraging",
     # prediction
     "Bundle",
     "save_bundle",
     "load_bundle",
+    "predict",
+    "predict_files",
+    "PredictReport",
     # errors
     "DaskmlScaleError",
     "DaskmlScaleWarning",

@@ -1,0 +1,495 @@
+"""Prediction at scale: over the partitions of a Dask DataFrame, and file by file.
+
+* :func:`predict` maps the bundle over the partitions of a Dask DataFrame, lazily:
+  kept input columns then prediction columns, with the input's index and row order.
+* :func:`predict_files` is the batch pattern "one output file per input file"
+  (``in/1.csv -> out/1.csv``): one task per file, each output written atomically, a
+  rerun skips the outputs that exist and redoes the rest, a failing file is reported
+  and does not stop the others.
+
+The bundle's bytes go into the cluster once (``client.scatter(..., broadcast=True)``);
+each worker loads the model once and keeps it in :data:`_CACHE`, keyed by the bundle's
+content hash. Tasks carry the key and a reference to the bytes, never a live model.
+The model runs on large batches through a compiled function (see
+:meth:`Bundle.predict_array`), not ``model.predict`` on tiny frames.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import posixpath
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import dask.dataframe as dd
+import fsspec
+import pandas as pd
+from fsspec.utils import infer_compression
+
+from daskml_scale import io as _io
+from daskml_scale.bundle import Bundle, bundle_bytes, read_bundle_bytes
+from daskml_scale.exceptions import BundleError, DataError
+from daskml_scale.preprocessing import Preprocessor
+from daskml_scale.writers import FORMATS, is_local, write_frame_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    import keras
+    from distributed import Client
+
+__all__ = ["predict", "predict_files", "PredictReport"]
+
+Transform = Callable[[pd.DataFrame], pd.DataFrame]
+
+# --------------------------------------------------------------------- worker cache
+_CACHE: OrderedDict[tuple[str, bool], Bundle] = OrderedDict()
+_CACHE_SIZE = 4
+_CACHE_LOCK = threading.Lock()
+
+
+def cached_bundle(key: str, data: bytes, safe_mode: bool, transform: Transform | None) -> Bundle:
+    """The Bundle with content hash ``key``, loaded from ``data`` at most once per process."""
+    with _CACHE_LOCK:
+        bundle = _CACHE.get((key, safe_mode))
+        if bundle is None:
+            bundle = Bundle(data, safe_mode=safe_mode, transform=transform)
+            if bundle.content_hash != key:
+                raise BundleError(f"Expected bundle bytes with hash {key[:12]}. Received: {bundle.content_hash[:12]}")
+            _CACHE[(key, safe_mode)] = bundle
+            while len(_CACHE) > _CACHE_SIZE:
+                _CACHE.popitem(last=False)
+        else:
+            _CACHE.move_to_end((key, safe_mode))
+        if transform is not None:
+            bundle.preprocessor.transform_fn = transform
+        return bundle
+
+
+def cache_info() -> list[str]:
+    """Content hashes of the bundles loaded in this process (for tests and debugging)."""
+    return [key for key, _ in _CACHE]
+
+
+# --------------------------------------------------------------------- the bundle
+@dataclass
+class _Source:
+    """What a task needs to find the bundle on a worker (small; the bytes travel apart)."""
+
+    key: str
+    safe_mode: bool
+    transform: Transform | None
+
+
+def _as_bundle(
+    bundle_or_model: Any, preprocessor: Preprocessor | None, storage_options: dict[str, Any] | None
+) -> tuple[Bundle, Transform | None]:
+    """(a lazily-loaded Bundle, a transform that workers must be given, if any)."""
+    if isinstance(bundle_or_model, Bundle):
+        if preprocessor is not None:
+            raise ValueError("Expected preprocessor=None with a Bundle (it holds its own). Received a preprocessor.")
+        fn = bundle_or_model.preprocessor.transform_fn
+        # a transform that is not importable by name must travel with the tasks
+        return bundle_or_model, (fn if fn is not None and _needs_shipping(bundle_or_model) else None)
+    if isinstance(bundle_or_model, (str, os.PathLike)):
+        if preprocessor is not None:
+            raise ValueError("Expected preprocessor=None with a bundle URL (it holds its own). Received a preprocessor.")
+        url = os.fspath(bundle_or_model)
+        return Bundle(read_bundle_bytes(url, storage_options), lazy=True, where=url), None
+    if hasattr(bundle_or_model, "__call__") and hasattr(bundle_or_model, "get_weights"):
+        if preprocessor is None:
+            raise ValueError(
+                "Expected preprocessor= with a Keras model: predict(model, ddf, preprocessor=pre). "
+                "Received: preprocessor=None."
+            )
+        data = bundle_bytes(bundle_or_model, preprocessor)
+        # the model is the user's own live object, not a file of unknown origin
+        bundle = Bundle(data, safe_mode=False, transform=preprocessor.transform_fn, lazy=True)
+        fn = preprocessor.transform_fn
+        return bundle, (fn if fn is not None and _needs_shipping(bundle) else None)
+    raise TypeError(
+        "Expected a Bundle, a bundle URL or a Keras model. "
+        f"Received: {type(bundle_or_model).__name__}"
+    )
+
+
+def _needs_shipping(bundle: Bundle) -> bool:
+    info = bundle.preprocessor.to_dict().get("transform") or {}
+    return info.get("ref") is None
+
+
+def _get_client(client: Any = None) -> "Client | None":
+    if client is not None:
+        return client
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except ValueError:
+        return None
+
+
+def _place_bytes(bundle: Bundle, client: "Client | None") -> Any:
+    """The bundle bytes as a task argument: a broadcast future on a cluster, else the bytes."""
+    if client is None:
+        return bundle.to_bytes()
+    return client.scatter(bundle.to_bytes(), broadcast=True, hash=True)
+
+
+# --------------------------------------------------------------------- frames
+def _keep_columns(keep: None | str | Sequence[str], columns: Sequence[str], outputs: Sequence[str]) -> list[str]:
+    if keep is None:
+        cols: list[str] = []
+    elif keep == "all":
+        cols = [c for c in columns if c not in (_io.PATH_COLUMN, _io.LINE_COLUMN)]
+    elif isinstance(keep, str):
+        cols = [keep]
+    else:
+        cols = list(keep)
+    missing = [c for c in cols if c not in columns]
+    if missing:
+        raise DataError(
+            f"Expected keep= to name input columns. Received: {missing} not in the input columns {list(columns)}",
+            column=missing[0],
+        )
+    clash = [c for c in cols if c in outputs]
+    if clash:
+        raise ValueError(
+            f"The kept columns {clash} have the names of prediction columns {list(outputs)}; "
+            "rename them in the input or leave them out of keep="
+        )
+    return cols
+
+
+def _assemble(df: pd.DataFrame, keep: list[str], pred: pd.DataFrame) -> pd.DataFrame:
+    """Kept columns then prediction columns, positionally (duplicate index labels are fine)."""
+    out = df[keep].copy() if keep else pd.DataFrame(index=df.index)
+    for col in pred.columns:
+        out[col] = pred[col].to_numpy() if col != "label" else pred[col].array
+    return out
+
+
+def _predict_partition(
+    df: pd.DataFrame, data: bytes, source: _Source, keep: list[str], batch_size: int | None
+) -> pd.DataFrame:
+    bundle = cached_bundle(source.key, data, source.safe_mode, source.transform)
+    return _assemble(df, keep, bundle.predict_frame(df, batch_size=batch_size))
+
+
+def predict(
+    bundle_or_model: Any,
+    ddf: dd.DataFrame,
+    *,
+    keep: None | str | Sequence[str] = None,
+    batch_size: int | None = None,
+    preprocessor: Preprocessor | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> dd.DataFrame:
+    """Predictions for every row of a Dask DataFrame, lazily.
+
+    Parameters
+    ----------
+    bundle_or_model : Bundle, str or keras.Model
+        A loaded bundle, a bundle URL, or a Keras model given with ``preprocessor=``.
+    ddf : dask.dataframe.DataFrame
+        Raw input rows (the columns the preprocessor's transform expects).
+    keep : None, "all", str or list of str
+        Input columns to keep before the prediction columns: none (default), all,
+        or the named ones (e.g. an id column).
+    batch_size : int, optional
+        Rows per model call (``daskml_scale.predict.batch-size``).
+    preprocessor : Preprocessor, optional
+        Required with a Keras model; not allowed with a bundle.
+    storage_options : dict, optional
+        For a bundle URL.
+
+    Returns
+    -------
+    dask.dataframe.DataFrame
+        Kept columns then ``bundle.output_names``, with ``ddf``'s index, divisions
+        and row order.
+
+    Raises
+    ------
+    DataError
+        ``keep`` names a column that is not in ``ddf``.
+    BundleError, UnsafeBundleError
+        The bundle cannot be loaded.
+
+    Examples
+    --------
+    >>> bundle = load_bundle("s3://models/price.bundle")  # doctest: +SKIP
+    >>> out = predict(bundle, read_csv("s3://data/*.csv"), keep="id")  # doctest: +SKIP
+    >>> out.to_parquet("s3://predictions/")  # doctest: +SKIP
+    """
+    bundle, ship = _as_bundle(bundle_or_model, preprocessor, storage_options)
+    if not isinstance(ddf, dd.DataFrame):
+        raise TypeError(f"Expected a dask DataFrame. Received: {type(ddf).__name__}; use Bundle.predict_frame for pandas")
+    keep_cols = _keep_columns(keep, list(ddf.columns), bundle.output_names)
+    meta = _assemble(ddf._meta, keep_cols, bundle.empty_frame())
+    source = _Source(bundle.content_hash, bundle._safe_mode, ship)
+    data = _place_bytes(bundle, _get_client())
+    return ddf.map_partitions(
+        _predict_partition, data, source, keep_cols, batch_size,
+        meta=meta, enforce_metadata=False, align_dataframes=False,
+    )
+
+
+# --------------------------------------------------------------------- files
+@dataclass
+class PredictReport:
+    """What :func:`predict_files` did, file by file.
+
+    Each entry is a dict ``{"input", "output", "rows", "error"}``; ``rows`` is
+    ``None`` for skipped files, ``error`` ``None`` unless the file failed.
+    """
+
+    done: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no file failed."""
+        return not self.failed
+
+    @property
+    def rows(self) -> int:
+        """Rows written by this run."""
+        return sum(int(e["rows"] or 0) for e in self.done)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per file with a ``status`` column."""
+        rows = [{"status": s, **e} for s in ("done", "skipped", "failed") for e in getattr(self, s)]
+        return pd.DataFrame(rows, columns=["status", "input", "output", "rows", "error"])
+
+    def __str__(self) -> str:
+        text = (
+            f"PredictReport: {len(self.done)} done ({self.rows} rows), {len(self.skipped)} skipped, "
+            f"{len(self.failed)} failed"
+        )
+        for e in self.failed[:5]:
+            text += f"\n  {e['input']}: {e['error']}"
+        return text
+
+
+_INPUT_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
+
+
+def _output_name(rel: str, format: str) -> str:
+    comp = infer_compression(rel)
+    if comp:
+        rel = rel.rsplit(".", 1)[0]
+    base, ext = posixpath.splitext(rel)
+    if ext.lower() not in _INPUT_SUFFIXES:
+        base = rel
+    return f"{base}.{format}"
+
+
+def _plan_outputs(fs: fsspec.AbstractFileSystem, paths: list[str], output_dir: str, format: str) -> list[str]:
+    """``output_dir/<path relative to the inputs' common folder, suffix changed>``."""
+    parents = [posixpath.dirname(p) for p in paths]
+    try:
+        common = posixpath.commonpath(parents)
+    except ValueError:  # absolute and relative paths mixed
+        common = ""
+    outs = []
+    for p in paths:
+        rel = posixpath.relpath(p, common) if common else posixpath.basename(p)
+        outs.append(f"{output_dir.rstrip('/')}/{_output_name(rel, format)}")
+    if len(set(outs)) != len(outs):
+        raise ValueError(f"Two input files map to the same output name under {output_dir!r}; rename the inputs")
+    return outs
+
+
+def _read_input(reader: Any, piece: Any) -> pd.DataFrame:
+    if piece.path.endswith((".parquet", ".pq")):
+        import pyarrow.parquet as pq
+
+        with reader.fs.open(piece.path, "rb") as f:
+            return _io._arrow_to_pandas(pq.read_table(f))
+    return reader(piece)
+
+
+def _predict_file(
+    data: bytes, source: _Source, reader: Any, piece: Any, out_path: str, out_display: str,
+    out_fs: fsspec.AbstractFileSystem, format: str, keep: None | str | list[str], batch_size: int | None,
+) -> dict[str, Any]:
+    """One input file -> one output file, written atomically. Errors are returned, not raised."""
+    entry: dict[str, Any] = {"input": piece.display, "output": out_display, "rows": None, "error": None}
+    try:
+        bundle = cached_bundle(source.key, data, source.safe_mode, source.transform)
+        df = _read_input(reader, piece)
+        keep_cols = _keep_columns(keep, list(df.columns), bundle.output_names)
+        pred = bundle.predict_frame(df, batch_size=batch_size)
+        write_frame_atomic(_assemble(df, keep_cols, pred), out_path, format=format, fs=out_fs)
+        entry["rows"] = int(len(df))
+    except Exception as exc:  # noqa: BLE001  (every failure is this file's report entry)
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+    return entry
+
+
+def predict_files(
+    bundle: Any,
+    input_urlpath: str | Sequence[str],
+    output_dir: str,
+    *,
+    format: str = "csv",
+    keep: None | str | Sequence[str] = None,
+    storage_options: dict[str, Any] | None = None,
+    on_bad_rows: str | None = None,
+    client: "Client | None" = None,
+    overwrite: bool = False,
+    batch_size: int | None = None,
+    output_storage_options: dict[str, Any] | None = None,
+) -> PredictReport:
+    """Predict file by file: one output file per input file, atomic and resumable.
+
+    Parameters
+    ----------
+    bundle : Bundle or str
+        A loaded bundle or a bundle URL.
+    input_urlpath : str or list of str
+        CSV (or Parquet) files: a file, glob, directory or list, local or fsspec URL.
+    output_dir : str
+        Folder (local or fsspec URL) for the outputs. ``in/a/1.csv`` becomes
+        ``output_dir/a/1.<format>``, relative to the inputs' common folder.
+    format : {"csv", "parquet"}
+    keep : None, "all", str or list of str
+        Input columns written before the predictions (e.g. ``"id"``).
+    storage_options : dict, optional
+        fsspec options for the inputs and the bundle (and the outputs, unless
+        ``output_storage_options`` is given).
+    on_bad_rows : {"error", "skip"}, optional
+        ``"error"`` (default, ``daskml_scale.io.on-bad-rows``): a file with a
+        malformed row fails, is reported with its file and line, and others go on;
+        ``"skip"``: malformed rows are dropped (see :func:`bad_rows_report`).
+    client : distributed.Client, optional
+        Defaults to the current client.
+    overwrite : bool
+        Redo every file. By default an existing output is complete (outputs appear
+        only whole, by atomic rename or single put) and is skipped.
+    batch_size : int, optional
+        Rows per model call.
+
+    Returns
+    -------
+    PredictReport
+        Files done (with row counts), skipped and failed (with their errors).
+
+    Raises
+    ------
+    DataError
+        No input file matches.
+    ClusterError
+        No client is available.
+
+    Examples
+    --------
+    >>> report = predict_files("model.bundle", "s3://in/*.csv", "s3://out/", keep="id")  # doctest: +SKIP
+    >>> print(report)  # doctest: +SKIP
+    """
+    from distributed import as_completed
+
+    from daskml_scale import config
+    from daskml_scale.exceptions import ClusterError
+
+    if format not in FORMATS:
+        raise ValueError(f"Expected format to be one of {list(FORMATS)}. Received: format={format!r}")
+    on_bad_rows = on_bad_rows or config.get("io.on-bad-rows", "error")
+    if on_bad_rows not in ("error", "skip"):
+        raise ValueError(f"Expected on_bad_rows to be 'error' or 'skip'. Received: on_bad_rows={on_bad_rows!r}")
+    client = _get_client(client)
+    if client is None:
+        raise ClusterError("predict_files needs a Dask client: call daskml_scale.connect() first or pass client=")
+    b, ship = _as_bundle(bundle, None, storage_options)
+    keep_arg = None if keep is None else (keep if isinstance(keep, str) else list(keep))
+
+    fs, paths = _io.expand_paths(input_urlpath, storage_options, suffixes=_io._CSV_SUFFIXES + (".parquet", ".pq"))
+    out_fs, out_root = fsspec.core.url_to_fs(output_dir, **(output_storage_options or storage_options or {}))
+    outs = _plan_outputs(fs, paths, out_root, format)
+    out_display = [o if is_local(out_fs) else out_fs.unstrip_protocol(o) for o in outs]
+
+    report = PredictReport()
+    todo: list[int] = []
+    existing = _existing_files(out_fs, out_root) if not overwrite else set()
+    for i, o in enumerate(outs):
+        if not overwrite and o in existing:
+            report.skipped.append({"input": _io._display(fs, paths[i]), "output": out_display[i], "rows": None, "error": None})
+        else:
+            todo.append(i)
+    if not todo:
+        return report
+
+    csv_paths = [paths[i] for i in todo if not paths[i].endswith((".parquet", ".pq"))]
+    reader = _io._BlockReader(fs, _csv_schema(fs, csv_paths), None, on_bad_rows, True, ",")
+    pieces = {p.path: p for p in _io._plan_pieces(fs, [paths[i] for i in todo], None, "infer")}
+
+    data = _place_bytes(b, client)
+    source = _Source(b.content_hash, b._safe_mode, ship)
+    futures = {}
+    for i in todo:
+        fut = client.submit(
+            _predict_file, data, source, reader, pieces[paths[i]], outs[i], out_display[i], out_fs, format,
+            keep_arg, batch_size, pure=False, key=f"daskml-predict-file-{i}-{os.urandom(4).hex()}",
+        )
+        futures[fut] = i
+    results: dict[int, dict[str, Any]] = {}
+    for fut in as_completed(list(futures)):
+        i = futures[fut]
+        try:
+            results[i] = fut.result()
+        except Exception as exc:  # noqa: BLE001  (e.g. KilledWorker after repeated worker loss)
+            results[i] = {
+                "input": _io._display(fs, paths[i]), "output": out_display[i], "rows": None,
+                "error": f"{type(exc).__name__}: {exc}",
+            }
+    for i in todo:
+        entry = results[i]
+        (report.failed if entry["error"] else report.done).append(entry)
+    if is_local(out_fs):
+        _remove_stale_temps([outs[i] for i in todo])
+    return report
+
+
+def _csv_schema(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Any:
+    """One schema for every file, inferred as :func:`daskml_scale.read_csv` does.
+
+    A sampled file whose first rows cannot be read (empty, broken header) is left out
+    of the sample: it fails in its own task, with its own error, and the others go on.
+    """
+    if not paths:
+        return None
+    order = sorted({0, len(paths) // 2, len(paths) - 1}) + list(range(len(paths)))
+    schemas, tried = [], set()
+    for i in order:
+        if i in tried or len(schemas) == 3:
+            continue
+        tried.add(i)
+        try:
+            schemas.append(
+                _io._infer_schema(fs, paths[i], _io._display(fs, paths[i]), infer_compression(paths[i]), None, 1 << 20)
+            )
+        except DataError:
+            continue
+    return _io._merge_schemas(schemas, None) if schemas else None
+
+
+def _existing_files(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
+    """Every file under ``root`` (one listing, not one request per output)."""
+    try:
+        return {fs._strip_protocol(p) for p in fs.find(root)}
+    except FileNotFoundError:
+        return set()
+
+
+def _remove_stale_temps(outputs: list[str]) -> None:
+    """Temporary files a killed worker left behind (hidden names, never read as outputs)."""
+    for out in outputs:
+        head, tail = os.path.split(out)
+        for tmp in glob.glob(os.path.join(head, f".{glob.escape(tail)}.tmp-*")):
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
