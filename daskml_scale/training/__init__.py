@@ -1,0 +1,159 @@
+"""Data-parallel training of a compiled Keras model on Dask workers: :func:`fit`."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import pandas as pd
+
+from daskml_scale import config
+from daskml_scale.exceptions import DataError, MissingColumnError
+from daskml_scale.training.averaging import ModelAveraging
+
+__all__ = ["fit", "ModelAveraging"]
+
+
+def _client(client: Any) -> Any:
+    if client is not None:
+        return client
+    from distributed import get_client
+
+    try:
+        return get_client()
+    except ValueError as exc:
+        raise ValueError(
+            "fit() needs a Dask cluster: pass client=daskml_scale.connect(...) or create a Client first"
+        ) from exc
+
+
+def fit(
+    model: Any,
+    data: Any,
+    *,
+    preprocessor: Any,
+    strategy: Any = None,
+    epochs: int = 1,
+    batch_size: int | None = None,
+    validation_data: Any = None,
+    validation_fraction: float | None = None,
+    callbacks: Sequence[Any] | None = None,
+    checkpoint: str | None = None,
+    resume: bool = False,
+    client: Any = None,
+    seed: int | None = None,
+    shuffle: bool = True,
+    cache: bool | str = "auto",
+    verbose: Any = "auto",
+    storage_options: dict[str, Any] | None = None,
+) -> Any:
+    """Train a compiled Keras model data-parallel on the Dask cluster.
+
+    Parameters
+    ----------
+    model : keras.Model
+        A compiled Keras 3 model (``model.compile(optimizer=..., loss=...)``). Its
+        weights are the starting point and hold the result when ``fit`` returns.
+    data : dask.dataframe.DataFrame or pandas.DataFrame
+        Raw training rows (what :func:`daskml_scale.read_csv` gives). Partitions are
+        turned into batches on the workers; no training row travels to the client.
+    preprocessor : Preprocessor
+        Turns a partition into ``(X, y)``; fitted on ``data`` first if it is not.
+    strategy : ModelAveraging or ParameterServer
+        How workers combine their work. Default ``ModelAveraging()``.
+    epochs, batch_size : int
+        As in ``model.fit``; ``batch_size`` defaults to ``daskml_scale.training.batch-size``.
+    validation_data : dask or pandas DataFrame, optional
+        Rows to validate on after every epoch, on the workers.
+    validation_fraction : float, optional
+        Hold out this fraction of ``data`` instead (deterministic for a given seed).
+    callbacks : list of keras.callbacks.Callback
+        Called on the driver with epoch-level logs (History, EarlyStopping,
+        ModelCheckpoint, TerminateOnNaN, ...); a "batch" is one round.
+    checkpoint : str, optional
+        fsspec URL (folder or ``.npz`` file) written after every epoch: weights,
+        optimizer state, epoch and history.
+    resume : bool
+        Continue from the checkpoint at ``checkpoint`` when there is one.
+    client : distributed.Client, optional
+        Defaults to the current client.
+    seed : int, optional
+        Seeds the partition and row shuffles and the held-out split.
+    cache : bool or "auto"
+        Keep preprocessed partitions in worker memory across epochs (``True``), or
+        stream them from the source every epoch (``False``: a worker holds a few
+        partitions at a time, whatever the data's size). ``"auto"`` caches when the
+        data is small next to the cluster's memory.
+
+    Returns
+    -------
+    keras.callbacks.History
+        ``history.history`` has per-epoch ``loss``, metrics and ``val_*`` entries;
+        ``history.daskml_summary`` describes the run.
+
+    Raises
+    ------
+    ValueError
+        The model is not compiled, or arguments are invalid.
+    MissingColumnError
+        The target or a feature column is missing.
+    WorkersLostError
+        Every worker is gone (after the last checkpoint was written).
+    """
+    import dask.dataframe as dd
+
+    from daskml_scale.training.driver import Fit
+
+    if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", True):
+        raise ValueError(
+            "Expected a compiled Keras model. Received: a model without an optimizer; "
+            "call model.compile(optimizer=..., loss=...) before fit()"
+        )
+    if preprocessor is None:
+        raise ValueError("Expected a Preprocessor (preprocessor=Preprocessor(target=..., numeric=[...], ...))")
+    if preprocessor.target is None:
+        raise ValueError("Expected a Preprocessor with a target column to train on. Received: target=None")
+    if epochs < 1:
+        raise ValueError(f"Expected epochs >= 1. Received: epochs={epochs}")
+    strategy = strategy if strategy is not None else ModelAveraging()
+    batch_size = int(batch_size or config.get("training.batch-size", 256))
+    seed = int(seed if seed is not None else config.get("training.seed", 0))
+    validation_fraction = float(validation_fraction or 0.0)
+    if not 0.0 <= validation_fraction < 1.0:
+        raise ValueError(f"Expected 0 <= validation_fraction < 1. Received: {validation_fraction}")
+    if resume and not checkpoint:
+        raise ValueError("resume=True needs checkpoint=URL")
+    client = _client(client)
+
+    if isinstance(data, pd.DataFrame):
+        data = dd.from_pandas(data, npartitions=max(1, len(client.nthreads())))
+    if isinstance(validation_data, pd.DataFrame):
+        validation_data = dd.from_pandas(validation_data, npartitions=max(1, len(client.nthreads())))
+    _check_target(data, preprocessor)
+    if not hasattr(preprocessor, "feature_names_"):
+        preprocessor.fit(data, client=client)
+
+    run = Fit(
+        client=client, model=model, data=data, preprocessor=preprocessor, strategy=strategy, epochs=epochs,
+        batch_size=batch_size, validation_data=validation_data, validation_fraction=validation_fraction,
+        callbacks=list(callbacks or []), checkpoint=checkpoint, resume=resume, seed=seed, verbose=verbose,
+        cache=cache, storage_options=storage_options, shuffle=shuffle,
+    )
+    return run.run()
+
+
+def _check_target(data: Any, preprocessor: Any) -> None:
+    """Fail before any work when the target cannot appear (checked on the schema)."""
+    meta = getattr(data, "_meta_nonempty", None)
+    if meta is None:
+        return
+    try:
+        out = preprocessor._apply_user_transform(meta)
+    except Exception:
+        return  # the user's transform does not run on placeholder rows: checked later
+    if preprocessor.target not in out.columns:
+        raise MissingColumnError(
+            f"The target column {preprocessor.target!r} is missing: the data has columns {list(out.columns)}",
+            column=preprocessor.target,
+        )
+    if len(data.columns) == 0:
+        raise DataError("Expected training data with columns. Received: none")

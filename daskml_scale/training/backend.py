@@ -1,0 +1,206 @@
+"""Everything that depends on the Keras backend (TensorFlow today), in one place.
+
+The rest of the training code sees NumPy arrays and these functions:
+compiled multi-step train / eval loops, gradient computation for the parameter
+server, and the get/set of model, optimizer and metric state.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from typing import Any, Callable
+
+import numpy as np
+
+__all__ = [
+    "model_to_bytes",
+    "model_from_bytes",
+    "make_train_fn",
+    "make_eval_fn",
+    "make_gradient_fn",
+    "get_weights",
+    "set_weights",
+    "get_optimizer_state",
+    "set_optimizer_state",
+    "metric_state",
+    "metric_results",
+    "reset_metrics",
+    "apply_gradients",
+    "ensure_built",
+]
+
+
+def _keras():
+    import keras
+
+    return keras
+
+
+def model_to_bytes(model: Any) -> bytes:
+    """The model (architecture, weights, compile config) as ``.keras`` bytes."""
+    keras = _keras()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.keras")
+        keras.saving.save_model(model, path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def model_from_bytes(data: bytes, *, safe_mode: bool = True, compile: bool = True) -> Any:
+    keras = _keras()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.keras")
+        with open(path, "wb") as f:
+            f.write(data)
+        return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
+
+
+def ensure_built(model: Any, X: np.ndarray, y: np.ndarray) -> None:
+    """Build the model, its optimizer's slots and its metrics on a sample batch, so
+    every state list (weights, optimizer, metrics) has its final length."""
+    if not model.built:
+        model.build((None,) + tuple(X.shape[1:]))
+    opt = model.optimizer
+    if opt is not None and not opt.built:
+        opt.build(model.trainable_variables)
+    if not getattr(model, "_daskml_metrics_built", False):
+        make_eval_fn(model)(X[:1], y[:1], 1)
+        reset_metrics(model)
+        model._daskml_metrics_built = True
+
+
+# ----------------------------------------------------------------------------- state
+def get_weights(model: Any) -> list[np.ndarray]:
+    return [np.asarray(v) for v in model.get_weights()]
+
+
+def set_weights(model: Any, weights: list[np.ndarray]) -> None:
+    model.set_weights(weights)
+
+
+def _optimizer_variables(model: Any) -> list[Any]:
+    opt = model.optimizer
+    return list(opt.variables) if opt is not None else []
+
+
+def get_optimizer_state(model: Any) -> list[np.ndarray]:
+    return [np.asarray(v.numpy()) for v in _optimizer_variables(model)]
+
+
+def set_optimizer_state(model: Any, state: list[np.ndarray]) -> None:
+    variables = _optimizer_variables(model)
+    if len(variables) != len(state):
+        raise ValueError(
+            f"Expected {len(variables)} optimizer variables. Received: {len(state)} "
+            "(was the model compiled with another optimizer?)"
+        )
+    for v, s in zip(variables, state):
+        v.assign(np.asarray(s, dtype=v.dtype))
+
+
+def reset_metrics(model: Any) -> None:
+    for m in model.metrics:
+        m.reset_state()
+
+
+def metric_state(model: Any) -> list[list[np.ndarray]]:
+    """The state variables of every metric (sums and counts for the usual ones)."""
+    return [[np.asarray(v.numpy()) for v in m.variables] for m in model.metrics]
+
+
+def metric_results(model: Any, state: list[list[np.ndarray]]) -> dict[str, float]:
+    """Load summed metric state into the model's metrics and read their results."""
+    for m, values in zip(model.metrics, state):
+        for v, s in zip(m.variables, values):
+            v.assign(np.asarray(s, dtype=v.dtype))
+    logs: dict[str, float] = {}
+    for m in model.metrics:
+        r = m.result()
+        if isinstance(r, dict):
+            for k, v in r.items():
+                logs[k] = float(np.asarray(v))
+        else:
+            logs[m.name] = float(np.asarray(r))
+    return logs
+
+
+# ----------------------------------------------------------------------------- loops
+def make_train_fn(model: Any) -> Callable[[np.ndarray, np.ndarray, int], None]:
+    """A compiled loop: ``fn(X, y, batch_size)`` runs ``model.train_step`` per batch.
+
+    One call costs one graph execution, not one ``fit`` call: the per-step cost is the
+    step itself (the reason frequent averaging rounds stay cheap).
+    """
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def run(X, y, batch_size):
+        n = tf.shape(X)[0]
+        steps = (n + batch_size - 1) // batch_size
+        for i in tf.range(steps):
+            lo = i * batch_size
+            hi = tf.minimum(lo + batch_size, n)
+            model.train_step((X[lo:hi], y[lo:hi]))
+        return steps
+
+    def call(X: np.ndarray, y: np.ndarray, batch_size: int) -> int:
+        if len(X) == 0:
+            return 0
+        return int(run(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32)))
+
+    return call
+
+
+def make_eval_fn(model: Any) -> Callable[[np.ndarray, np.ndarray, int], None]:
+    """A compiled loop running ``model.test_step`` per batch (metrics accumulate)."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def run(X, y, batch_size):
+        n = tf.shape(X)[0]
+        steps = (n + batch_size - 1) // batch_size
+        for i in tf.range(steps):
+            lo = i * batch_size
+            hi = tf.minimum(lo + batch_size, n)
+            model.test_step((X[lo:hi], y[lo:hi]))
+        return steps
+
+    def call(X: np.ndarray, y: np.ndarray, batch_size: int) -> int:
+        if len(X) == 0:
+            return 0
+        return int(run(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32)))
+
+    return call
+
+
+def make_gradient_fn(model: Any) -> Callable[[np.ndarray, np.ndarray], tuple[list[np.ndarray], float, int]]:
+    """``fn(X, y) -> (gradients, loss, n)``: gradients of the mean loss over the rows,
+    without touching the weights (the parameter server applies them)."""
+    import tensorflow as tf
+
+    @tf.function(reduce_retracing=True)
+    def grads(X, y):
+        with tf.GradientTape() as tape:
+            y_pred = model(X, training=True)
+            loss = model._compute_loss(x=X, y=y, y_pred=y_pred, sample_weight=None, training=True)
+        g = tape.gradient(loss, model.trainable_variables)
+        model._loss_tracker.update_state(loss, sample_weight=tf.shape(X)[0])
+        model.compute_metrics(X, y, y_pred, sample_weight=None)
+        return g, loss
+
+    def call(X: np.ndarray, y: np.ndarray) -> tuple[list[np.ndarray], float, int]:
+        g, loss = grads(tf.convert_to_tensor(X), tf.convert_to_tensor(y))
+        return [np.asarray(a) for a in g], float(loss), len(X)
+
+    return call
+
+
+def apply_gradients(model: Any, gradients: list[np.ndarray]) -> None:
+    """Apply gradients with the model's own optimizer (server side)."""
+    import tensorflow as tf
+
+    model.optimizer.apply_gradients(
+        zip([tf.convert_to_tensor(g) for g in gradients], model.trainable_variables)
+    )

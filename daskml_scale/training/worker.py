@@ -1,0 +1,241 @@
+"""What runs on a worker: where a partition becomes training batches.
+
+Every function here is a pure task of (weights, partitions): it can be rerun on any
+worker after a loss. The worker keeps two memos, both safe to lose:
+
+* the compiled model of a ``fit`` (built once per fit from ``.keras`` bytes, reused
+  across rounds, keyed by the fit's id);
+* in streaming mode, the last partitions it read (so consecutive rounds over one
+  partition read it once).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from daskml_scale.training import backend
+
+__all__ = ["PartSlice", "Lazy", "prepare_partition", "train_round", "evaluate_parts", "model_for"]
+
+
+@dataclass(frozen=True)
+class PartSlice:
+    """Rows ``[start, stop)`` of partition ``part`` in its epoch-shuffled order."""
+
+    part: int
+    start: int
+    stop: int
+
+
+class Lazy:
+    """A partition's graph carried as a plain value, computed inside the task that
+    needs it (so that a worker holds one partition at a time, not its whole share)."""
+
+    def __init__(self, key: str, graph: Any) -> None:
+        self.key = key
+        self.graph = graph
+
+    def compute(self) -> Any:
+        import dask
+
+        (value,) = dask.compute(self.graph, scheduler="sync")
+        return value
+
+
+# ------------------------------------------------------------------------ the model
+class _CachedModel:
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.lock = threading.Lock()
+        self.train_fn = backend.make_train_fn(model)
+        self.eval_fn = backend.make_eval_fn(model)
+        self._grad_fn: Any = None
+
+    @property
+    def grad_fn(self) -> Any:
+        if self._grad_fn is None:
+            self._grad_fn = backend.make_gradient_fn(self.model)
+        return self._grad_fn
+
+
+_MODELS: "OrderedDict[str, _CachedModel]" = OrderedDict()
+_MODELS_LOCK = threading.Lock()
+_MAX_MODELS = 2
+_BUILT_COUNT = [0]
+
+
+def model_for(fit_id: str, model_bytes: bytes) -> _CachedModel:
+    """The worker's compiled copy of the fit's model, built on first use."""
+    with _MODELS_LOCK:
+        cached = _MODELS.get(fit_id)
+        if cached is not None:
+            _MODELS.move_to_end(fit_id)
+            return cached
+    model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes made by our own driver
+    cached = _CachedModel(model)
+    _BUILT_COUNT[0] += 1
+    with _MODELS_LOCK:
+        _MODELS[fit_id] = cached
+        while len(_MODELS) > _MAX_MODELS:
+            _MODELS.popitem(last=False)
+    return cached
+
+
+def models_built() -> int:
+    """How many models this worker process has built (tests check it is one per fit)."""
+    return _BUILT_COUNT[0]
+
+
+# ------------------------------------------------------------------- the partitions
+def prepare_partition(df: Any, preprocessor: Any, val_fraction: float, seed: int, index: int) -> dict[str, np.ndarray]:
+    """A raw partition -> training and held-out arrays (split deterministically)."""
+    X, y = preprocessor.transform(df)
+    if y is None:
+        from daskml_scale.exceptions import MissingColumnError
+
+        raise MissingColumnError(
+            f"The target column {preprocessor.target!r} is missing from the training data",
+            column=preprocessor.target,
+        )
+    if val_fraction > 0:
+        held = np.random.default_rng([seed, 7919, index]).random(len(X)) < val_fraction
+        return {"X": X[~held], "y": y[~held], "Xv": X[held], "yv": y[held]}
+    return {"X": X, "y": y, "Xv": X[:0], "yv": y[:0]}
+
+
+_PARTS: "OrderedDict[str, dict[str, np.ndarray]]" = OrderedDict()
+_PARTS_LOCK = threading.Lock()
+_MAX_PARTS = 2
+
+
+def _materialize(source: Any) -> dict[str, np.ndarray]:
+    if not isinstance(source, Lazy):
+        return source  # already arrays (cached mode: Dask passed the persisted result)
+    with _PARTS_LOCK:
+        hit = _PARTS.get(source.key)
+        if hit is not None:
+            _PARTS.move_to_end(source.key)
+            return hit
+    value = source.compute()
+    with _PARTS_LOCK:
+        _PARTS[source.key] = value
+        while len(_PARTS) > _MAX_PARTS:
+            _PARTS.popitem(last=False)
+    return value
+
+
+def _permutation(n: int, seed: int, epoch: int, part: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch, part]).permutation(n)
+
+
+def gather_rows(
+    slices: Sequence[PartSlice], sources: dict[int, Any], seed: int, epoch: int, shuffle: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for s in slices:
+        arrays = _materialize(sources[s.part])
+        X, y = arrays["X"], arrays["y"]
+        if shuffle:
+            idx = _permutation(len(X), seed, epoch, s.part)[s.start : s.stop]
+            xs.append(X[idx])
+            ys.append(y[idx])
+        else:
+            xs.append(X[s.start : s.stop])
+            ys.append(y[s.start : s.stop])
+    if not xs:
+        return np.zeros((0, 0), np.float32), np.zeros((0,), np.float32)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+# -------------------------------------------------------------------------- the tasks
+def train_round(
+    fit_id: str,
+    model_bytes: bytes,
+    state: dict[str, Any],
+    slices: Sequence[PartSlice],
+    sources: dict[int, Any],
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    carry_optimizer: bool = True,
+) -> dict[str, Any]:
+    """Train the worker's model copy from ``state`` over ``slices``; return the result.
+
+    Returns weights, optimizer state, metric state (sums) and the number of samples.
+    """
+    X, y = gather_rows(slices, sources, seed, epoch, shuffle)
+    cached = model_for(fit_id, model_bytes)
+    with cached.lock:
+        model = cached.model
+        if len(X) == 0:
+            return {"samples": 0}
+        backend.ensure_built(model, X, y)
+        backend.set_weights(model, state["weights"])
+        if carry_optimizer and state.get("optimizer") is not None:
+            backend.set_optimizer_state(model, state["optimizer"])
+        backend.reset_metrics(model)
+        steps = cached.train_fn(X, y, batch_size)
+        return {
+            "samples": int(len(X)),
+            "steps": steps,
+            "weights": backend.get_weights(model),
+            "optimizer": backend.get_optimizer_state(model),
+            "metrics": backend.metric_state(model),
+            "worker": _worker_address(),
+        }
+
+
+def evaluate_parts(
+    fit_id: str,
+    model_bytes: bytes,
+    weights: list[np.ndarray],
+    parts: Sequence[int],
+    sources: dict[int, Any],
+    *,
+    batch_size: int,
+    which: str = "val",
+) -> dict[str, Any]:
+    """Metric state (sums) of the model at ``weights`` over the held-out rows of ``parts``."""
+    kx, ky = ("Xv", "yv") if which == "val" else ("X", "y")
+    cached = model_for(fit_id, model_bytes)
+    samples = 0
+    with cached.lock:
+        model = cached.model
+        backend.set_weights(model, weights) if model.built else None
+        first = True
+        for p in parts:
+            arrays = _materialize(sources[p])
+            X, y = arrays[kx], arrays[ky]
+            if len(X) == 0:
+                continue
+            if first:
+                backend.ensure_built(model, X, y)
+                backend.set_weights(model, weights)
+                backend.reset_metrics(model)
+                first = False
+            cached.eval_fn(X, y, batch_size)
+            samples += len(X)
+        if first:
+            return {"samples": 0}
+        return {"samples": samples, "metrics": backend.metric_state(model)}
+
+
+def partition_sizes(source: Any) -> tuple[int, int]:
+    arrays = _materialize(source)
+    return int(len(arrays["X"])), int(len(arrays["Xv"]))
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except ValueError:
+        return None
