@@ -47,6 +47,7 @@ Transform = Callable[[pd.DataFrame], pd.DataFrame]
 _CACHE: OrderedDict[tuple[str, bool], Bundle] = OrderedDict()
 _CACHE_SIZE = 4
 _CACHE_LOCK = threading.Lock()
+_LOADS: dict[str, int] = {}  # content hash -> times loaded in this process
 
 
 def cached_bundle(key: str, data: bytes, safe_mode: bool, transform: Transform | None) -> Bundle:
@@ -58,6 +59,7 @@ def cached_bundle(key: str, data: bytes, safe_mode: bool, transform: Transform |
             if bundle.content_hash != key:
                 raise BundleError(f"Expected bundle bytes with hash {key[:12]}. Received: {bundle.content_hash[:12]}")
             _CACHE[(key, safe_mode)] = bundle
+            _LOADS[key] = _LOADS.get(key, 0) + 1
             while len(_CACHE) > _CACHE_SIZE:
                 _CACHE.popitem(last=False)
         else:
@@ -67,9 +69,9 @@ def cached_bundle(key: str, data: bytes, safe_mode: bool, transform: Transform |
         return bundle
 
 
-def cache_info() -> list[str]:
-    """Content hashes of the bundles loaded in this process (for tests and debugging)."""
-    return [key for key, _ in _CACHE]
+def cache_info() -> dict[str, Any]:
+    """The bundles cached in this process and how often each was loaded (for tests, debugging)."""
+    return {"cached": [key for key, _ in _CACHE], "loads": dict(_LOADS)}
 
 
 # --------------------------------------------------------------------- the bundle
@@ -422,7 +424,8 @@ def predict_files(
     if not todo:
         return report
 
-    csv_paths = [paths[i] for i in todo if not paths[i].endswith((".parquet", ".pq"))]
+    # the schema comes from the whole input set (as read_csv infers it), whichever files are left to do
+    csv_paths = [p for p in paths if not p.endswith((".parquet", ".pq"))]
     reader = _io._BlockReader(fs, _csv_schema(fs, csv_paths), None, on_bad_rows, True, ",")
     pieces = {p.path: p for p in _io._plan_pieces(fs, [paths[i] for i in todo], None, "infer")}
 
