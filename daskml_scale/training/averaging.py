@@ -91,11 +91,13 @@ class ModelAveraging:
     def run_epoch(self, runner: "EpochRunner") -> None:
         velocity = runner.scratch.setdefault("velocity", None)
         for round_slices in runner.rounds(self.sync_every):
+            keep = self.optimizer_state == "average"
             state = {
                 "weights": runner.weights,
-                "optimizer": runner.optimizer_state if self.optimizer_state == "average" else None,
+                # "reset": every round starts from the optimizer's fresh slots
+                "optimizer": runner.optimizer_state if keep else runner.initial_optimizer_state,
             }
-            results = runner.run_round(state, round_slices, carry_optimizer=self.optimizer_state == "average")
+            results = runner.run_round(state, round_slices)
             results = [r for r in results if r.get("samples", 0) > 0]
             if not results:
                 continue

@@ -135,10 +135,18 @@ class Fit:
         return [sorted(s) for s in streams]
 
     def live_workers(self) -> list[str]:
-        return sorted(self.client.nthreads())
+        """Ask the scheduler (an RPC): called at start and while waiting, not per task."""
+        self._live = sorted(self.client.nthreads())
+        known = getattr(self, "_known", set())
+        lost = known - set(self._live)
+        if lost - self.lost_workers:
+            logger.warning("daskml_scale.fit: lost worker(s) %s; their tasks are rerun elsewhere", sorted(lost - self.lost_workers))
+        self.lost_workers |= lost
+        self._known = known | set(self._live)
+        return self._live
 
     def worker_for(self, stream: int) -> str | None:
-        live = self.live_workers()
+        live = getattr(self, "_live", None) or self.live_workers()
         if not live:
             return None
         home = self.homes[stream]
@@ -154,7 +162,6 @@ class Fit:
 
         timeout = float(config.get("training.no-worker-timeout", 60))
         gone_since: float | None = None
-        known = set(self.live_workers())
         while True:
             try:
                 wait(futures, timeout=0.5)
@@ -162,11 +169,6 @@ class Fit:
             except TimeoutError:
                 pass
             live = set(self.live_workers())
-            lost = known - live
-            if lost:
-                self.lost_workers |= lost
-                logger.warning("daskml_scale.fit: lost worker(s) %s; their tasks are rerun elsewhere", sorted(lost))
-            known |= live
             if live:
                 gone_since = None
                 continue
@@ -175,10 +177,10 @@ class Fit:
                 for f in futures:
                     f.cancel()
                 raise WorkersLostError(
-                    f"Every worker is gone ({sorted(self.lost_workers) or sorted(known)} lost) and none came "
+                    f"Every worker is gone ({sorted(self.lost_workers)} lost) and none came "
                     f"back within {timeout:.0f}s; training stopped"
                     + (f". The last checkpoint is at {self.checkpoint}; rerun with resume=True." if self.checkpoint else "."),
-                    workers=sorted(self.lost_workers or known),
+                    workers=sorted(self.lost_workers),
                 )
         try:
             return self.client.gather(futures)
@@ -221,11 +223,12 @@ class Fit:
         # the model: bytes to the workers once, master state on the driver
         sample = self._gather([client.submit(_sample_rows, self.sources[int(np.argmax(self.train_sizes))], pure=False)])[0]
         backend.ensure_built(self.model, sample[0], sample[1])
-        self.model_bytes = client.scatter(backend.model_to_bytes(self.model), broadcast=True, hash=False)
+        self.model_bytes = self._put(backend.model_to_bytes(self.model), "model")
         self.weights = backend.get_weights(self.model)
         trainable = {id(v) for v in self.model.trainable_weights}
         self.trainable_mask = [id(v) in trainable for v in self.model.weights]
         self.optimizer_state = backend.get_optimizer_state(self.model)
+        self.initial_optimizer_state = self.optimizer_state
 
         start_epoch = 0
         restored: Checkpoint | None = None
@@ -257,6 +260,7 @@ class Fit:
             logs = runner.train_logs()
             logs.update(self.strategy_logs(runner))
             backend.set_weights(self.model, self.weights)
+            self.live_workers()  # notes workers lost during the epoch
             if self.val_sources is not None or self.validation_fraction > 0:
                 logs.update(self.validate())
             cb.on_epoch_end(epoch, logs)
@@ -364,14 +368,23 @@ class Fit:
         """Large states travel once to the cluster (scatter), small ones inside the task."""
         nbytes = sum(np.asarray(a).nbytes for v in state.values() if v is not None for a in v)
         if nbytes > (1 << 20):
-            return self.client.scatter(state, broadcast=False, hash=False)
+            return self._put(state, "state")
         return state
 
     def _ship(self, value: Any) -> Any:
         nbytes = sum(np.asarray(a).nbytes for a in value) if isinstance(value, list) else 0
         if nbytes > (1 << 20):
-            return self.client.scatter(value, broadcast=False, hash=False)
+            return self._put(value, "weights")
         return value
+
+    def _put(self, value: Any, name: str) -> Any:
+        """Put a value in the cluster once, as a task (not a scatter) so that the
+        scheduler can recompute it if every worker that held it dies."""
+        return self.client.submit(_identity, value, pure=False, key=f"daskml-{name}-{self.fit_id}-{uuid.uuid4().hex[:6]}")
+
+
+def _identity(value: Any) -> Any:
+    return value
 
 
 def _sample_rows(arrays: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -446,7 +459,11 @@ class EpochRunner:
         for r in range(n_rounds):
             yield [c[r] if r < len(c) else [] for c in per_stream]
 
-    def run_round(self, state: dict[str, Any], round_slices: list[list[PartSlice]], *, carry_optimizer: bool) -> list[dict[str, Any]]:
+    @property
+    def initial_optimizer_state(self) -> list[np.ndarray]:
+        return self.fit.initial_optimizer_state
+
+    def run_round(self, state: dict[str, Any], round_slices: list[list[PartSlice]]) -> list[dict[str, Any]]:
         fit = self.fit
         state = fit._ship_state(state)
         futs = []
@@ -459,7 +476,7 @@ class EpochRunner:
                 fit.client.submit(
                     train_round, fit.fit_id, fit.model_bytes, state, slices, {p: fit.sources[p] for p in parts},
                     batch_size=fit.batch_size, seed=fit.seed, epoch=self.epoch, shuffle=fit.shuffle,
-                    carry_optimizer=carry_optimizer, pure=False, workers=[addr] if addr else None,
+                    pure=False, workers=[addr] if addr else None,
                     allow_other_workers=True, key=f"daskml-train-e{self.epoch}-r{self._round}-s{s}-{uuid.uuid4().hex[:6]}",
                 )
             )
@@ -473,7 +490,11 @@ class EpochRunner:
 
     def round_end(self) -> bool:
         """Report the round to the callbacks (as a Keras batch); True when they ask to stop."""
-        logs = backend.metric_results(self.fit.model, self._metric_sum) if self._metric_sum else {}
+        logs = {}
+        if self._metric_sum:
+            # the first metric is Keras's loss tracker, a Mean: (total, count)
+            total, count = (float(np.asarray(v)) for v in self._metric_sum[0][:2])
+            logs["loss"] = total / count if count else float("nan")
         self.fit.callbacks.on_train_batch_end(self._round, logs)
         self._round += 1
         return bool(self.fit.model.stop_training)

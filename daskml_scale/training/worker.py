@@ -164,7 +164,6 @@ def train_round(
     seed: int,
     epoch: int,
     shuffle: bool = True,
-    carry_optimizer: bool = True,
 ) -> dict[str, Any]:
     """Train the worker's model copy from ``state`` over ``slices``; return the result.
 
@@ -178,7 +177,7 @@ def train_round(
             return {"samples": 0}
         backend.ensure_built(model, X, y)
         backend.set_weights(model, state["weights"])
-        if carry_optimizer and state.get("optimizer") is not None:
+        if state.get("optimizer") is not None:
             backend.set_optimizer_state(model, state["optimizer"])
         backend.reset_metrics(model)
         steps = cached.train_fn(X, y, batch_size)

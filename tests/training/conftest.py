@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import daskml_scale
+from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamonds, diamonds_transform, write_csv_shards
+
+
+def build_model(n_features: int, seed: int = 0, lr: float = 2e-3, batchnorm: bool = False):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    layers = [keras.Input((n_features,)), keras.layers.Dense(32, activation="relu")]
+    if batchnorm:
+        layers.append(keras.layers.BatchNormalization())
+    layers.append(keras.layers.Dense(1))
+    model = keras.Sequential(layers)
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse", metrics=["mae"])
+    return model
+
+
+def make_preprocessor():
+    return daskml_scale.Preprocessor(
+        target="log_price", numeric=DIAMONDS_NUMERIC + ["volume"], categorical=DIAMONDS_CATEGORICAL,
+        transform=diamonds_transform,
+    )
+
+
+class Data:
+    def __init__(self, root, train, val):
+        self.root = root
+        self.train = train
+        self.val = val
+
+    def ddf(self, **kw):
+        return daskml_scale.read_csv(str(self.root / "train" / "*.csv"), **kw)
+
+    def val_ddf(self):
+        return daskml_scale.read_csv(str(self.root / "val" / "*.csv"))
+
+
+@pytest.fixture(scope="session")
+def diamond_data(tmp_path_factory):
+    """The public diamonds table: 24,000 training rows in 6 shards, 4,000 held out."""
+    df = diamonds().sample(frac=1.0, random_state=0).reset_index(drop=True)
+    train, val = df.iloc[:24_000], df.iloc[24_000:28_000]
+    root = tmp_path_factory.mktemp("diamond-train")
+    write_csv_shards(train, str(root / "train"), 6)
+    write_csv_shards(val, str(root / "val"), 2)
+    return Data(root, train, val)
+
+
+@pytest.fixture(scope="session")
+def fitted_pre(diamond_data):
+    return make_preprocessor().fit(diamond_data.train)
+
+
+def single_process_val_loss(pre, data, epochs, batch_size, seed=0):
+    X, y = pre.transform(data.train)
+    Xv, yv = pre.transform(data.val)
+    model = build_model(X.shape[1], seed=seed)
+    h = model.fit(X, y, epochs=epochs, batch_size=batch_size, validation_data=(Xv, yv), verbose=0, shuffle=True)
+    return h.history["val_loss"][-1]
