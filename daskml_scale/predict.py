@@ -16,6 +16,7 @@ The model runs on large batches through a compiled function (see
 
 from __future__ import annotations
 
+import copy
 import glob
 import os
 import posixpath
@@ -324,7 +325,15 @@ def _predict_file(
         bundle = cached_bundle(source.key, data, source.safe_mode, source.transform)
         df = _read_input(reader, piece)
         keep_cols = _keep_columns(keep, list(df.columns), bundle.output_names)
-        pred = bundle.predict_frame(df, batch_size=batch_size)
+        try:
+            pred = bundle.predict_frame(df, batch_size=batch_size)
+        except DataError:
+            # read without provenance columns (faster); on a bad value, read again with
+            # them so that the error names the file and line
+            located = copy.copy(reader)
+            located.provenance = True
+            bundle.predict_frame(_read_input(located, piece), batch_size=batch_size)
+            raise
         write_frame_atomic(_assemble(df, keep_cols, pred), out_path, format=format, fs=out_fs)
         entry["rows"] = int(len(df))
     except Exception as exc:  # noqa: BLE001  (every failure is this file's report entry)
@@ -426,7 +435,7 @@ def predict_files(
 
     # the schema comes from the whole input set (as read_csv infers it), whichever files are left to do
     csv_paths = [p for p in paths if not p.endswith((".parquet", ".pq"))]
-    reader = _io._BlockReader(fs, _csv_schema(fs, csv_paths), None, on_bad_rows, True, ",")
+    reader = _io._BlockReader(fs, _csv_schema(fs, csv_paths), None, on_bad_rows, False, ",")
     pieces = {p.path: p for p in _io._plan_pieces(fs, [paths[i] for i in todo], None, "infer")}
 
     data = _place_bytes(b, client)
