@@ -32,7 +32,7 @@ from daskml_scale.exceptions import (  # noqa: E402
 
 from daskml_scale.io import bad_rows_report, read_csv, read_parquet  # noqa: E402
 from daskml_scale.preprocessing import Preprocessor  # noqa: E402
-from daskml_scale.training import ModelAveraging, fit  # noqa: E402
+from daskml_scale.training import ModelAveraging, ParameterServer, fit  # noqa: E402
 
 # prediction
 from daskml_scale.bundle import Bundle, load_bundle, save_bundle  # noqa: E402
@@ -53,6 +53,7 @@ __all__ = [
     # training
     "fit",
     "ModelAveraging",
+    "ParameterServer",
     # prediction
     "Bundle",
     "save_bundle",

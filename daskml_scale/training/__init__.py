@@ -9,8 +9,9 @@ import pandas as pd
 from daskml_scale import config
 from daskml_scale.exceptions import DataError, MissingColumnError
 from daskml_scale.training.averaging import ModelAveraging
+from daskml_scale.training.parameter_server import ParameterServer
 
-__all__ = ["fit", "ModelAveraging"]
+__all__ = ["fit", "ModelAveraging", "ParameterServer"]
 
 
 def _client(client: Any) -> Any:

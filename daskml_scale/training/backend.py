@@ -28,6 +28,8 @@ __all__ = [
     "metric_results",
     "reset_metrics",
     "apply_gradients",
+    "make_gradient_loop_fn",
+    "make_apply_fn",
     "ensure_built",
 ]
 
@@ -231,3 +233,74 @@ def apply_gradients(model: Any, gradients: list[np.ndarray]) -> None:
     model.optimizer.apply_gradients(
         zip([tf.convert_to_tensor(g) for g in gradients], model.trainable_variables)
     )
+
+
+def make_gradient_loop_fn(
+    model: Any,
+) -> Callable[[np.ndarray, np.ndarray, int], tuple[list[np.ndarray], list[list[np.ndarray]]]]:
+    """``fn(X, y, batch_size) -> (gradients, metric_state)`` in one graph call.
+
+    The rows are cut into batches of ``batch_size``; every batch's gradient of its
+    mean loss is taken at the *same* weights (nothing is applied) and the result is
+    their sample-weighted mean, i.e. the gradient of the mean loss over all rows.
+    The model's metrics are zeroed first and their state (sums) over these rows is
+    returned with the gradients, so no extra call reads or resets them.
+    """
+    import tensorflow as tf
+
+    metric_vars = [list(m.variables) for m in model.metrics]
+
+    @tf.function(reduce_retracing=True)
+    def run(X, y, batch_size):
+        for vs in metric_vars:
+            for v in vs:
+                v.assign(tf.zeros_like(v))
+        tvars = model.trainable_variables
+        n = tf.shape(X)[0]
+        steps = (n + batch_size - 1) // batch_size
+        acc = [tf.zeros_like(v) for v in tvars]
+        for i in tf.range(steps):
+            lo = i * batch_size
+            hi = tf.minimum(lo + batch_size, n)
+            xb, yb = X[lo:hi], y[lo:hi]
+            with tf.GradientTape() as tape:
+                y_pred = model(xb, training=True)
+                loss = model._compute_loss(x=xb, y=yb, y_pred=y_pred, sample_weight=None, training=True)
+            grads = tape.gradient(loss, tvars)
+            model._loss_tracker.update_state(loss, sample_weight=hi - lo)
+            model.compute_metrics(xb, yb, y_pred, sample_weight=None)
+            acc = [a + tf.cast(hi - lo, a.dtype) * g for a, g in zip(acc, grads)]
+        out = [a / tf.cast(n, a.dtype) for a in acc]
+        return out, [[tf.identity(v) for v in vs] for vs in metric_vars]
+
+    def call(X: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+        g, m = run(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32))
+        return [a.numpy() for a in g], [[v.numpy() for v in vs] for vs in m]
+
+    return call
+
+
+def make_apply_fn(model: Any) -> Callable[[list[np.ndarray]], None]:
+    """A compiled ``apply_gradients`` with the model's own optimizer (server side).
+
+    The optimizer and the weights live in the calling process; one call is one
+    optimizer step (one graph execution, no per-variable eager ops).
+    """
+    import tensorflow as tf
+
+    opt = model.optimizer
+    tvars = list(model.trainable_variables)
+    if not opt.built:
+        opt.build(tvars)
+
+    @tf.function(reduce_retracing=True)
+    def run(grads):
+        opt.apply_gradients(zip(grads, tvars))
+        return tf.constant(0)
+
+    def call(gradients: list[np.ndarray]) -> None:
+        if len(gradients) != len(tvars):
+            raise ValueError(f"Expected {len(tvars)} gradient arrays. Received: {len(gradients)}")
+        run([tf.convert_to_tensor(g) for g in gradients])
+
+    return call

@@ -62,6 +62,14 @@ class _CachedModel:
             self._grad_fn = backend.make_gradient_fn(self.model)
         return self._grad_fn
 
+    @property
+    def grad_loop_fn(self) -> Any:
+        """``backend.make_gradient_loop_fn`` of the model (build the model first)."""
+        fn = self.__dict__.get("_grad_loop_fn")
+        if fn is None:
+            fn = self._grad_loop_fn = backend.make_gradient_loop_fn(self.model)
+        return fn
+
 
 _MODELS: "OrderedDict[str, _CachedModel]" = OrderedDict()
 _MODELS_LOCK = threading.Lock()

@@ -1,0 +1,408 @@
+"""Parameter server: a Dask actor holds the weights and the optimizer; workers push gradients.
+
+One actor (:class:`ParamServerActor`) lives on one worker for the whole fit. Every
+epoch, each stream (one per worker) runs one long task, :func:`ps_epoch`, that loops
+over its rows ``push_every`` batches at a time: gradients at the weights it last
+received, averaged over those batches, pushed to the actor, which answers with the
+weights to use next. One round trip per push; messages are lists of NumPy arrays.
+
+* ``mode="sync"``: the actor waits for one contribution per active stream, averages
+  them (weighted by rows) and applies the average with the model's optimizer: with
+  ``push_every=1`` this is large-batch synchronous SGD over the union of the streams'
+  batches.
+* ``mode="async"``: a push is applied when it arrives, unless it was computed on
+  weights more than ``max_staleness`` versions old: then it is *rejected* (counted,
+  not applied) and the worker goes on from the current weights.
+
+At the end of an epoch the driver copies the weights and the optimizer state back
+from the actor, so validation, callbacks and checkpoints work as with model averaging.
+When the worker hosting the actor is lost, the driver starts a new actor on a live
+worker from its own copy (the state at the start of the epoch) and reruns the epoch.
+When another worker is lost, Dask reruns its epoch task elsewhere and the task
+resumes after the last chunk the actor received from that stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from daskml_scale import config
+from daskml_scale.exceptions import TrainingError, WorkersLostError
+from daskml_scale.training import backend
+from daskml_scale.training.worker import PartSlice, gather_rows, model_for
+
+if TYPE_CHECKING:
+    from daskml_scale.training.driver import EpochRunner
+
+__all__ = ["ParameterServer", "ParamServerActor", "ps_epoch"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ParameterServer:
+    """Train with a parameter server: a Dask actor on one worker holds the weights and
+    the optimizer state and applies the workers' gradients with the model's optimizer.
+
+    Parameters
+    ----------
+    mode : {"sync", "async"}
+        ``"sync"``: one contribution per worker per step, averaged (weighted by rows)
+        then applied; a barrier. ``"async"``: gradients are applied as they arrive.
+    push_every : int
+        Batches per push. A worker averages the gradients of ``push_every`` batches,
+        all taken at the weights it last received, and pushes that mean: one round
+        trip and one optimizer step per ``push_every`` batches (fewer, larger steps).
+    max_staleness : int or None
+        Async mode: a gradient computed on weights more than ``max_staleness``
+        versions older than the server's is rejected (not applied, not down-weighted)
+        and counted; ``None`` accepts every push. Ignored in sync mode, where every
+        gradient is computed on the current weights.
+    timeout : float or None
+        Seconds a call to the server may take (a sync barrier included) before the
+        epoch task fails; default ``daskml_scale.training.ps-timeout`` (120).
+
+    Notes
+    -----
+    The History gets, per epoch, ``ps_applied`` (optimizer steps), ``ps_rejected``
+    (stale pushes refused), ``ps_staleness_mean`` and ``ps_staleness_max`` (over the
+    applied pushes, in versions). Non-trainable weights (e.g. BatchNormalization
+    statistics) stay at the server's values: only gradients travel.
+
+    Examples
+    --------
+    >>> daskml_scale.fit(model, ddf, preprocessor=pre,
+    ...                  strategy=daskml_scale.ParameterServer("async", push_every=8, max_staleness=2))
+    """
+
+    mode: str = "sync"
+    push_every: int = 1
+    max_staleness: int | None = None
+    timeout: float | None = None
+
+    name = "parameter_server"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("sync", "async"):
+            raise ValueError(f"Expected mode to be 'sync' or 'async'. Received: mode={self.mode!r}")
+        if not isinstance(self.push_every, (int, np.integer)) or self.push_every < 1:
+            raise ValueError(f"Expected push_every to be a positive integer. Received: push_every={self.push_every!r}")
+        if self.max_staleness is not None and (
+            not isinstance(self.max_staleness, (int, np.integer)) or self.max_staleness < 0
+        ):
+            raise ValueError(
+                f"Expected max_staleness to be a non-negative integer or None. Received: max_staleness={self.max_staleness!r}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "mode": self.mode, "push_every": int(self.push_every),
+                "max_staleness": self.max_staleness}
+
+    def steps_per_round(self) -> None:
+        """The driver sees one round per epoch (the pushes happen between workers and the actor)."""
+        return None
+
+    def _timeout(self) -> float:
+        return float(self.timeout if self.timeout is not None else config.get("training.ps-timeout", 120))
+
+    # ------------------------------------------------------------------ the epoch
+    def run_epoch(self, runner: "EpochRunner") -> None:
+        fit = runner.fit
+        chunks: list[list[list[PartSlice]]] = [[] for _ in fit.streams]
+        for round_slices in runner.rounds(int(self.push_every)):
+            for s, slices in enumerate(round_slices):
+                if slices:
+                    chunks[s].append(slices)
+        streams = [s for s, c in enumerate(chunks) if c]
+        restarts = int(config.get("training.ps-restarts", 3))
+        for attempt in range(restarts + 1):
+            server, host = self._server(runner, exclude=runner.scratch.get("ps_lost", set()))
+            server.load(runner.weights, runner.optimizer_state, streams).result(timeout=self._timeout())
+            futs = [
+                fit.client.submit(
+                    ps_epoch, server, fit.fit_id, fit.model_bytes, s, chunks[s],
+                    {p: fit.sources[p] for p in sorted({sl.part for c in chunks[s] for sl in c})},
+                    batch_size=fit.batch_size, seed=fit.seed, epoch=runner.epoch, shuffle=fit.shuffle,
+                    timeout=self._timeout(), pure=False, workers=[fit.worker_for(s)] if fit.worker_for(s) else None,
+                    allow_other_workers=True, key=f"daskml-ps-e{runner.epoch}-a{attempt}-s{s}-{uuid.uuid4().hex[:6]}",
+                )
+                for s in streams
+            ]
+            fit.callbacks.on_train_batch_begin(0)
+            try:
+                results = self._wait(runner, futs, server, host)
+                weights, optimizer, stats = server.state().result(timeout=self._timeout())
+            except _ServerLost:
+                fit.client.cancel(futs)
+                runner.scratch.setdefault("ps_lost", set()).add(host)
+                runner.scratch.pop("ps_server", None)
+                logger.warning(
+                    "daskml_scale.fit: the parameter server's worker %s was lost in epoch %d; "
+                    "restarting the epoch from the driver's copy on another worker", host, runner.epoch,
+                )
+                continue
+            break
+        else:
+            raise TrainingError(
+                f"The parameter server was lost {restarts + 1} times in epoch {runner.epoch}; training stopped"
+                + (f". The last checkpoint is at {fit.checkpoint}; rerun with resume=True." if fit.checkpoint else ".")
+            )
+        runner.weights = weights
+        runner.optimizer_state = optimizer
+        runner.scratch["ps_stats"] = stats
+        results = [r for r in results if r.get("samples", 0) > 0]
+        if results:
+            runner.add_train_metrics([r["metrics"] for r in results], sum(r["samples"] for r in results))
+        runner.round_end()
+
+    def epoch_logs(self, runner: "EpochRunner") -> dict[str, float]:
+        stats = runner.scratch.get("ps_stats") or {}
+        return {f"ps_{k}": float(v) for k, v in stats.items()}
+
+    # ------------------------------------------------------------------ the server
+    def _server(self, runner: "EpochRunner", exclude: set[str]) -> tuple[Any, str]:
+        """The fit's actor (made on first use, or again after its worker was lost)."""
+        have = runner.scratch.get("ps_server")
+        if have is not None:
+            return have
+        fit = runner.fit
+        deadline = time.monotonic() + float(config.get("training.no-worker-timeout", 60))
+        while True:
+            live = [w for w in fit.live_workers() if w not in exclude] or fit.live_workers()
+            if live:
+                break
+            if time.monotonic() > deadline:
+                raise WorkersLostError(
+                    f"Every worker is gone ({sorted(fit.lost_workers)} lost); the parameter server cannot be restarted"
+                    + (f". The last checkpoint is at {fit.checkpoint}; rerun with resume=True." if fit.checkpoint else "."),
+                    workers=sorted(fit.lost_workers),
+                )
+            time.sleep(0.5)
+        host = live[-1]
+        future = fit.client.submit(
+            ParamServerActor, fit.model_bytes, self.mode, self.max_staleness, self._timeout(),
+            actor=True, workers=[host], allow_other_workers=False,
+            key=f"daskml-ps-server-{fit.fit_id}-{uuid.uuid4().hex[:6]}",
+        )
+        actor = future.result(timeout=self._timeout())
+        runner.scratch["ps_server"] = (actor, host)
+        runner.scratch["ps_server_future"] = future  # keeps the actor alive for the fit
+        return actor, host
+
+    def _wait(self, runner: "EpochRunner", futs: list[Any], server: Any, host: str) -> list[dict[str, Any]]:
+        from distributed import wait
+
+        fit = runner.fit
+        while True:
+            try:
+                wait(futs, timeout=0.5)
+                break
+            except TimeoutError:
+                pass
+            if host not in fit.live_workers():
+                raise _ServerLost(host)
+        if any(f.status == "error" for f in futs) and not _alive(server):
+            raise _ServerLost(host)
+        return fit._gather(futs)
+
+
+class _ServerLost(Exception):
+    """The worker that hosts the actor is gone (internal: the driver restarts the epoch)."""
+
+
+def _alive(server: Any) -> bool:
+    try:
+        server.ping().result(timeout=5)
+        return True
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------------- the actor
+class ParamServerActor:
+    """The weights, the optimizer and the step counter of one fit, on one worker.
+
+    Methods are ``async`` (they run on the worker's event loop): a sync push waits at
+    the barrier on an :class:`asyncio.Event` without holding a thread; the optimizer
+    step itself is one compiled graph call (well under a millisecond for a small MLP).
+    """
+
+    def __init__(self, model_bytes: bytes, mode: str, max_staleness: int | None, timeout: float) -> None:
+        self.model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes from our own driver
+        self.apply = backend.make_apply_fn(self.model)
+        self.mode = mode
+        self.max_staleness = max_staleness
+        self.timeout = timeout
+        self.version = 0
+        self._weights: list[np.ndarray] | None = None
+        self._pending: dict[int, tuple[list[np.ndarray], int]] = {}
+        self._active: set[int] = set()
+        self._next_chunk: dict[int, int] = {}
+        self._stepped: asyncio.Event | None = None
+        self._reset_stats()
+
+    def _reset_stats(self) -> None:
+        self.stats = {"applied": 0, "rejected": 0, "staleness_sum": 0, "staleness_max": 0}
+
+    def ping(self) -> bool:
+        return True
+
+    def load(self, weights: list[np.ndarray], optimizer: list[np.ndarray] | None, streams: Sequence[int]) -> int:
+        """Start an epoch from the driver's state: ``streams`` take part in it."""
+        backend.set_weights(self.model, weights)
+        if optimizer:
+            backend.set_optimizer_state(self.model, optimizer)
+        self._weights = None
+        self._pending.clear()
+        self._active = set(int(s) for s in streams)
+        self._next_chunk = {int(s): 0 for s in streams}
+        self._reset_stats()
+        return self.version
+
+    def _current(self) -> list[np.ndarray]:
+        if self._weights is None:
+            self._weights = backend.get_weights(self.model)
+        return self._weights
+
+    def begin(self, stream: int) -> tuple[int, list[np.ndarray], int]:
+        """Where a stream's (possibly rerun) epoch task starts, and the weights to use."""
+        return self._next_chunk.get(int(stream), 0), self._current(), self.version
+
+    def _step(self, gradients: list[np.ndarray]) -> None:
+        self.apply(gradients)
+        self.version += 1
+        self._weights = None
+        self.stats["applied"] += 1
+
+    def _event(self) -> asyncio.Event:
+        if self._stepped is None:
+            self._stepped = asyncio.Event()
+        return self._stepped
+
+    def _maybe_step(self) -> None:
+        """Sync: apply the rows-weighted mean once every active stream has contributed."""
+        if not self._pending or not self._active <= set(self._pending):
+            return
+        total = float(sum(n for _, n in self._pending.values()))
+        contributions = list(self._pending.values())
+        first, n0 = contributions[0]
+        mean = [np.asarray(g) * np.asarray(n0 / total, dtype=np.asarray(g).dtype) for g in first]
+        for grads, n in contributions[1:]:
+            for i, g in enumerate(grads):
+                mean[i] += np.asarray(n / total, dtype=mean[i].dtype) * g
+        self._pending.clear()
+        self._step(mean)
+        event = self._event()
+        self._stepped = asyncio.Event()
+        event.set()
+
+    async def push(
+        self, stream: int, chunk: int, gradients: list[np.ndarray], rows: int, version: int
+    ) -> tuple[list[np.ndarray], int, bool]:
+        """A stream's gradient (mean over ``rows`` rows at weights ``version``).
+
+        Returns the weights to use next, their version, and whether it was applied.
+        """
+        stream = int(stream)
+        if self.mode == "async":
+            self._next_chunk[stream] = chunk + 1
+            stale = self.version - int(version)
+            if self.max_staleness is not None and stale > self.max_staleness:
+                self.stats["rejected"] += 1
+                return self._current(), self.version, False
+            self._step(gradients)
+            self.stats["staleness_sum"] += stale
+            self.stats["staleness_max"] = max(self.stats["staleness_max"], stale)
+            return self._current(), self.version, True
+        # sync: a rerun task may push before the step holding its previous chunk is applied
+        while stream in self._pending:
+            await self._wait_step()
+        self._next_chunk[stream] = chunk + 1
+        self._pending[stream] = (gradients, int(rows))
+        start = self.version
+        self._maybe_step()
+        while self.version == start:
+            await self._wait_step()
+        return self._current(), self.version, True
+
+    async def _wait_step(self) -> None:
+        try:
+            await asyncio.wait_for(self._event().wait(), self.timeout)
+        except asyncio.TimeoutError:
+            missing = sorted(self._active - set(self._pending))
+            raise TrainingError(
+                f"The parameter server's sync barrier waited {self.timeout:.0f}s for stream(s) {missing}; "
+                "a worker may be lost without its task being rerun. Raise daskml_scale.training.ps-timeout "
+                "or use mode='async'."
+            ) from None
+
+    async def done(self, stream: int) -> None:
+        """A stream finished its epoch: the barrier no longer waits for it."""
+        self._active.discard(int(stream))
+        if self.mode == "sync":
+            self._maybe_step()
+
+    def state(self) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, float]]:
+        """Weights, optimizer state and this epoch's push statistics (back to the driver)."""
+        s = self.stats
+        stats = {
+            "applied": s["applied"], "rejected": s["rejected"],
+            "staleness_mean": s["staleness_sum"] / s["applied"] if s["applied"] else 0.0,
+            "staleness_max": s["staleness_max"],
+        }
+        return self._current(), backend.get_optimizer_state(self.model), stats
+
+
+# ---------------------------------------------------------------------- the task
+def ps_epoch(
+    server: Any,
+    fit_id: str,
+    model_bytes: bytes,
+    stream: int,
+    chunks: Sequence[Sequence[PartSlice]],
+    sources: dict[int, Any],
+    *,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    timeout: float,
+) -> dict[str, Any]:
+    """One stream's epoch against the parameter server: pull, gradients, push, repeat.
+
+    The task leaves the worker's thread pool (``secede``) while it runs, so a rerun of
+    another stream's task can start on this worker while this one waits at a barrier.
+    Returns the rows trained on and the summed metric state.
+    """
+    from distributed import secede
+
+    try:
+        secede()
+    except (ValueError, KeyError):
+        pass  # not on a worker (a local test call)
+    cached = model_for(fit_id, model_bytes)
+    start, weights, version = server.begin(stream).result(timeout=timeout)
+    samples = 0
+    metrics: list[list[np.ndarray]] | None = None
+    for i in range(start, len(chunks)):
+        X, y = gather_rows(chunks[i], sources, seed, epoch, shuffle)
+        if len(X) == 0:
+            continue
+        with cached.lock:
+            backend.ensure_built(cached.model, X, y)
+            backend.set_weights(cached.model, weights)
+            grads, m = cached.grad_loop_fn(X, y, batch_size)
+        weights, version, _ = server.push(stream, i, grads, len(X), version).result(timeout=timeout)
+        samples += len(X)
+        metrics = m if metrics is None else [[a + b for a, b in zip(ma, mb)] for ma, mb in zip(metrics, m)]
+    server.done(stream).result(timeout=timeout)
+    if metrics is None:
+        return {"samples": 0}
+    return {"samples": samples, "metrics": metrics}

@@ -1,0 +1,135 @@
+"""fit() with ParameterServer on a real LocalCluster (2 worker processes x 1 thread)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import dask.dataframe as dd
+import numpy as np
+import pytest
+
+import daskml_scale
+from tests.training.conftest import build_model
+
+pytestmark = pytest.mark.slow
+
+BATCH = 128
+
+
+def small_model(n_features: int, seed: int = 0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.SGD(0.02, momentum=0.9), loss="mse")
+    return model
+
+
+def test_sync_push_every_1_is_large_batch_sgd(diamond_data, fitted_pre, client):
+    """Two workers, one partition each, no shuffle: each server step must be the
+    optimizer applied to the mean of the two workers' batch gradients."""
+    import tensorflow as tf
+
+    rows = diamond_data.train.iloc[:3000]
+    ddf = dd.from_pandas(rows, npartitions=2)
+    batch, epochs = 64, 2
+    n = len(fitted_pre.feature_names_)
+    model = small_model(n)
+    expected = small_model(n)  # same seed: same initial weights
+    h = daskml_scale.fit(model, ddf, preprocessor=fitted_pre, epochs=epochs, batch_size=batch, client=client,
+                         shuffle=False, verbose=0, strategy=daskml_scale.ParameterServer("sync", push_every=1))
+
+    parts = [fitted_pre.transform(ddf.partitions[i].compute()) for i in range(2)]
+    steps = max(int(np.ceil(len(X) / batch)) for X, _ in parts)
+    for _ in range(epochs):
+        for i in range(steps):
+            grads, sizes = [], []
+            for X, y in parts:
+                xb, yb = X[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
+                if len(xb) == 0:
+                    continue
+                with tf.GradientTape() as tape:
+                    loss = expected.compute_loss(x=xb, y=yb, y_pred=expected(xb, training=True))
+                grads.append(tape.gradient(loss, expected.trainable_variables))
+                sizes.append(len(xb))
+            w = np.asarray(sizes, np.float64) / sum(sizes)
+            mean = [sum(wi * g[j].numpy() for wi, g in zip(w, grads)).astype(np.float32) for j in range(len(grads[0]))]
+            expected.optimizer.apply_gradients(zip(mean, expected.trainable_variables))
+    for got, want in zip(model.get_weights(), expected.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    # the server's optimizer state came back too (momentum slots, step count)
+    assert int(model.optimizer.iterations.numpy()) == epochs * steps
+    assert h.history["ps_applied"] == [steps] * epochs
+    assert h.history["ps_rejected"] == [0.0] * epochs
+    assert h.daskml_summary["mode"] == "sync"
+
+
+def test_async_reaches_model_averaging_quality(diamond_data, fitted_pre, client):
+    epochs = 3
+    n = len(fitted_pre.feature_names_)
+    common = dict(preprocessor=fitted_pre, epochs=epochs, batch_size=BATCH, client=client, verbose=0,
+                  validation_data=diamond_data.val_ddf())
+    ps = daskml_scale.fit(build_model(n), diamond_data.ddf(), strategy=daskml_scale.ParameterServer("async"), **common)
+    avg = daskml_scale.fit(build_model(n), diamond_data.ddf(),
+                           strategy=daskml_scale.ModelAveraging(sync_every=16, outer_lr="workers"), **common)
+    ours, theirs = ps.history["val_loss"][-1], avg.history["val_loss"][-1]
+    assert ours <= 1.05 * theirs, (ours, theirs)
+    steps = int(np.ceil(12_000 / BATCH))
+    assert ps.history["ps_applied"][-1] == pytest.approx(2 * steps, abs=2)
+    assert ps.history["ps_rejected"] == [0.0] * epochs  # no bound: every push applied
+
+
+def test_staleness_bound_rejects_stale_pushes(diamond_data, fitted_pre, client):
+    n = len(fitted_pre.feature_names_)
+    pushes = 2 * int(np.ceil(12_000 / BATCH))
+    h = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=1, batch_size=BATCH,
+                         client=client, verbose=0, strategy=daskml_scale.ParameterServer("async", max_staleness=0))
+    applied, rejected = h.history["ps_applied"][0], h.history["ps_rejected"][0]
+    assert rejected > 0 and applied > 0
+    assert applied + rejected == pytest.approx(pushes, abs=2)
+    assert h.history["ps_staleness_max"][0] == 0  # nothing older than the bound was applied
+
+    loose = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=1, batch_size=BATCH,
+                             client=client, verbose=0, strategy=daskml_scale.ParameterServer("async", max_staleness=1))
+    assert loose.history["ps_staleness_max"][0] <= 1
+
+
+def test_server_worker_killed_mid_fit_does_not_hang(diamond_data, fitted_pre, own_client):
+    import keras
+
+    client = own_client
+
+    def hosts_server(dask_worker):
+        return any("daskml-ps-server" in str(k) for k in dask_worker.state.actors)
+
+    class KillServer(keras.callbacks.Callback):
+        # on_train_batch_begin runs once the epoch's tasks were submitted: they are in flight
+        victim = None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.victim is None and self.params and len(self.model.history.history.get("loss", [])) == 1:
+                hosts = [w for w, yes in client.run(hosts_server).items() if yes]
+                pid = client.run(os.getpid, workers=hosts)[hosts[0]]
+                self.victim = hosts[0]
+                threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+
+    n = len(fitted_pre.feature_names_)
+    killer = KillServer()
+    h = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=3, batch_size=BATCH,
+                         client=client, verbose=0, validation_data=diamond_data.val_ddf(), callbacks=[killer],
+                         strategy=daskml_scale.ParameterServer("async", push_every=4))
+    assert killer.victim is not None
+    assert len(h.history["val_loss"]) == 3
+    assert h.history["val_loss"][-1] < h.history["val_loss"][0]
+    assert killer.victim in h.daskml_summary["lost_workers"]
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="mode"):
+        daskml_scale.ParameterServer("hogwild")
+    with pytest.raises(ValueError, match="push_every"):
+        daskml_scale.ParameterServer(push_every=0)
+    with pytest.raises(ValueError, match="max_staleness"):
+        daskml_scale.ParameterServer("async", max_staleness=-1)
