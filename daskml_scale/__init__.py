@@ -32,6 +32,9 @@ from daskml_scale.exceptions import (  # noqa: E402
 
 from daskml_scale.io import bad_rows_report, read_csv, read_parquet  # noqa: E402
 from daskml_scale.preprocessing import Preprocessor  # noqa: E402
+
+# serving (imports starlette only when an app is built)
+from daskml_scale.serving import create_app, serve  # noqa: E402
 from daskml_scale.training import ModelAveraging, ParameterServer, fit  # noqa: E402
 
 # prediction
@@ -50,6 +53,9 @@ __all__ = [
     "read_parquet",
     "bad_rows_report",
     "Preprocessor",
+    # serving
+    "create_app",
+    "serve",
     # training
     "fit",
     "ModelAveraging",

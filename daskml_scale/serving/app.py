@@ -200,13 +200,16 @@ async def predict(request: Request) -> Response:
         assert spec is not None
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         id_column = request.query_params.get("id") or state.id_column
-        body = await _read_body(request, state.max_body_bytes)
         if ctype in ("text/csv", "application/csv"):
-            frame, ids = spec.parse_csv(body, id_column)
+            with state.batcher.arrival():
+                body = await _read_body(request, state.max_body_bytes)
+                frame, ids = spec.parse_csv(body, id_column)
             out = await state.batcher.submit(frame, len(frame))
             return Response(output_csv(out, ids, id_column), media_type="text/csv")
         if ctype in ("application/json", "", "*/*") or ctype.endswith("+json"):
-            records, ids = spec.parse_json(body, id_column)
+            with state.batcher.arrival():
+                body = await _read_body(request, state.max_body_bytes)
+                records, ids = spec.parse_json(body, id_column)
             out = await state.batcher.submit(records, len(records))
             return _Json(output_records(out, ids, id_column))
         raise RequestError(

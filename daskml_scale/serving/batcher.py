@@ -5,7 +5,9 @@ the first waiting request, drains whatever else is queued (up to ``max_batch_row
 and hands the whole batch to a single model thread, so the event loop never runs
 the model. While the model thread is busy, new requests pile up in the queue and
 form the next batch: the batch size adapts to the load by itself. ``max_wait_ms``
-is spent only when the model is idle, to give a lone request company.
+is spent only when the model is idle AND other requests are on their way (their
+handlers are reading or checking a body: ``arriving > 0``), so a lone client never
+waits for company that is not coming.
 
 A batch that fails is retried one request at a time, so one bad request cannot
 fail the others that happened to share its model call.
@@ -84,6 +86,9 @@ class MicroBatcher:
         self._queue: asyncio.Queue[Block] | None = None
         self._task: asyncio.Task | None = None
         self._carry: Block | None = None
+        #: requests whose handler has started but not yet submitted (see ``arrival``)
+        self.arriving = 0
+        self._waiter: asyncio.Future | None = None
 
     # -- lifecycle ----------------------------------------------------------------
     def start(self) -> None:
@@ -108,6 +113,14 @@ class MicroBatcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # -- requests -----------------------------------------------------------------
+    def arrival(self) -> "_Arrival":
+        """``with batcher.arrival(): ...read and check the body...``, then ``submit``.
+
+        Counts the request as on its way while its body is read, so an idle model
+        waits (up to ``max_wait_ms``) for it instead of starting a batch without it.
+        """
+        return _Arrival(self)
+
     async def submit(self, rows: list[dict[str, Any]] | pd.DataFrame, n: int) -> pd.DataFrame:
         """Predict the rows of one request; returns the output frame (index 0..n-1)."""
         loop = asyncio.get_running_loop()
@@ -117,6 +130,8 @@ class MicroBatcher:
         else:
             block.future = loop.create_future()
             self._queue.put_nowait(block)  # type: ignore[union-attr]
+            if self.arriving == 0 and self._waiter is not None:
+                _wake(self._waiter)
             result = await block.future
         if isinstance(result, BaseException):
             raise result
@@ -152,8 +167,15 @@ class MicroBatcher:
                     # the model is busy: requests gather while we wait for it
                     await asyncio.wait([inflight])
                     rows = self._drain(batch, rows)
-                elif self.max_wait > 0:
-                    await asyncio.sleep(self.max_wait)
+                elif self.max_wait > 0 and self.arriving > 0:
+                    # wait until the arriving requests are queued, or max_wait
+                    waiter = self._waiter = loop.create_future()
+                    timer = loop.call_later(self.max_wait, _wake, waiter)
+                    try:
+                        await waiter
+                    finally:
+                        timer.cancel()
+                        self._waiter = None
                     rows = self._drain(batch, rows)
             if inflight is not None and not inflight.done():
                 await asyncio.wait([inflight])
@@ -193,6 +215,24 @@ class MicroBatcher:
             results.append(part.reset_index(drop=True))
             start += b.n
         return results
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class _Arrival:
+    __slots__ = ("batcher",)
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self.batcher = batcher
+
+    def __enter__(self) -> None:
+        self.batcher.arriving += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.batcher.arriving -= 1
 
 
 def _deliver(done: asyncio.Future, blocks: list[Block]) -> None:

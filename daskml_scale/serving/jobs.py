@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["JobManager"]
 
 _FORMATS = ("csv", "parquet")
-_KEYS = {"input", "output", "format", "keep"}
+_KEYS = {"input", "output", "format", "keep", "overwrite", "on_bad_rows"}
 
 
 def _jsonable(obj: Any) -> Any:
@@ -101,7 +101,11 @@ class JobManager:
     # -- requests -------------------------------------------------------------------
     @staticmethod
     def parse_request(spec: Any) -> dict[str, Any]:
-        """Check a job request: ``{"input": URL, "output": URL, "format"?, "keep"?}``."""
+        """Check a job request.
+
+        ``{"input": URL, "output": URL, "format"?: "csv"|"parquet", "keep"?: ...,
+        "overwrite"?: bool, "on_bad_rows"?: "error"|"skip"}``, as in ``predict_files``.
+        """
         if not isinstance(spec, dict):
             raise RequestError(400, f"Expected a JSON object {{'input': URL, 'output': URL}}. Received: {type(spec).__name__}")
         unknown = sorted(set(spec) - _KEYS)
@@ -115,9 +119,26 @@ class JobManager:
         if fmt not in _FORMATS:
             raise RequestError(422, f"Job field 'format': expected one of {list(_FORMATS)}. Received: {fmt!r}", field="format")
         keep = spec.get("keep")
-        if keep is not None and (not isinstance(keep, list) or not all(isinstance(k, str) for k in keep)):
-            raise RequestError(422, f"Job field 'keep': expected a list of column names. Received: {keep!r}", field="keep")
-        return {"input": spec["input"], "output": spec["output"], "format": fmt, "keep": keep}
+        if keep is not None and not isinstance(keep, str) and (
+            not isinstance(keep, list) or not all(isinstance(k, str) for k in keep)
+        ):
+            raise RequestError(
+                422, f"Job field 'keep': expected \"all\", a column name or a list of them. Received: {keep!r}",
+                field="keep",
+            )
+        overwrite = spec.get("overwrite", False)
+        if not isinstance(overwrite, bool):
+            raise RequestError(422, f"Job field 'overwrite': expected true or false. Received: {overwrite!r}", field="overwrite")
+        on_bad_rows = spec.get("on_bad_rows")
+        if on_bad_rows not in (None, "error", "skip"):
+            raise RequestError(
+                422, f"Job field 'on_bad_rows': expected \"error\" or \"skip\". Received: {on_bad_rows!r}",
+                field="on_bad_rows",
+            )
+        return {
+            "input": spec["input"], "output": spec["output"], "format": fmt, "keep": keep,
+            "overwrite": overwrite, "on_bad_rows": on_bad_rows,
+        }
 
     def submit(self, bundle: "Bundle", spec: dict[str, Any]) -> dict[str, Any]:
         """Start a job in the background; returns its description (state ``queued``)."""
@@ -159,10 +180,14 @@ class JobManager:
         job["state"], job["started"] = "running", time.time()
         spec = job["request"]
         try:
-            report = predict_files(
-                bundle, spec["input"], spec["output"], format=spec["format"], keep=spec["keep"],
-                storage_options=self.storage_options, client=self._get_client(),
-            )
+            client = self._get_client()
+            # as_current: predict_files' as_completed() looks up the default client
+            with client.as_current():
+                report = predict_files(
+                    bundle, spec["input"], spec["output"], format=spec["format"], keep=spec["keep"],
+                    overwrite=spec["overwrite"], on_bad_rows=spec["on_bad_rows"],
+                    storage_options=self.storage_options, client=client,
+                )
         except Exception as exc:  # the job fails, the server goes on
             job["error"] = f"{type(exc).__name__}: {exc}"
             job["traceback"] = traceback.format_exc(limit=5)
