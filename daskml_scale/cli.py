@@ -1,0 +1,601 @@
+"""The ``daskml-scale`` command line: ``train``, ``predict``, ``info`` and ``serve``.
+
+A thin shell over the public API (see ``docs/cli.md``): every command parses its
+arguments, calls :func:`daskml_scale.connect`, :func:`daskml_scale.read_csv`,
+:func:`daskml_scale.fit`, :func:`daskml_scale.save_bundle`,
+:func:`daskml_scale.predict_files`, :func:`daskml_scale.load_bundle` or
+:func:`daskml_scale.serve`, and reports. Exit codes: 0 on success, 1 when the work
+failed (one line on stderr saying why), 2 for bad arguments, 130 when interrupted.
+``--verbose`` adds the traceback.
+
+Run it as ``daskml-scale ...`` or ``python -m daskml_scale ...``; call it in-process
+as ``daskml_scale.cli.main([...])``, which returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Callable, Iterator, Sequence
+
+__all__ = ["main", "build_parser", "parse_storage_options", "load_callable"]
+
+PROG = "daskml-scale"
+
+EPILOG_MAIN = """\
+examples:
+  # train on CSV files with model averaging on a local cluster (one worker per core)
+  daskml-scale train --data 'data/train/*.csv' --target log_price \\
+      --transform daskml_scale.datasets:diamonds_transform \\
+      --numeric carat depth table x y z volume --categorical cut color clarity \\
+      --model model_def.py:build_model --strategy averaging --sync-every 16 \\
+      --epochs 5 --batch-size 256 --validation 'data/test/*.csv' --out model.bundle
+
+  # predict file by file (resumable: a rerun skips finished files)
+  daskml-scale predict --bundle model.bundle --input 'data/test/*.csv' --output predictions/ --keep id
+
+  # what is in a bundle
+  daskml-scale info model.bundle
+
+  # serve it over REST on http://127.0.0.1:8000 (POST /predict, GET /info)
+  daskml-scale serve model.bundle
+
+  # the same on a remote cluster with data on S3
+  daskml-scale predict --scheduler tcp://scheduler:8786 --bundle s3://models/price.bundle \\
+      --input 's3://data/in/*.csv' --output s3://data/out/ \\
+      --storage-option client_kwargs.endpoint_url=https://s3.example.com
+
+Run 'daskml-scale COMMAND --help' for the options of a command.
+"""
+
+EPILOG_TRAIN = """\
+the model (--model):
+  FILE.keras            a compiled model saved with model.save("FILE.keras")
+  module.py:build_fn    a Python file (or an importable module) with a function
+                        build_fn(n_features) -> compiled keras.Model; n_features is
+                        the number of columns the fitted preprocessor produces
+the transform (--transform):
+  module:fn or file.py:fn, a pandas function DataFrame -> DataFrame applied to every
+  partition (and at prediction time). An importable module:fn is stored in the bundle
+  by name; a function from a file.py is not, so pass --transform again to predict/serve.
+
+examples:
+  daskml-scale train --data 'data/train/*.csv' --target log_price \\
+      --transform daskml_scale.datasets:diamonds_transform \\
+      --numeric carat depth table x y z volume --categorical cut color clarity \\
+      --model model_def.py:build_model --epochs 5 --batch-size 256 --sync-every 16 \\
+      --validation-fraction 0.1 --checkpoint ckpt/ --out model.bundle
+
+  # model_def.py
+  import keras
+  def build_model(n_features):
+      model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(64, activation="relu"),
+                                keras.layers.Dense(1)])
+      model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+      return model
+
+  # resume an interrupted run from its last checkpoint
+  daskml-scale train ... --checkpoint s3://bucket/ckpt/ --resume --out s3://bucket/model.bundle
+"""
+
+EPILOG_PREDICT = """\
+Each input file becomes one output file under --output (same relative name, new
+suffix), written atomically; a rerun skips the files already done and redoes the
+others. The exit code is 1 when any file failed.
+
+examples:
+  daskml-scale predict --bundle model.bundle --input 'data/test/*.csv' --output predictions/ --keep id
+  daskml-scale predict --bundle s3://models/m.bundle --input s3://in/ --output s3://out/ \\
+      --format parquet --scheduler tcp://scheduler:8786
+"""
+
+EPILOG_INFO = """\
+examples:
+  daskml-scale info model.bundle
+  daskml-scale info s3://models/price.bundle --json | jq .training_summary.final
+"""
+
+EPILOG_SERVE = """\
+Endpoints: POST /predict (JSON records or CSV), GET /info, GET /health, GET /metrics,
+POST /jobs (predict_files in the background; needs --scheduler or --workers).
+
+examples:
+  daskml-scale serve model.bundle --port 8000
+  curl -s localhost:8000/predict -H 'content-type: application/json' \\
+      -d '[{"carat": 0.3, "cut": "Ideal", "color": "E", "clarity": "SI1", "depth": 61.5, "table": 55, "x": 4.3, "y": 4.3, "z": 2.7}]'
+"""
+
+
+class CLIError(Exception):
+    """A problem with the command line's arguments, found after parsing (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (exit code 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise CLIError(f"{self.prog}: error: {message} (see '{self.prog} --help')")
+
+
+# ----------------------------------------------------------------------------- helpers
+def parse_storage_options(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["key=testing", "client_kwargs.endpoint_url=http://h:9000"]`` -> nested dict.
+
+    Values are parsed as JSON when they can be (``anon=true`` -> ``True``,
+    ``max_concurrency=8`` -> ``8``) and kept as text otherwise. Dotted keys nest.
+
+    Raises
+    ------
+    CLIError
+        An item is not ``KEY=VALUE``.
+    """
+    options: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"Expected --storage-option KEY=VALUE. Received: {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        parts = [p for p in key.strip().split(".")]
+        node = options
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise CLIError(f"--storage-option {item!r}: {part!r} was already given a value")
+            node = child
+        node[parts[-1]] = value
+    return options
+
+
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
+    """A function from ``file.py:name`` or ``package.module:name``.
+
+    A file's module is loaded without being registered in ``sys.modules``, so the
+    function travels to the workers by value (cloudpickle) and is not stored in a
+    bundle by a name that other processes could not import.
+
+    Raises
+    ------
+    CLIError
+        ``spec`` has no ``:name`` part.
+    FileNotFoundError
+        The file does not exist.
+    ImportError, AttributeError
+        The module or the name cannot be found.
+    """
+    source, sep, name = spec.rpartition(":")
+    if not sep or not source or not name or (len(source) == 1 and source.isalpha()):
+        raise CLIError(f"Expected {what} as module.py:function or package.module:function. Received: {spec!r}")
+    if source.endswith(".py") or os.sep in source or "/" in source:
+        path = os.path.abspath(source)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{what}: no such file {source!r}")
+        mod_name = f"_daskml_scale_cli_{os.path.splitext(os.path.basename(path))[0]}"
+        spec_obj = importlib.util.spec_from_file_location(mod_name, path)
+        if spec_obj is None or spec_obj.loader is None:
+            raise ImportError(f"{what}: cannot load {source!r} as Python")
+        module = importlib.util.module_from_spec(spec_obj)
+        spec_obj.loader.exec_module(module)
+    else:
+        module = importlib.import_module(source)
+    obj: Any = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{what}: {source!r} has no attribute {name!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CLIError(f"{what}: {spec!r} is not callable")
+    return obj
+
+
+def _is_parquet(url: str) -> bool:
+    return url.rstrip("/").lower().endswith((".parquet", ".pq"))
+
+
+def _read(url: str, storage_options: dict[str, Any], fmt: str) -> Any:
+    import daskml_scale
+
+    if fmt == "parquet" or (fmt == "auto" and _is_parquet(url)):
+        return daskml_scale.read_parquet(url, storage_options=storage_options or None)
+    return daskml_scale.read_csv(url, storage_options=storage_options or None)
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    """A progress line on stdout (stderr is kept for the one-line error)."""
+    if not getattr(args, "quiet", False):
+        print(message, flush=True)
+
+
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[Any]:
+    """A client on ``--scheduler``, or on a local cluster started for this command."""
+    import daskml_scale
+
+    if args.scheduler:
+        if args.workers is not None or args.threads_per_worker is not None:
+            raise CLIError("Expected either --scheduler or --workers/--threads-per-worker (a local cluster), not both")
+        _say(args, f"connecting to the scheduler at {args.scheduler} ...")
+        client = daskml_scale.connect(args.scheduler, timeout=args.timeout)
+    else:
+        _say(args, "starting a local Dask cluster ...")
+        client = daskml_scale.connect(n_workers=args.workers, threads_per_worker=args.threads_per_worker)
+    try:
+        workers = client.scheduler_info().get("workers", {})
+        if args.scheduler and not workers:
+            _say(args, "waiting for a worker to join ...")
+            client.wait_for_workers(1, timeout=args.timeout)
+            workers = client.scheduler_info().get("workers", {})
+        threads = sum(w.get("nthreads", 0) for w in workers.values())
+        _say(args, f"cluster: {len(workers)} workers, {threads} threads; dashboard {client.dashboard_link}")
+        yield client
+    finally:
+        client.close()
+
+
+def _load_model(spec: str, n_features: int, storage_options: dict[str, Any]) -> Any:
+    """A compiled Keras model from ``FILE.keras`` (any fsspec URL) or ``module.py:build_fn``."""
+    import fsspec
+    import keras
+
+    if spec.lower().endswith(".keras"):
+        fs, path = fsspec.core.url_to_fs(spec, **storage_options)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"--model: no such file {spec!r}")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "model.keras")
+            fs.get(path, local)
+            model = keras.saving.load_model(local)
+        if getattr(model, "optimizer", None) is None:
+            raise CLIError(f"--model {spec}: the model was saved without compile(); compile it before model.save()")
+        return model
+    build = load_callable(spec, "--model")
+    model = build(n_features)
+    if not hasattr(model, "get_weights"):
+        raise CLIError(f"--model {spec}: expected build_fn(n_features) to return a keras.Model. Received: {type(model).__name__}")
+    return model
+
+
+def _strategy(args: argparse.Namespace) -> Any:
+    import daskml_scale
+
+    if args.strategy == "averaging":
+        outer_lr: Any = args.outer_lr
+        if outer_lr != "workers":
+            try:
+                outer_lr = float(outer_lr)
+            except ValueError:
+                raise CLIError(f"Expected --outer-lr to be a number or 'workers'. Received: {args.outer_lr!r}") from None
+        return daskml_scale.ModelAveraging(sync_every=args.sync_every, outer_lr=outer_lr)
+    ps = getattr(daskml_scale, "ParameterServer", None)
+    if ps is None:
+        raise CLIError(
+            f"--strategy {args.strategy} needs daskml_scale.ParameterServer, which this version of "
+            "daskml_scale does not have yet; use --strategy averaging"
+        )
+    return ps(mode=args.strategy.split("-", 1)[1])
+
+
+def _jsonable(value: Any) -> Any:
+    """Numbers and containers from NumPy / Keras as plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        return value.item()
+    return value
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    """``daskml-scale train``: read, fit the preprocessor, train, save the bundle."""
+    import daskml_scale
+
+    so = args.storage_options
+    if not args.numeric and not args.categorical:
+        raise CLIError("Expected feature columns: give --numeric and/or --categorical column names")
+    if args.validation and args.validation_fraction:
+        raise CLIError("Expected --validation URL or --validation-fraction F, not both")
+    if args.resume and not args.checkpoint:
+        raise CLIError("--resume needs --checkpoint URL (where the last run wrote its checkpoints)")
+    transform = load_callable(args.transform, "--transform") if args.transform else None
+    # reading plans the partitions and infers the schema here, before any cluster starts
+    data = _read(args.data, so, args.data_format)
+    validation = _read(args.validation, so, args.data_format) if args.validation else None
+    pre = daskml_scale.Preprocessor(
+        target=args.target, numeric=args.numeric or (), categorical=args.categorical or (), transform=transform
+    )
+    strategy = _strategy(args)
+    with _cluster(args) as client:
+        t0 = time.perf_counter()
+        _say(args, f"fitting the preprocessor on {args.data} ({data.npartitions} partitions, one pass) ...")
+        pre.fit(data, client=client)
+        _say(args, f"  {pre.n_samples_:,} rows -> {pre.n_features_} features")
+        model = _load_model(args.model, pre.n_features_, so)
+        described = strategy.describe() if hasattr(strategy, "describe") else {"strategy": str(strategy)}
+        _say(args, "training: " + ", ".join(f"{k} {v}" for k, v in described.items()) + f", {args.epochs} epochs ...")
+        history = daskml_scale.fit(
+            model, data, preprocessor=pre, strategy=strategy, epochs=args.epochs, batch_size=args.batch_size,
+            validation_data=validation, validation_fraction=args.validation_fraction, checkpoint=args.checkpoint,
+            resume=args.resume, client=client, seed=args.seed, verbose=0 if args.quiet else 1,
+            storage_options=so or None,
+        )
+        summary = _jsonable({**history.daskml_summary, "history": history.history})
+        daskml_scale.save_bundle(model, pre, args.out, storage_options=so or None, training_summary=summary)
+        final = summary.get("final", {})
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, (int, float)))
+        _say(args, f"trained {summary.get('epochs_run')} epochs in {time.perf_counter() - t0:.1f}s: {metrics}")
+        _say(args, f"bundle written to {args.out}")
+        if transform is not None and (pre.to_dict().get("transform") or {}).get("ref") is None:
+            _say(args, f"note: the transform {args.transform} is not importable by name; pass --transform "
+                       f"{args.transform} to predict and serve as well")
+    return 0
+
+
+def _load_bundle(args: argparse.Namespace) -> Any:
+    import daskml_scale
+
+    transform = load_callable(args.transform, "--transform") if args.transform else None
+    bundle = daskml_scale.load_bundle(args.bundle, storage_options=args.storage_options or None, transform=transform)
+    described = bundle.preprocessor.to_dict().get("transform") or {}
+    if transform is None and described.get("name") and not described.get("ref"):
+        raise CLIError(
+            f"The bundle {args.bundle} was trained with the transform {described['name']!r}, which it cannot "
+            "import by name: pass it with --transform module.py:function"
+        )
+    return bundle
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``daskml-scale predict``: predict_files, then the per-file report."""
+    import daskml_scale
+
+    keep: Any = None
+    if args.keep:
+        cols = [c.strip() for c in args.keep.split(",") if c.strip()]
+        keep = "all" if cols == ["all"] else cols
+    bundle = _load_bundle(args)  # a missing or corrupt bundle fails before a cluster starts
+    with _cluster(args) as client:
+        t0 = time.perf_counter()
+        _say(args, f"predicting {args.input} -> {args.output} ({args.format}) ...")
+        report = daskml_scale.predict_files(
+            bundle, args.input, args.output, format=args.format, keep=keep,
+            storage_options=args.storage_options or None, client=client, overwrite=args.overwrite,
+        )
+        took = time.perf_counter() - t0
+    for status in ("done", "skipped", "failed"):
+        entries = getattr(report, status)
+        for e in entries[: args.max_lines]:
+            detail = f"{e['rows']:,} rows" if status == "done" else (e["error"] if status == "failed" else "already there")
+            print(f"  {status:7s} {e['input']} -> {e['output']}  ({detail})")
+        if len(entries) > args.max_lines:
+            print(f"  ... and {len(entries) - args.max_lines} more {status}")
+    print(
+        f"{len(report.done)} done ({report.rows:,} rows), {len(report.skipped)} skipped, "
+        f"{len(report.failed)} failed in {took:.1f}s; outputs in {args.output}"
+    )
+    if report.failed:
+        first = report.failed[0]
+        print(f"{PROG} predict: {len(report.failed)} file(s) failed, first {first['input']}: {first['error']}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _format_info(url: str, info: dict[str, Any]) -> str:
+    lines = [f"bundle   {url}"]
+    versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items())
+    lines.append(f"created  {info.get('created')}  ({info.get('format')} v{info.get('format_version')}; {versions})")
+    lines.append(f"task     {info.get('task')}, target {info.get('target')!r} -> outputs {info.get('output_names')}")
+    if info.get("classes"):
+        lines.append(f"classes  {info['classes']}")
+    feats = info.get("feature_names") or []
+    lines.append(f"features ({len(feats)}): {', '.join(feats)}")
+    schema = info.get("input_schema") or {}
+    lines.append(f"input schema ({len(schema)} columns):")
+    width = max((len(c) for c in schema), default=0)
+    lines += [f"  {c:<{width}}  {t}" for c, t in schema.items()]
+    ts = info.get("training_summary") or {}
+    if ts:
+        head = ", ".join(
+            f"{k} {ts[k]}" for k in ("strategy", "sync_every", "outer_lr", "epochs_run", "batch_size", "workers",
+                                      "partitions", "train_rows", "validation_rows") if k in ts
+        )
+        lines.append(f"training {head}")
+        final = ts.get("final") or {}
+        if final:
+            lines.append("metrics  " + ", ".join(
+                f"{k} {v:.5g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in final.items()))
+        hist = ts.get("history") or {}
+        keys = [k for k, v in hist.items() if isinstance(v, list) and v]
+        if keys:
+            lines.append("history  epoch  " + "  ".join(f"{k:>10s}" for k in keys))
+            for e in range(max(len(hist[k]) for k in keys)):
+                vals = "  ".join(f"{hist[k][e]:>10.5g}" if e < len(hist[k]) else " " * 10 for k in keys)
+                lines.append(f"         {e + 1:>5d}  {vals}")
+        if ts.get("lost_workers"):
+            lines.append(f"lost workers during training: {ts['lost_workers']}")
+    else:
+        lines.append("training (no summary stored)")
+    if info.get("metadata"):
+        lines.append(f"metadata {json.dumps(info['metadata'], default=str)}")
+    lines.append(f"sha256   {info.get('content_hash')}")
+    return "\n".join(lines)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """``daskml-scale info``: what a bundle holds (no cluster needed)."""
+    info = _load_bundle(args).info()
+    if args.json:
+        print(json.dumps(_jsonable(info), indent=2, default=str))
+    else:
+        print(_format_info(args.bundle, info))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``daskml-scale serve``: the REST server (blocks until stopped)."""
+    import daskml_scale
+
+    bundle = _load_bundle(args)  # fail here, in one line, rather than in the server's background
+    scheduler = args.scheduler
+    with contextlib.ExitStack() as stack:
+        if scheduler is None and args.workers is not None:
+            client = stack.enter_context(_cluster(args))
+            scheduler = client.scheduler.address
+        _say(args, f"serving {args.bundle} on http://{args.host}:{args.port} (POST /predict, GET /info); Ctrl-C stops")
+        daskml_scale.serve(
+            bundle, host=args.host, port=args.port, scheduler=scheduler,
+            storage_options=args.storage_options or None, log_level="info" if args.verbose else "warning",
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+def _common(p: argparse.ArgumentParser, cluster: bool = True) -> None:
+    g = p.add_argument_group("cluster and storage")
+    g.add_argument("--scheduler", metavar="ADDRESS",
+                   help="a running Dask scheduler (tcp://host:8786); default: start a local cluster"
+                   + ("" if cluster else " (not needed by this command)"))
+    g.add_argument("--workers", type=int, metavar="N", help="local cluster: worker processes (default: one per core)")
+    g.add_argument("--threads-per-worker", type=int, metavar="N", help="local cluster: threads per worker (default 1)")
+    g.add_argument("--timeout", default="30s", metavar="T", help="how long to wait for --scheduler (default 30s)")
+    g.add_argument("--storage-option", action="append", dest="storage_option", metavar="KEY=VALUE", default=[],
+                   help="fsspec option for every URL, repeatable; JSON values; dotted keys nest "
+                   "(client_kwargs.endpoint_url=http://127.0.0.1:9000)")
+    o = p.add_argument_group("output")
+    o.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error, and more logs")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``daskml-scale`` (one sub-parser per command)."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(
+        prog=PROG, formatter_class=fmt, epilog=EPILOG_MAIN,
+        description="Train and serve pandas + Keras models at scale on Dask: train, predict, info, serve.",
+    )
+    from daskml_scale import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a Keras model data-parallel and save a bundle", formatter_class=fmt,
+                       epilog=EPILOG_TRAIN, description="Read data, fit a Preprocessor in one pass, train the model "
+                       "data-parallel on the cluster and save model + preprocessor as one bundle file.")
+    d = t.add_argument_group("data")
+    d.add_argument("--data", required=True, metavar="URL", help="training CSV/Parquet: file, glob, folder; local or s3://...")
+    d.add_argument("--data-format", choices=["auto", "csv", "parquet"], default="auto",
+                   help="input format (default: from the suffix, else CSV)")
+    d.add_argument("--target", required=True, metavar="COL", help="the column to predict")
+    d.add_argument("--numeric", nargs="+", metavar="COL", help="numeric feature columns (standardized)")
+    d.add_argument("--categorical", nargs="+", metavar="COL", help="categorical feature columns (one-hot)")
+    d.add_argument("--transform", metavar="MODULE:FN", help="pandas function applied to every partition first")
+    v = d.add_mutually_exclusive_group()
+    v.add_argument("--validation", metavar="URL", help="validation rows, read like --data")
+    v.add_argument("--validation-fraction", type=float, metavar="F", help="hold out this fraction of --data instead")
+    m = t.add_argument_group("model and training")
+    m.add_argument("--model", required=True, metavar="FILE.keras|MODULE:FN",
+                   help="a compiled .keras file, or build_fn(n_features) returning a compiled model")
+    m.add_argument("--strategy", choices=["averaging", "ps-sync", "ps-async"], default="averaging",
+                   help="model averaging (default), or a parameter server, synchronous or asynchronous")
+    m.add_argument("--epochs", type=int, default=1, metavar="N", help="passes over the data (default 1)")
+    m.add_argument("--batch-size", type=int, metavar="B", help="rows per step on each worker (default 256)")
+    m.add_argument("--sync-every", type=int, metavar="K",
+                   help="averaging: local steps between averages (default: once per epoch; 16 is a good start)")
+    m.add_argument("--outer-lr", default="1.0", metavar="LR|workers",
+                   help="averaging: scale of each averaged step (default 1.0); 'workers' sums the workers' steps")
+    m.add_argument("--seed", type=int, metavar="S", help="seed for shuffles and the held-out split")
+    m.add_argument("--checkpoint", metavar="URL", help="write a checkpoint here after every epoch")
+    m.add_argument("--resume", action="store_true", help="continue from the checkpoint at --checkpoint")
+    m.add_argument("--out", required=True, metavar="BUNDLE_URL", help="where to write the bundle (local or s3://...)")
+    _common(t)
+    t.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="predict file by file (atomic, resumable)", formatter_class=fmt,
+                       epilog=EPILOG_PREDICT, description="Map a bundle over input files on the cluster: "
+                       "one output file per input file.")
+    p.add_argument("--bundle", required=True, metavar="URL", help="the bundle written by 'train'")
+    p.add_argument("--input", required=True, metavar="URL", help="CSV/Parquet files: file, glob or folder")
+    p.add_argument("--output", required=True, metavar="URL", help="output folder")
+    p.add_argument("--format", choices=["csv", "parquet"], default="csv", help="output format (default csv)")
+    p.add_argument("--keep", metavar="COLS", help="input columns to copy before the predictions, comma-separated, or 'all'")
+    p.add_argument("--overwrite", action="store_true", help="redo files whose output already exists")
+    p.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
+    p.add_argument("--max-lines", type=int, default=20, metavar="N", help="files listed per status (default 20)")
+    _common(p)
+    p.set_defaults(func=cmd_predict)
+
+    i = sub.add_parser("info", help="show a bundle's features, schema, training summary and metrics",
+                       formatter_class=fmt, epilog=EPILOG_INFO)
+    i.add_argument("bundle", metavar="BUNDLE_URL")
+    i.add_argument("--json", action="store_true", help="machine-readable JSON")
+    i.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
+    _common(i, cluster=False)
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="serve a bundle over REST", formatter_class=fmt, epilog=EPILOG_SERVE)
+    s.add_argument("bundle", metavar="BUNDLE_URL")
+    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
+    _common(s)
+    s.set_defaults(func=cmd_serve)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, KeyError) and not hasattr(exc, "path") and text.startswith("'"):
+        text = text.strip("'")
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 failed, 2 bad arguments)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # as on the workers (see daskml_scale.cluster): the driver computes the same numbers
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    parser = build_parser()
+    verbose = "-v" in argv or "--verbose" in argv
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        args.storage_options = parse_storage_options(args.storage_option)
+        if not args.verbose:
+            import logging
+
+            logging.getLogger("distributed").setLevel(logging.ERROR)
+        return int(args.func(args))
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    except CLIError as exc:
+        if verbose:
+            traceback.print_exc()
+        msg = _one_line(exc)
+        print(msg if msg.startswith(PROG) else f"{PROG}: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001  (every failure is one line, the traceback on --verbose)
+        if verbose:
+            traceback.print_exc()
+        print(f"{PROG}: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
