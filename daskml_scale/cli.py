@@ -269,6 +269,8 @@ def _strategy(args: argparse.Namespace) -> Any:
     import daskml_scale
 
     if args.strategy == "averaging":
+        if args.max_staleness is not None:
+            raise CLIError("--max-staleness applies to --strategy ps-async only")
         outer_lr: Any = args.outer_lr
         if outer_lr != "workers":
             try:
@@ -282,7 +284,7 @@ def _strategy(args: argparse.Namespace) -> Any:
             f"--strategy {args.strategy} needs daskml_scale.ParameterServer, which this version of "
             "daskml_scale does not have yet; use --strategy averaging"
         )
-    return ps(mode=args.strategy.split("-", 1)[1])
+    return ps(mode=args.strategy.split("-", 1)[1], push_every=args.sync_every or 1, max_staleness=args.max_staleness)
 
 
 def _jsonable(value: Any) -> Any:
@@ -308,6 +310,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CLIError("Expected --validation URL or --validation-fraction F, not both")
     if args.resume and not args.checkpoint:
         raise CLIError("--resume needs --checkpoint URL (where the last run wrote its checkpoints)")
+    strategy = _strategy(args)
     transform = load_callable(args.transform, "--transform") if args.transform else None
     # reading plans the partitions and infers the schema here, before any cluster starts
     data = _read(args.data, so, args.data_format)
@@ -315,7 +318,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     pre = daskml_scale.Preprocessor(
         target=args.target, numeric=args.numeric or (), categorical=args.categorical or (), transform=transform
     )
-    strategy = _strategy(args)
     with _cluster(args) as client:
         t0 = time.perf_counter()
         _say(args, f"fitting the preprocessor on {args.data} ({data.npartitions} partitions, one pass) ...")
@@ -512,7 +514,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--epochs", type=int, default=1, metavar="N", help="passes over the data (default 1)")
     m.add_argument("--batch-size", type=int, metavar="B", help="rows per step on each worker (default 256)")
     m.add_argument("--sync-every", type=int, metavar="K",
-                   help="averaging: local steps between averages (default: once per epoch; 16 is a good start)")
+                   help="averaging: local steps between averages (default: once per epoch; 16 is a good "
+                   "start); ps-*: batches per gradient push (default 1)")
+    m.add_argument("--max-staleness", type=int, metavar="V",
+                   help="ps-async: refuse gradients computed on weights more than V versions old")
     m.add_argument("--outer-lr", default="1.0", metavar="LR|workers",
                    help="averaging: scale of each averaged step (default 1.0); 'workers' sums the workers' steps")
     m.add_argument("--seed", type=int, metavar="S", help="seed for shuffles and the held-out split")
@@ -554,6 +559,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _quiet_logs(quiet: bool) -> Iterator[None]:
+    """Keep distributed's INFO/WARNING logs off the terminal unless --verbose (restored after)."""
+    import logging
+
+    logger = logging.getLogger("distributed")
+    old = logger.level
+    if quiet:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if isinstance(exc, KeyError) and not hasattr(exc, "path") and text.startswith("'"):
@@ -574,11 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         args.storage_options = parse_storage_options(args.storage_option)
-        if not args.verbose:
-            import logging
-
-            logging.getLogger("distributed").setLevel(logging.ERROR)
-        return int(args.func(args))
+        with _quiet_logs(not args.verbose):
+            return int(args.func(args))
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except CLIError as exc:
