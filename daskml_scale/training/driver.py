@@ -63,7 +63,7 @@ class Fit:
         self.cache = cache
         self.storage_options = storage_options
         self.shuffle = shuffle
-        self.fit_id = f"daskml-fit-{uuid.uuid4().hex[:12]}"
+        self.fit_id = f"fit-{uuid.uuid4().hex[:8]}"
         self.scratch: dict[str, Any] = {}
         self.lost_workers: set[str] = set()
         self.train_counts: dict[str, Any] = {}
@@ -123,7 +123,7 @@ class Fit:
             movable = sorted(streams[hi], key=lambda p: sizes[p])
             moved = False
             for p in movable:
-                if load[hi] - sizes[p] >= load[lo] + sizes[p] - 0 and sizes[p] > 0 and load[hi] - load[lo] > sizes[p]:
+                if 0 < sizes[p] and load[hi] - load[lo] >= 2 * sizes[p]:  # the move narrows the gap
                     streams[hi].remove(p)
                     streams[lo].append(p)
                     load[hi] -= sizes[p]
@@ -355,7 +355,7 @@ class Fit:
                     evaluate_parts, self.fit_id, self.model_bytes, weights, parts, {p: sources[p] for p in parts},
                     batch_size=max(self.batch_size, 1024), which=which, pure=False,
                     workers=[addr] if addr else None, allow_other_workers=True,
-                    key=f"daskml-validate-{uuid.uuid4().hex[:8]}-{s}",
+                    key=(f"daskml-validate-{self.fit_id}", uuid.uuid4().hex[:8], s),
                 )
             )
         results = [r for r in self._gather(futs) if r.get("samples", 0) > 0]
@@ -477,7 +477,8 @@ class EpochRunner:
                     train_round, fit.fit_id, fit.model_bytes, state, slices, {p: fit.sources[p] for p in parts},
                     batch_size=fit.batch_size, seed=fit.seed, epoch=self.epoch, shuffle=fit.shuffle,
                     pure=False, workers=[addr] if addr else None,
-                    allow_other_workers=True, key=f"daskml-train-e{self.epoch}-r{self._round}-s{s}-{uuid.uuid4().hex[:6]}",
+                    # tuple keys: the dashboard groups every round of the fit as "daskml-train"
+                    allow_other_workers=True, key=(f"daskml-train-{fit.fit_id}", self.epoch, self._round, s),
                 )
             )
         self.fit.callbacks.on_train_batch_begin(self._round)
