@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +15,7 @@ import fsspec
 import numpy as np
 
 from daskml_scale.exceptions import TrainingError
+from daskml_scale.writers import write_bytes_atomic
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "checkpoint_file"]
 
@@ -37,24 +36,6 @@ def checkpoint_file(url: str) -> str:
     return url if url.endswith(".npz") else url.rstrip("/") + "/checkpoint.npz"
 
 
-def atomic_write_bytes(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``data`` so that a reader sees the old file or the whole new one."""
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    parent = os.path.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if protocol in ("file", "local"):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:  # object stores: one PUT is atomic
-        fs.pipe_file(path, data)
-
-
 def save_checkpoint(url: str, ckpt: Checkpoint, storage_options: dict[str, Any] | None = None) -> str:
     target = checkpoint_file(url)
     arrays: dict[str, np.ndarray] = {}
@@ -70,7 +51,7 @@ def save_checkpoint(url: str, ckpt: Checkpoint, storage_options: dict[str, Any] 
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    atomic_write_bytes(target, buf.getvalue(), storage_options)
+    write_bytes_atomic(target, buf.getvalue(), storage_options=storage_options)
     return target
 
 
