@@ -8,6 +8,7 @@ fixed number of requests per run, a time limit, loopback only.
 
     .venv/bin/python benchmarks/bench_serving.py            # the whole matrix
     .venv/bin/python benchmarks/bench_serving.py --quick    # fewer requests
+    .venv/bin/python benchmarks/bench_serving.py --frameworks   # Starlette vs FastAPI, no model
 
 Prints requests/s, rows/s, p50/p99 latency per (mode, clients, rows per request),
 the mean batch size from the server's /metrics, and the ratio of micro-batched to
@@ -96,6 +97,102 @@ def load_main(args: argparse.Namespace) -> None:
     asyncio.run(_load(args.url, body, args.clients, min(args.requests, 4 * args.clients), 30))
     out = asyncio.run(_load(args.url, body, args.clients, args.requests, args.time_limit))
     print(json.dumps(out))
+
+
+# ------------------------------------------------------------------------ frameworks
+def frameworks_main() -> None:
+    """Per-request cost of the web framework alone: in-process ASGI calls, no model.
+
+    Starlette vs FastAPI (validating a pydantic list of records, and with a raw
+    Request): the measurement behind choosing Starlette. Needs ``fastapi``.
+    """
+    from typing import Optional
+
+    import orjson
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from daskml_scale.datasets import diamonds
+
+    async def st_echo(request: Request) -> Response:
+        data = orjson.loads(await request.body())
+        return Response(orjson.dumps([{"prediction": 1.0} for _ in data]), media_type="application/json")
+
+    apps = {"starlette": Starlette(routes=[Route("/predict", st_echo, methods=["POST"])])}
+    try:
+        from fastapi import FastAPI
+        from pydantic import BaseModel
+    except ImportError:
+        print("fastapi is not installed: measuring starlette only")
+    else:
+        class Rec(BaseModel):
+            carat: float
+            cut: str
+            color: str
+            clarity: str
+            depth: float
+            table: float
+            x: float
+            y: float
+            z: float
+            id: Optional[int] = None  # noqa: UP007  (pydantic evaluates it)
+
+        class Out(BaseModel):
+            prediction: float
+
+        async def fa_echo(rows):
+            return [Out(prediction=1.0) for _ in rows]
+
+        # real annotations (this module postpones them): FastAPI reads them to validate
+        fa_echo.__annotations__ = {"rows": list[Rec], "return": list[Out]}
+        fa = FastAPI()
+        fa.add_api_route("/predict", fa_echo, methods=["POST"])
+
+        async def fa_raw_echo(request):
+            return await st_echo(request)
+
+        fa_raw_echo.__annotations__ = {"request": Request}
+        fa_raw = FastAPI()
+        fa_raw.add_api_route("/predict", fa_raw_echo, methods=["POST"])
+        apps.update({"fastapi + pydantic": fa, "fastapi, raw Request": fa_raw})
+
+    async def call(app, body: bytes) -> None:
+        msgs = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return msgs.pop() if msgs else {"type": "http.disconnect"}
+
+        out = []
+
+        async def send(m):
+            out.append(m)
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "path": "/predict", "raw_path": b"/predict", "query_string": b"", "root_path": "",
+            "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 1),
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+        await app(scope, receive, send)
+        assert out[0]["status"] == 200, out
+
+    recs = diamonds().drop(columns=["price"]).iloc[:100].to_dict("records")
+
+    async def run() -> None:
+        for n in (1, 100):
+            body = json.dumps(recs[:n]).encode()
+            for name, app in apps.items():
+                for _ in range(200):
+                    await call(app, body)
+                k = 3000 if n == 1 else 1000
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    await call(app, body)
+                print(f"{n:4d} rows/request  {name:22s} {(time.perf_counter() - t0) / k * 1e6:8.1f} us/request")
+
+    asyncio.run(run())
 
 
 # ---------------------------------------------------------------------------- server
@@ -223,12 +320,16 @@ def main() -> None:
     p.add_argument("--time-limit", type=float, default=60.0)
     p.add_argument("--bundle", default=None, help="serve this bundle instead of training a small one")
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--frameworks", action="store_true", help="only compare Starlette and FastAPI overhead")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="extra server flags, last")
     args = p.parse_args()
     if args.load:
         args.clients = args.clients[0]
         load_main(args)
+        return
+    if args.frameworks:
+        frameworks_main()
         return
     if args.quick:
         args.requests = 1000

@@ -258,7 +258,7 @@ def test_a_failing_request_does_not_fail_the_batch_it_shares():
 
     results, m = asyncio.run(go())
     assert isinstance(results[3], RequestError) and results[3].status == 422
-    assert [r["prediction"].iloc[0] for i, r in enumerate(results) if i != 3] == [0.0, 2.0, 4.0, 8.0, 10.0]
+    assert [r["prediction"][0] for i, r in enumerate(results) if i != 3] == [0.0, 2.0, 4.0, 8.0, 10.0]
     assert m.batch_requests.count == 5  # the failed batch of 6, retried as 6 single calls, 5 succeed
 
 

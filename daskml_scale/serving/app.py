@@ -11,6 +11,7 @@ import contextlib
 import logging
 import threading
 import time
+from urllib.parse import parse_qs
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 import numpy as np
@@ -192,31 +193,79 @@ def _require_ready(state: ServingState) -> None:
         raise RequestError(503, "The model is still loading; retry when GET /health says ready")
 
 
-async def predict(request: Request) -> Response:
-    state = _state(request)
-    try:
+class PredictEndpoint:
+    """``POST /predict`` as a plain ASGI app: the hot path, without Request/Response objects.
+
+    Reads the body (refusing it past the size limit), checks it against the
+    bundle's input spec, hands the rows to the micro-batcher and answers in the
+    request's format. Every refusal is a JSON ``{"error": ..., "status": ...}``.
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state: ServingState = scope["app"].state.serving
+        try:
+            status, ctype, body = await self._handle(state, scope, receive)
+        except RequestError as err:
+            status, ctype, body = err.status, b"application/json", dumps(err.to_dict())
+        await send({
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())],
+        })
+        await send({"type": "http.response.body", "body": body})
+
+    async def _handle(self, state: ServingState, scope: Scope, receive: Receive) -> tuple[int, bytes, bytes]:
         _require_ready(state)
         spec = state.spec
         assert spec is not None
-        ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        id_column = request.query_params.get("id") or state.id_column
-        if ctype in ("text/csv", "application/csv"):
-            with state.batcher.arrival():
-                body = await _read_body(request, state.max_body_bytes)
-                frame, ids = spec.parse_csv(body, id_column)
-            out = await state.batcher.submit(frame, len(frame))
-            return Response(output_csv(out, ids, id_column), media_type="text/csv")
-        if ctype in ("application/json", "", "*/*") or ctype.endswith("+json"):
-            with state.batcher.arrival():
-                body = await _read_body(request, state.max_body_bytes)
-                records, ids = spec.parse_json(body, id_column)
-            out = await state.batcher.submit(records, len(records))
-            return _Json(output_records(out, ids, id_column))
-        raise RequestError(
-            415, f"Unsupported Content-Type {ctype!r}: send application/json (a list of records) or text/csv"
-        )
-    except RequestError as err:
-        return _problem(err)
+        ctype, length = "application/json", None
+        for k, v in scope["headers"]:
+            if k == b"content-type":
+                ctype = v.decode("latin-1").split(";")[0].strip().lower()
+            elif k == b"content-length":
+                length = v
+        id_column = state.id_column
+        if scope.get("query_string"):
+            id_column = parse_qs(scope["query_string"].decode("latin-1")).get("id", [id_column])[0]
+        is_csv = ctype in ("text/csv", "application/csv")
+        if not is_csv and not (ctype in ("application/json", "", "*/*") or ctype.endswith("+json")):
+            raise RequestError(
+                415, f"Unsupported Content-Type {ctype!r}: send application/json (a list of records) or text/csv"
+            )
+        batcher = state.batcher
+        with batcher.arrival():
+            body = await _receive_body(receive, length, state.max_body_bytes)
+            if is_csv:
+                rows, ids = spec.parse_csv(body, id_column)
+            else:
+                rows, ids = spec.parse_json(body, id_column)
+        cols = await batcher.submit(rows, len(rows))
+        if is_csv:
+            return 200, b"text/csv; charset=utf-8", output_csv(cols, ids, id_column)
+        return 200, b"application/json", dumps(output_records(cols, ids, id_column))
+
+
+async def _receive_body(receive: Receive, length: bytes | None, limit: int) -> bytes:
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            raise RequestError(400, f"Malformed Content-Length header: {length!r}") from None
+        if n > limit:
+            raise RequestError(413, f"The body is {n} bytes; the limit is {limit} bytes (serve.max-body-bytes)")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise RequestError(400, "The client disconnected before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"The body is over the limit of {limit} bytes (serve.max-body-bytes)")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
 async def health(request: Request) -> Response:
@@ -464,7 +513,7 @@ def create_app(
     app = Starlette(
         middleware=[Middleware(MetricsMiddleware, registry=state.metrics)],
         routes=[
-            Route("/predict", predict, methods=["POST"]),
+            Route("/predict", PredictEndpoint(), methods=["POST"]),
             Route("/health", health, methods=["GET"]),
             Route("/info", info, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),

@@ -25,7 +25,7 @@ import pandas as pd
 
 from daskml_scale.serving.metrics import Registry
 
-__all__ = ["Block", "MicroBatcher"]
+__all__ = ["Block", "Columns", "MicroBatcher"]
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Block:
 
 
 # frames(blocks) -> one frame; predict(frame) -> output frame of the same length
+Columns = dict[str, list[Any]]  # a request's answer: output column -> values, in row order
 FrameBuilder = Callable[[Sequence[Block]], pd.DataFrame]
 PredictFn = Callable[[pd.DataFrame], pd.DataFrame]
 
@@ -121,8 +122,8 @@ class MicroBatcher:
         """
         return _Arrival(self)
 
-    async def submit(self, rows: list[dict[str, Any]] | pd.DataFrame, n: int) -> pd.DataFrame:
-        """Predict the rows of one request; returns the output frame (index 0..n-1)."""
+    async def submit(self, rows: list[dict[str, Any]] | pd.DataFrame, n: int) -> Columns:
+        """Predict the rows of one request; returns output column -> list of values."""
         loop = asyncio.get_running_loop()
         block = Block(rows, n)
         if not self.enabled or self._task is None:
@@ -183,7 +184,7 @@ class MicroBatcher:
             inflight.add_done_callback(lambda f, b=batch: _deliver(f, b))
 
     # -- in the model thread ----------------------------------------------------------
-    def _call(self, blocks: list[Block]) -> list[pd.DataFrame | BaseException]:
+    def _call(self, blocks: list[Block]) -> list[Columns | BaseException]:
         t0 = time.perf_counter()
         try:
             out = self._predict_blocks(blocks)
@@ -198,21 +199,21 @@ class MicroBatcher:
         m.batch_requests.observe(len(blocks))
         return out
 
-    def _predict_blocks(self, blocks: list[Block]) -> list[pd.DataFrame | BaseException]:
+    def _predict_blocks(self, blocks: list[Block]) -> list[Columns | BaseException]:
         frame = self.build_frame(blocks)
         out = self.predict(frame)
         total = sum(b.n for b in blocks)
         if len(out) != total:
             raise RuntimeError(f"the model returned {len(out)} rows for {total} input rows")
-        out = out.reset_index(drop=True)
+        # one conversion per batch, then plain list slices per request
+        cols = {str(c): out[c].tolist() for c in out.columns}
         self.metrics.rows.inc(total)
         if len(blocks) == 1:
-            return [out]
-        results: list[pd.DataFrame | BaseException] = []
+            return [cols]
+        results: list[Columns | BaseException] = []
         start = 0
         for b in blocks:
-            part = out.iloc[start : start + b.n]
-            results.append(part.reset_index(drop=True))
+            results.append({c: v[start : start + b.n] for c, v in cols.items()})
             start += b.n
         return results
 

@@ -203,9 +203,9 @@ class InputSpec:
                 if c.dtype.startswith(("int", "uint")) and not np.isnan(arr).any():
                     arr = arr.astype(c.dtype)
                 data[c.name] = arr
-            else:
-                data[c.name] = vals
-        return pd.DataFrame(data)
+            else:  # object arrays: no per-value string inference here; the preprocessor keys them
+                data[c.name] = np.array(vals, dtype=object)
+        return pd.DataFrame(data, copy=False)
 
     # -- CSV ----------------------------------------------------------------------
     def parse_csv(self, body: bytes, id_column: str | None = None) -> tuple[pd.DataFrame, list[Any] | None]:
@@ -254,19 +254,20 @@ class InputSpec:
 
 
 # -------------------------------------------------------------------------- answers
-def output_records(out: pd.DataFrame, ids: list[Any] | None, id_column: str | None) -> list[dict[str, Any]]:
+def output_records(cols: dict[str, list[Any]], ids: list[Any] | None, id_column: str | None) -> list[dict[str, Any]]:
     """One JSON object per row: the id (when asked for) then the output columns."""
-    names = list(out.columns)
-    cols = [out[c].tolist() for c in names]
+    names = list(cols)
+    values = list(cols.values())
     if ids is not None and id_column is not None:
         names = [id_column, *names]
-        cols = [ids, *cols]
-    return [dict(zip(names, row)) for row in zip(*cols)]
+        values = [ids, *values]
+    return [dict(zip(names, row)) for row in zip(*values)]
 
 
-def output_csv(out: pd.DataFrame, ids: list[Any] | None, id_column: str | None) -> bytes:
+def output_csv(cols: dict[str, list[Any]], ids: list[Any] | None, id_column: str | None) -> bytes:
     """CSV text with a header: the id column (when asked for) then the output columns."""
+    data: dict[str, list[Any]] = {}
     if ids is not None and id_column is not None:
-        out = out.copy()
-        out.insert(0, id_column, ids)
-    return out.to_csv(index=False).encode()
+        data[id_column] = ids
+    data.update(cols)
+    return pd.DataFrame(data).to_csv(index=False).encode()
