@@ -237,8 +237,11 @@ def apply_gradients(model: Any, gradients: list[np.ndarray]) -> None:
 
 def make_gradient_loop_fn(
     model: Any,
-) -> Callable[[np.ndarray, np.ndarray, int], tuple[list[np.ndarray], list[list[np.ndarray]]]]:
-    """``fn(X, y, batch_size) -> (gradients, metric_state)`` in one graph call.
+) -> Callable[..., tuple[list[np.ndarray], list[list[np.ndarray]]]]:
+    """``fn(X, y, batch_size, weights) -> (gradients, metric_state)`` in one graph call.
+
+    ``weights`` (every model weight, as from :func:`get_weights`) are assigned first,
+    in the same graph call (a separate :func:`set_weights` would cost a second one).
 
     The rows are cut into batches of ``batch_size``; every batch's gradient of its
     mean loss is taken at the *same* weights (nothing is applied) and the result is
@@ -249,9 +252,12 @@ def make_gradient_loop_fn(
     import tensorflow as tf
 
     metric_vars = [list(m.variables) for m in model.metrics]
+    all_vars = list(model.weights)
 
     @tf.function(reduce_retracing=True)
-    def run(X, y, batch_size):
+    def run(X, y, batch_size, weights):
+        for v, w in zip(all_vars, weights):
+            v.assign(w)
         for vs in metric_vars:
             for v in vs:
                 v.assign(tf.zeros_like(v))
@@ -273,18 +279,24 @@ def make_gradient_loop_fn(
         out = [a / tf.cast(n, a.dtype) for a in acc]
         return out, [[tf.identity(v) for v in vs] for vs in metric_vars]
 
-    def call(X: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
-        g, m = run(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32))
+    def call(
+        X: np.ndarray, y: np.ndarray, batch_size: int, weights: list[np.ndarray]
+    ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+        if len(weights) != len(all_vars):
+            raise ValueError(f"Expected {len(all_vars)} weight arrays. Received: {len(weights)}")
+        g, m = run(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32),
+                   [tf.convert_to_tensor(w) for w in weights])
         return [a.numpy() for a in g], [[v.numpy() for v in vs] for vs in m]
 
     return call
 
 
-def make_apply_fn(model: Any) -> Callable[[list[np.ndarray]], None]:
+def make_apply_fn(model: Any) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     """A compiled ``apply_gradients`` with the model's own optimizer (server side).
 
     The optimizer and the weights live in the calling process; one call is one
-    optimizer step (one graph execution, no per-variable eager ops).
+    optimizer step and returns every model weight after it (one graph execution:
+    no per-variable eager ops, no second call to read the weights).
     """
     import tensorflow as tf
 
@@ -293,14 +305,16 @@ def make_apply_fn(model: Any) -> Callable[[list[np.ndarray]], None]:
     if not opt.built:
         opt.build(tvars)
 
+    all_vars = list(model.weights)
+
     @tf.function(reduce_retracing=True)
     def run(grads):
         opt.apply_gradients(zip(grads, tvars))
-        return tf.constant(0)
+        return [tf.identity(v) for v in all_vars]
 
-    def call(gradients: list[np.ndarray]) -> None:
+    def call(gradients: list[np.ndarray]) -> list[np.ndarray]:
         if len(gradients) != len(tvars):
             raise ValueError(f"Expected {len(tvars)} gradient arrays. Received: {len(gradients)}")
-        run([tf.convert_to_tensor(g) for g in gradients])
+        return [w.numpy() for w in run([tf.convert_to_tensor(g) for g in gradients])]
 
     return call

@@ -73,7 +73,8 @@ class ParameterServer:
     -----
     The History gets, per epoch, ``ps_applied`` (optimizer steps), ``ps_rejected``
     (stale pushes refused), ``ps_staleness_mean`` and ``ps_staleness_max`` (over the
-    applied pushes, in versions). Non-trainable weights (e.g. BatchNormalization
+    applied pushes, in versions) and ``ps_restarts`` (times the server was restored
+    after its worker was lost). Non-trainable weights (e.g. BatchNormalization
     statistics) stay at the server's values: only gradients travel.
 
     Examples
@@ -140,6 +141,7 @@ class ParameterServer:
                 results = self._wait(runner, futs, server, host)
                 weights, optimizer, stats = server.state().result(timeout=self._timeout())
             except _ServerLost:
+                runner.scratch["ps_restarts_epoch"] = (runner.epoch, attempt + 1)
                 fit.client.cancel(futs)
                 runner.scratch.setdefault("ps_lost", set()).add(host)
                 runner.scratch.pop("ps_server", None)
@@ -164,7 +166,10 @@ class ParameterServer:
 
     def epoch_logs(self, runner: "EpochRunner") -> dict[str, float]:
         stats = runner.scratch.get("ps_stats") or {}
-        return {f"ps_{k}": float(v) for k, v in stats.items()}
+        logs = {f"ps_{k}": float(v) for k, v in stats.items()}
+        epoch, restarts = runner.scratch.get("ps_restarts_epoch", (None, 0))
+        logs["ps_restarts"] = float(restarts if epoch == runner.epoch else 0)
+        return logs
 
     # ------------------------------------------------------------------ the server
     def _server(self, runner: "EpochRunner", exclude: set[str]) -> tuple[Any, str]:
@@ -276,9 +281,8 @@ class ParamServerActor:
         return self._next_chunk.get(int(stream), 0), self._current(), self.version
 
     def _step(self, gradients: list[np.ndarray]) -> None:
-        self.apply(gradients)
+        self._weights = self.apply(gradients)
         self.version += 1
-        self._weights = None
         self.stats["applied"] += 1
 
     def _event(self) -> asyncio.Event:
@@ -397,8 +401,7 @@ def ps_epoch(
             continue
         with cached.lock:
             backend.ensure_built(cached.model, X, y)
-            backend.set_weights(cached.model, weights)
-            grads, m = cached.grad_loop_fn(X, y, batch_size)
+            grads, m = cached.grad_loop_fn(X, y, batch_size, weights)
         weights, version, _ = server.push(stream, i, grads, len(X), version).result(timeout=timeout)
         samples += len(X)
         metrics = m if metrics is None else [[a + b for a, b in zip(ma, mb)] for ma, mb in zip(metrics, m)]

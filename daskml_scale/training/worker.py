@@ -11,6 +11,7 @@ worker after a loss. The worker keeps two memos, both safe to lose:
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -137,8 +138,12 @@ def _materialize(source: Any) -> dict[str, np.ndarray]:
     return value
 
 
+@functools.lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int, part: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, part]).permutation(n)
+    # cached: a stream reads one partition in many small slices (the parameter server)
+    perm = np.random.default_rng([seed, epoch, part]).permutation(n)
+    perm.flags.writeable = False
+    return perm
 
 
 def gather_rows(

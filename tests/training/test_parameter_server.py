@@ -124,6 +124,7 @@ def test_server_worker_killed_mid_fit_does_not_hang(diamond_data, fitted_pre, ow
     assert len(h.history["val_loss"]) == 3
     assert h.history["val_loss"][-1] < h.history["val_loss"][0]
     assert killer.victim in h.daskml_summary["lost_workers"]
+    assert sum(h.history["ps_restarts"]) >= 1  # the server was restored on the other worker
 
 
 def test_bad_arguments_are_clear():
