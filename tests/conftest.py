@@ -128,7 +128,7 @@ def client():
 @pytest.fixture
 def own_client():
     """A private 2-worker LocalCluster, for tests that kill workers."""
-    c = daskml_scale.connect(n_workers=2, threads_per_worker=1, dashboard_address=None, memory_limit="4GiB")
+    c = daskml_scale.connect(n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="4GiB")
     try:
         c.wait_for_workers(2, timeout=120)
         yield c
