@@ -24,8 +24,6 @@ import datetime as _dt
 import hashlib
 import io
 import json
-import os
-import tempfile
 import zipfile
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -34,6 +32,7 @@ import pandas as pd
 
 from daskml_scale import config
 from daskml_scale.exceptions import BundleError, DataError, UnsafeBundleError
+from daskml_scale.training import backend
 from daskml_scale.preprocessing import Preprocessor
 from daskml_scale.writers import write_bytes_atomic
 
@@ -65,34 +64,24 @@ def _versions() -> dict[str, str]:
 
 
 def _model_to_bytes(model: "keras.Model") -> bytes:
-    """The ``.keras`` file of ``model`` (Keras insists on a path ending in ``.keras``)."""
-    with tempfile.TemporaryDirectory(prefix="daskml-bundle-") as d:
-        path = os.path.join(d, "model.keras")
-        model.save(path)
-        with open(path, "rb") as f:
-            return f.read()
+    """The ``.keras`` file of ``model``."""
+    return backend.model_to_bytes(model)
 
 
 def _model_from_bytes(data: bytes, *, safe_mode: bool, where: str) -> "keras.Model":
-    import keras
-
-    with tempfile.TemporaryDirectory(prefix="daskml-bundle-") as d:
-        path = os.path.join(d, "model.keras")
-        with open(path, "wb") as f:
-            f.write(data)
-        try:
-            return keras.saving.load_model(path, safe_mode=safe_mode, compile=False)
-        except Exception as exc:  # Keras raises ValueError/TypeError/... of its own
-            text = str(exc)
-            if safe_mode and ("safe_mode" in text or "unsafe" in text.lower() or "Lambda" in text):
-                raise UnsafeBundleError(
-                    f"{where}: the model holds Python code (e.g. a Lambda layer), which safe loading refuses "
-                    "because loading it would run code from the file. If you trust the file, load it with "
-                    f"load_bundle(url, safe_mode=False). Keras said: {text}"
-                ) from exc
-            raise BundleError(
-                f"{where}: cannot load the Keras model in {_MODEL!r}: {type(exc).__name__}: {text}"
+    try:
+        return backend.model_from_bytes(data, safe_mode=safe_mode, compile=False)
+    except Exception as exc:  # Keras raises ValueError/TypeError/... of its own
+        text = str(exc)
+        if safe_mode and ("safe_mode" in text or "unsafe" in text.lower() or "Lambda" in text):
+            raise UnsafeBundleError(
+                f"{where}: the model holds Python code (e.g. a Lambda layer), which safe loading refuses "
+                "because loading it would run code from the file. If you trust the file, load it with "
+                f"load_bundle(url, safe_mode=False). Keras said: {text}"
             ) from exc
+        raise BundleError(
+            f"{where}: cannot load the Keras model in {_MODEL!r}: {type(exc).__name__}: {text}"
+        ) from exc
 
 
 def _output_width(model: "keras.Model") -> int:
