@@ -198,6 +198,23 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(bundle, table
     assert metric(m, 'daskml_scale_requests_total{endpoint="/predict",method="POST",status="200"}') == len(cases)
 
 
+def test_null_numbers_are_imputed_and_unknown_fields_ignored(bundle, table):
+    rows = _rows(table, 40, 4)
+    rows[1]["depth"] = None
+    rows[2]["shop"] = "Antwerp"  # not in the schema: ignored
+    rows[3]["price"] = 1000  # an optional schema field some records have
+
+    async def go():
+        async with served(create_app(bundle)) as c:
+            return await c.post("/predict", json=rows)
+
+    r = asyncio.run(go())
+    assert r.status_code == 200, r.text
+    frame = pd.DataFrame(rows).drop(columns=["shop", "price"])
+    expected = bundle.predict_frame(frame)["prediction"].to_numpy()
+    np.testing.assert_allclose([o["prediction"] for o in r.json()], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_field_of_wrong_type_is_named_in_the_answer(bundle, table):
     rec = {**_rows(table, 0, 1)[0], "x": [1, 2]}
 

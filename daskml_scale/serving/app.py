@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -83,6 +84,7 @@ class ServingState:
         self.warmup = warmup
         self.metrics = Registry()
         self.spec: InputSpec | None = None
+        self.preprocessor: Any = None
         self.load_error: str | None = None
         self.ready = threading.Event()
         self.batcher = MicroBatcher(
@@ -106,6 +108,7 @@ class ServingState:
             b = self.bundle
             pre = b.preprocessor
             self.spec = InputSpec(b.input_schema, [*pre.numeric, *pre.categorical], target=pre.target)
+            self.preprocessor = _without_target(pre)
             b.model  # noqa: B018  (load the model now, not on the first request)
             if self.warmup:
                 self._warm_up()
@@ -140,18 +143,28 @@ class ServingState:
     def _build_frame(self, blocks: Sequence[Block]) -> pd.DataFrame:
         spec = self.spec
         assert spec is not None
-        if all(isinstance(b.rows, list) for b in blocks):
-            records: list[dict[str, Any]] = []
-            for b in blocks:
-                records.extend(b.rows)  # type: ignore[arg-type]
-            return spec.records_to_frame(records)
-        frames = [spec.records_to_frame(b.rows) if isinstance(b.rows, list) else b.rows for b in blocks]
-        return spec.frames_to_frame(frames)
+        if all(isinstance(b.rows, dict) for b in blocks):
+            return spec.columns_to_frame(spec.concat_columns([(b.rows, b.n) for b in blocks]))  # type: ignore[misc]
+        frames = [spec.columns_to_frame(b.rows) if isinstance(b.rows, dict) else b.rows for b in blocks]
+        return spec.frames_to_frame(frames)  # type: ignore[arg-type]
 
     def _predict(self, frame: pd.DataFrame) -> pd.DataFrame:
-        assert self.bundle is not None
+        """``Bundle.predict_frame``, except that the target is never encoded.
+
+        The client may send the raw columns the transform derives the target from
+        (e.g. a price that becomes ``log_price``), for some rows only; prediction
+        has no use for the target, so it is dropped after the user's transform.
+        """
+        b = self.bundle
+        assert b is not None
         try:
-            return self.bundle.predict_frame(frame, batch_size=max(len(frame), 1))
+            X, _ = self.preprocessor.transform(frame)
+            if len(X) != len(frame):
+                raise RequestError(
+                    422, f"The model's transform returned {len(X)} rows for {len(frame)}: "
+                    "serving needs a row-wise transform"
+                )
+            return b.outputs_to_frame(b.predict_array(X, batch_size=max(len(X), 1)), frame.index)
         except RequestError:
             raise
         except DataError as exc:  # a value the preprocessor refuses: the client's fault
@@ -160,6 +173,24 @@ class ServingState:
             raise RequestError(
                 422, f"The model's transform failed on this input: {type(exc).__name__}: {exc}"
             ) from exc
+
+
+def _without_target(pre: Any) -> Any:
+    """A shallow copy of ``pre`` whose transform drops the target column it makes."""
+    target = pre.target
+    if target is None:
+        return pre
+    out = copy.copy(pre)
+    fn = pre.transform_fn
+
+    def transform(df: pd.DataFrame) -> pd.DataFrame:
+        res = fn(df) if fn is not None else df
+        return res.drop(columns=[target]) if isinstance(res, pd.DataFrame) and target in res.columns else res
+
+    if fn is None and getattr(pre, "_transform_missing", None):
+        return pre  # keep the preprocessor's own "pass the transform again" error
+    out.transform_fn = transform
+    return out
 
 
 # --------------------------------------------------------------------------- handlers
@@ -237,9 +268,10 @@ class PredictEndpoint:
             body = await _receive_body(receive, length, state.max_body_bytes)
             if is_csv:
                 rows, ids = spec.parse_csv(body, id_column)
+                n = len(rows)
             else:
-                rows, ids = spec.parse_json(body, id_column)
-        cols = await batcher.submit(rows, len(rows))
+                rows, n, ids = spec.parse_json(body, id_column)
+        cols = await batcher.submit(rows, n)
         if is_csv:
             return 200, b"text/csv; charset=utf-8", output_csv(cols, ids, id_column)
         return 200, b"application/json", dumps(output_records(cols, ids, id_column))

@@ -30,9 +30,9 @@ __all__ = ["Block", "Columns", "MicroBatcher"]
 
 @dataclass
 class Block:
-    """The rows of one request: a list of JSON records or a DataFrame."""
+    """The rows of one request: checked JSON columns (name -> values) or a DataFrame."""
 
-    rows: list[dict[str, Any]] | pd.DataFrame
+    rows: Any
     n: int
     future: asyncio.Future | None = field(default=None, repr=False)
 
@@ -122,7 +122,7 @@ class MicroBatcher:
         """
         return _Arrival(self)
 
-    async def submit(self, rows: list[dict[str, Any]] | pd.DataFrame, n: int) -> Columns:
+    async def submit(self, rows: Any, n: int) -> Columns:
         """Predict the rows of one request; returns output column -> list of values."""
         loop = asyncio.get_running_loop()
         block = Block(rows, n)

@@ -79,6 +79,16 @@ def _json_default(o: Any) -> Any:  # pragma: no cover - only without orjson
     raise TypeError(f"cannot encode {type(o).__name__}")
 
 
+class _Absent:
+    """A field a record does not have (``None`` is JSON ``null``, which is a value)."""
+
+
+_ABSENT = _Absent()
+_NONE = type(None)
+_NUMBER_OK = frozenset({int, float, _NONE})
+_BOOL_OK = frozenset({bool, _NONE})
+_STRING_OK = frozenset({str, int, float, _NONE})
+
 _NUMERIC_PREFIXES = ("int", "uint", "float", "Int", "UInt", "Float", "double")
 
 
@@ -133,8 +143,19 @@ class InputSpec:
         self.required = [c.name for c in self.columns if c.required]
 
     # -- JSON ---------------------------------------------------------------------
-    def parse_json(self, body: bytes, id_column: str | None = None) -> tuple[list[dict[str, Any]], list[Any] | None]:
-        """Records from a JSON body (a list of objects, or ``{"records": [...]}``)."""
+    def parse_json(self, body: bytes, id_column: str | None = None) -> tuple[dict[str, list[Any]], int, list[Any] | None]:
+        """Checked columns from a JSON body (a list of objects, or ``{"records": [...]}``).
+
+        Returns
+        -------
+        columns : dict of list
+            Schema column -> values in record order (``None`` where a record lacks an
+            optional field); optional columns absent from every record are left out.
+        n : int
+            The number of records.
+        ids : list or None
+            The id column's values, when ``id_column`` is given.
+        """
         if not body.strip():
             raise RequestError(400, "The request body is empty: expected a JSON list of records")
         try:
@@ -149,63 +170,81 @@ class InputSpec:
             )
         if not data:
             raise RequestError(400, "Expected at least one record. Received: an empty list")
-        self.check_records(data)
+        cols = self.check_records(data)
         ids = None
         if id_column is not None:
-            ids = []
-            for i, r in enumerate(data):
-                if id_column not in r:
-                    raise RequestError(
-                        422, f"Record {i}: the id field {id_column!r} is missing", field=id_column
-                    )
-                ids.append(r[id_column])
-        return data, ids
+            ids = [r.get(id_column, _ABSENT) for r in data]
+            if _Absent in set(map(type, ids)):
+                i = next(i for i, v in enumerate(ids) if v is _ABSENT)
+                raise RequestError(422, f"Record {i}: the id field {id_column!r} is missing", field=id_column)
+        return cols, len(data), ids
 
-    def check_records(self, records: list[Any]) -> None:
-        """Each record an object with every required field, of the right type."""
-        required = self.required
-        cols = [(c.name, c.numeric, c.boolean) for c in self.columns]
-        for i, r in enumerate(records):
-            if not isinstance(r, dict):
-                raise RequestError(
-                    400, f"Record {i}: expected a JSON object. Received: {type(r).__name__} {str(r)[:80]}"
-                )
-            for name in required:
-                if name not in r:
+    def check_records(self, records: list[Any]) -> dict[str, list[Any]]:
+        """Each record an object with every required field, of the right type.
+
+        Works column by column (one ``set(map(type, values))`` per column) and
+        returns the columns; an error names the first offending record.
+        """
+        if set(map(type, records)) != {dict}:
+            i, r = next((i, r) for i, r in enumerate(records) if not isinstance(r, dict))
+            raise RequestError(400, f"Record {i}: expected a JSON object. Received: {type(r).__name__} {str(r)[:80]}")
+        cols: dict[str, list[Any]] = {}
+        for c in self.columns:
+            name = c.name
+            vals = [r.get(name, _ABSENT) for r in records]
+            types = set(map(type, vals))
+            if _Absent in types:
+                if c.required:
+                    i = next(i for i, v in enumerate(vals) if v is _ABSENT)
                     raise RequestError(
-                        422, f"Record {i}: required field {name!r} is missing; the model needs {required}",
+                        422, f"Record {i}: required field {name!r} is missing; the model needs {self.required}",
                         field=name,
                     )
-            for name, numeric, boolean in cols:
-                v = r.get(name)
-                if v is None:
-                    continue
-                if numeric:
-                    if (isinstance(v, bool) and not boolean) or not isinstance(v, (int, float)):
-                        raise RequestError(
-                            422, f"Record {i}, field {name!r}: expected a number. Received: {v!r}", field=name
-                        )
-                elif not isinstance(v, (str, int, float)) or isinstance(v, bool):
-                    raise RequestError(
-                        422, f"Record {i}, field {name!r}: expected a string. Received: {v!r}", field=name
-                    )
+                if len(types) == 1:
+                    continue  # an optional column nobody sent
+                vals = [None if v is _ABSENT else v for v in vals]
+                types.discard(_Absent)
+                types.add(type(None))
+            allowed = _BOOL_OK if c.boolean else (_NUMBER_OK if c.numeric else _STRING_OK)
+            if not types <= allowed:
+                i, v = next((i, v) for i, v in enumerate(vals) if type(v) not in allowed)
+                what = "a boolean" if c.boolean else ("a number" if c.numeric else "a string")
+                raise RequestError(422, f"Record {i}, field {name!r}: expected {what}. Received: {v!r}", field=name)
+            cols[name] = vals
+        return cols
 
-    def records_to_frame(self, records: list[dict[str, Any]]) -> pd.DataFrame:
-        """One frame of the schema columns present in ``records`` (missing values NaN)."""
+    def columns_to_frame(self, cols: dict[str, list[Any]]) -> pd.DataFrame:
+        """A frame from checked columns: numbers as float64 (int where the schema says
+        so and nothing is missing), everything else as object arrays."""
         data: dict[str, Any] = {}
-        first = records[0]
-        for c in self.columns:
-            vals = [r.get(c.name) for r in records]
-            if not c.required and c.name not in first and all(v is None for v in vals):
-                continue
+        for name, vals in cols.items():
+            c = self.by_name[name]
             if c.numeric and not c.boolean:
                 arr = np.array(vals, dtype=np.float64)
                 if c.dtype.startswith(("int", "uint")) and not np.isnan(arr).any():
                     arr = arr.astype(c.dtype)
-                data[c.name] = arr
+                data[name] = arr
             else:  # object arrays: no per-value string inference here; the preprocessor keys them
-                data[c.name] = np.array(vals, dtype=object)
+                data[name] = np.array(vals, dtype=object)
         return pd.DataFrame(data, copy=False)
+
+    def concat_columns(self, parts: list[tuple[dict[str, list[Any]], int]]) -> dict[str, list[Any]]:
+        """The columns of several requests, one after the other (``None`` fills gaps)."""
+        if len(parts) == 1:
+            return parts[0][0]
+        out: dict[str, list[Any]] = {}
+        for c in self.columns:
+            if not any(c.name in cols for cols, _ in parts):
+                continue
+            acc: list[Any] = []
+            for cols, n in parts:
+                acc.extend(cols.get(c.name) or [None] * n)
+            out[c.name] = acc
+        return out
+
+    def records_to_frame(self, records: list[dict[str, Any]]) -> pd.DataFrame:
+        """One frame of the schema columns present in ``records`` (checked first)."""
+        return self.columns_to_frame(self.check_records(records))
 
     # -- CSV ----------------------------------------------------------------------
     def parse_csv(self, body: bytes, id_column: str | None = None) -> tuple[pd.DataFrame, list[Any] | None]:
