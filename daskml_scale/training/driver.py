@@ -197,6 +197,13 @@ class Fit:
 
     # ------------------------------------------------------------------ running
     def run(self) -> Any:
+        """Train; whatever happens, release what the fit put in the cluster."""
+        try:
+            return self._run()
+        finally:
+            self._release()
+
+    def _run(self) -> Any:
         import keras
 
         client = self.client
@@ -280,18 +287,21 @@ class Fit:
                 pass
         cb.on_train_end(logs)
         history.daskml_summary = self.summary(history)
-        self._release()
         return history
 
     def _release(self) -> None:
-        futures = [s for s in self.sources if not isinstance(s, Lazy)]
-        if self.val_sources:
+        futures = [s for s in getattr(self, "sources", []) if not isinstance(s, Lazy)]
+        if getattr(self, "val_sources", None):
             futures += [s for s in self.val_sources if not isinstance(s, Lazy)]
-        for f in futures + [self.model_bytes]:
+        # and what a strategy kept for the fit (e.g. the parameter server's actor future)
+        futures += [v for v in self.scratch.values() if hasattr(v, "release") and hasattr(v, "key")]
+        for f in futures + [getattr(self, "model_bytes", None)]:
             try:
-                f.release()
+                if f is not None:
+                    f.release()
             except Exception:
                 pass
+        self.scratch.clear()
 
     def _progbar(self) -> bool:
         if self.verbose == "auto":
