@@ -45,6 +45,7 @@ def create_app(
     transform: "Callable[[pd.DataFrame], pd.DataFrame] | None" = None,
     safe_mode: bool = True,
     warmup: bool = True,
+    freeze_gc: bool = False,
 ) -> "Starlette":
     """An ASGI application serving a bundle.
 
@@ -77,6 +78,11 @@ def create_app(
     warmup : bool
         Run one prediction on a made-up row after loading, so the first request
         does not pay for tracing the model.
+    freeze_gc : bool
+        After loading, move every object alive to the garbage collector's permanent
+        generation (``gc.freeze()``), so full collections no longer walk the
+        TensorFlow objects and stall requests. Meant for a process that only serves
+        (``serve()`` turns it on).
 
     Returns
     -------
@@ -94,7 +100,7 @@ def create_app(
         bundle_or_url, client=client, scheduler=scheduler, storage_options=storage_options,
         max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, micro_batching=micro_batching,
         max_body_bytes=max_body_bytes, id_column=id_column, transform=transform, safe_mode=safe_mode,
-        warmup=warmup,
+        warmup=warmup, freeze_gc=freeze_gc,
     )
 
 
@@ -115,6 +121,7 @@ def serve(
     tf_threads: int | None = None,
     log_level: str = "warning",
     access_log: bool = False,
+    freeze_gc: bool = True,
 ) -> None:
     """Serve a bundle over HTTP with uvicorn; blocks until the server stops.
 
@@ -130,6 +137,8 @@ def serve(
         TensorFlow intra-op threads in this process (set before the model loads).
     log_level, access_log :
         uvicorn's logging; the access log costs throughput and is off by default.
+    freeze_gc : bool
+        See :func:`create_app`; on by default here.
     **others :
         As in :func:`create_app`.
 
@@ -152,7 +161,7 @@ def serve(
     app = create_app(
         bundle_url, scheduler=scheduler, storage_options=storage_options, max_batch_rows=max_batch_rows,
         max_wait_ms=max_wait_ms, micro_batching=micro_batching, max_body_bytes=max_body_bytes,
-        id_column=id_column, transform=transform, safe_mode=safe_mode,
+        id_column=id_column, transform=transform, safe_mode=safe_mode, freeze_gc=freeze_gc,
     )
     uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on")
 

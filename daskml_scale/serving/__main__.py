@@ -26,12 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--id-column", default=None)
     p.add_argument("--tf-threads", type=int, default=None)
     p.add_argument("--log-level", default="warning")
+    p.add_argument("--no-gc-freeze", action="store_true", help="keep the garbage collector walking every object")
     args = p.parse_args(argv)
     serve(
         args.bundle_url, host=args.host, port=args.port, scheduler=args.scheduler,
         max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
         micro_batching=not args.no_micro_batching, max_body_bytes=args.max_body_bytes,
         id_column=args.id_column, tf_threads=args.tf_threads, log_level=args.log_level,
+        freeze_gc=not args.no_gc_freeze,
     )
     return 0
 
