@@ -198,6 +198,36 @@ def test_every_bad_input_gets_its_4xx_and_the_server_keeps_serving(bundle, table
     assert metric(m, 'daskml_scale_requests_total{endpoint="/predict",method="POST",status="200"}') == len(cases)
 
 
+def test_classification_answers_probabilities_and_labels(tmp_path, table):
+    import keras
+
+    pre = daskml_scale.Preprocessor(
+        target="cut", numeric=["carat", "depth", "table"], categorical=["color"],
+    ).fit(table)
+    X, _ = pre.transform(table)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dense(len(pre.classes_), activation="softmax")])
+    b = load_bundle(save_bundle(model, pre, str(tmp_path / "cut.bundle")))
+    rows = table[["id", "carat", "depth", "table", "color"]].iloc[:12].to_dict("records")
+
+    async def go():
+        async with served(create_app(b)) as c:
+            j = await c.post("/predict?id=id", json=rows)
+            csv = await c.post("/predict", content=pd.DataFrame(rows).to_csv(index=False), headers={"content-type": "text/csv"})
+        return j, csv
+
+    j, csv = asyncio.run(go())
+    assert j.status_code == 200 and csv.status_code == 200, (j.text, csv.text)
+    expected = b.predict_frame(pd.DataFrame(rows))
+    got = pd.DataFrame(j.json())
+    assert list(got.columns) == ["id", *b.output_names]
+    assert got["label"].tolist() == expected["label"].tolist()
+    probas = [n for n in b.output_names if n.startswith("proba_")]
+    np.testing.assert_allclose(got[probas].to_numpy(), expected[probas].to_numpy(), rtol=1e-5, atol=1e-6)
+    from_csv = pd.read_csv(io.StringIO(csv.text))
+    assert from_csv["label"].tolist() == expected["label"].tolist()
+
+
 def test_null_numbers_are_imputed_and_unknown_fields_ignored(bundle, table):
     rows = _rows(table, 40, 4)
     rows[1]["depth"] = None

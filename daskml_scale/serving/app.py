@@ -16,12 +16,11 @@ import time
 from urllib.parse import parse_qs
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
-import numpy as np
 import pandas as pd
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -31,6 +30,7 @@ from daskml_scale.serving.batcher import Block, MicroBatcher
 from daskml_scale.serving.inputs import InputSpec, RequestError, dumps, loads, output_csv, output_records
 from daskml_scale.serving.jobs import JobManager
 from daskml_scale.serving.metrics import CONTENT_TYPE, Registry
+from daskml_scale.serving.openapi import openapi_document
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -378,98 +378,6 @@ async def list_jobs(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     return _Json(openapi_document(_state(request)))
-
-
-# ---------------------------------------------------------------------------- OpenAPI
-def openapi_document(state: ServingState) -> dict[str, Any]:
-    """An OpenAPI 3.1 description, with the request schema taken from the bundle."""
-    props: dict[str, Any] = {}
-    required: list[str] = []
-    outputs: dict[str, Any] = {}
-    if state.spec is not None:
-        for c in state.spec.columns:
-            t = "boolean" if c.boolean else ("number" if c.numeric else "string")
-            props[c.name] = {"type": [t, "null"], "description": f"dtype {c.dtype}"}
-        required = list(state.spec.required)
-    if state.bundle is not None:
-        for name in state.bundle.output_names:
-            outputs[name] = {"type": "string"} if name == "label" else {"type": "number"}
-    error = {"$ref": "#/components/schemas/Error"}
-
-    def problem(desc: str) -> dict[str, Any]:
-        return {"description": desc, "content": {"application/json": {"schema": error}}}
-
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "daskml_scale model server", "version": _version()},
-        "paths": {
-            "/predict": {
-                "post": {
-                    "summary": "Predict rows (micro-batched)",
-                    "parameters": [{
-                        "name": "id", "in": "query", "required": False, "schema": {"type": "string"},
-                        "description": "A field of each record to copy into its prediction",
-                    }],
-                    "requestBody": {"required": True, "content": {
-                        "application/json": {"schema": {"type": "array", "minItems": 1,
-                                                        "items": {"$ref": "#/components/schemas/Record"}}},
-                        "text/csv": {"schema": {"type": "string"}},
-                    }},
-                    "responses": {
-                        "200": {"description": "One prediction per input row, in order", "content": {
-                            "application/json": {"schema": {"type": "array",
-                                                            "items": {"$ref": "#/components/schemas/Prediction"}}},
-                            "text/csv": {"schema": {"type": "string"}},
-                        }},
-                        "400": problem("Empty or malformed body"),
-                        "413": problem("Body over the size limit"),
-                        "415": problem("Unsupported content type"),
-                        "422": problem("A missing field or a value of the wrong type"),
-                        "503": problem("The model is not loaded yet"),
-                    },
-                }
-            },
-            "/health": {"get": {"summary": "Liveness and readiness", "responses": {
-                "200": {"description": "Ready"}, "503": {"description": "Live, not ready"}}}},
-            "/info": {"get": {"summary": "Model, versions, schema, outputs, training summary",
-                              "responses": {"200": {"description": "The bundle's description"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": {"description": "Prometheus text format", "content": {"text/plain": {}}}}}},
-            "/jobs": {
-                "post": {
-                    "summary": "Run predict_files on the Dask cluster in the background",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                        "type": "object", "required": ["input", "output"], "properties": {
-                            "input": {"type": "string", "description": "input URL path or glob"},
-                            "output": {"type": "string", "description": "output directory URL"},
-                            "format": {"enum": ["csv", "parquet"]},
-                            "keep": {"type": "array", "items": {"type": "string"}},
-                        }}}}},
-                    "responses": {"202": {"description": "Accepted; poll GET /jobs/{id}"},
-                                  "422": problem("Bad job request"), "503": problem("No cluster configured")},
-                },
-                "get": {"summary": "List jobs", "responses": {"200": {"description": "Jobs"}}},
-            },
-            "/jobs/{job_id}": {"get": {
-                "summary": "A job's state and report",
-                "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": {"description": "The job"}, "404": problem("No such job")},
-            }},
-        },
-        "components": {"schemas": {
-            "Record": {"type": "object", "properties": props, "required": required},
-            "Prediction": {"type": "object", "properties": outputs},
-            "Error": {"type": "object", "properties": {
-                "error": {"type": "string"}, "status": {"type": "integer"}, "field": {"type": "string"},
-                "line": {"type": "integer"}}},
-        }},
-    }
-
-
-def _version() -> str:
-    from daskml_scale import __version__
-
-    return __version__
 
 
 # ------------------------------------------------------------------- metrics middleware
