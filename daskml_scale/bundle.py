@@ -212,7 +212,7 @@ class Bundle:
         DataError
             A column is missing or a value cannot be used (names the column).
         """
-        X, _ = self.preprocessor.transform(df)
+        X, _ = self.preprocessor.transform(df, with_target=False)
         if len(X) != len(df):
             raise DataError(
                 f"Expected the transform to keep every row ({len(df)}). Received: {len(X)} rows. "

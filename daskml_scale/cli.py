@@ -459,6 +459,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         daskml_scale.serve(
             bundle, host=args.host, port=args.port, scheduler=scheduler,
             storage_options=args.storage_options or None, log_level="info" if args.verbose else "warning",
+            max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
+            micro_batching=not args.no_micro_batching, max_body_bytes=args.max_body_bytes,
+            id_column=args.id_column,
         )
     return 0
 
@@ -554,6 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
+    s.add_argument("--max-batch-rows", type=int, metavar="N", help="most rows in one coalesced model call (config serve.max-batch-rows)")
+    s.add_argument("--max-wait-ms", type=float, metavar="MS", help="longest wait to fill a batch (config serve.max-wait-ms)")
+    s.add_argument("--no-micro-batching", action="store_true", help="one model call per request")
+    s.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request body (config serve.max-body-bytes)")
+    s.add_argument("--id-column", metavar="COL", help="column passed through next to the predictions")
     _common(s)
     s.set_defaults(func=cmd_serve)
     return parser

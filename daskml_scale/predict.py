@@ -448,7 +448,7 @@ def predict_files(
         )
         futures[fut] = i
     results: dict[int, dict[str, Any]] = {}
-    for fut in as_completed(list(futures)):
+    for fut in as_completed(list(futures), loop=client.loop):
         i = futures[fut]
         try:
             results[i] = fut.result()

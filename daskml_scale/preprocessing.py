@@ -374,8 +374,17 @@ class Preprocessor:
         self._check_fitted()
         return len(self.feature_names_)
 
-    def transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+    def transform(self, df: pd.DataFrame, *, with_target: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Features and target of a pandas frame, as float32 arrays.
+
+        Parameters
+        ----------
+        df : pandas.DataFrame
+            Raw rows, as read.
+        with_target : bool
+            ``False`` at prediction time: the target column, when the input has it, is
+            dropped before the user's transform (so a transform that drops rows without a
+            target keeps every row), and the transform must then keep every row.
 
         Returns
         -------
@@ -385,7 +394,15 @@ class Preprocessor:
             ``None`` when the target column is absent.
         """
         self._check_fitted()
+        if not with_target and self.target is not None and self.target in df.columns:
+            df = df.drop(columns=[self.target])
+        n_in = len(df)
         df = self._apply_user_transform(df)
+        if not with_target and len(df) != n_in:
+            raise DataError(
+                f"Expected the transform to keep every row at prediction time. Received: {n_in} rows in, "
+                f"{len(df)} out; filter rows only when the target column {self.target!r} is present"
+            )
         self._check_columns(df, need_target=False)
         n = len(df)
         X = np.zeros((n, len(self.feature_names_)), dtype=np.float32)
@@ -422,12 +439,12 @@ class Preprocessor:
         for col in self.categorical:
             cats = self.categories_[col]
             if cats:
-                codes = pd.Index(cats).get_indexer(category_keys(df[col]))
+                codes = self._category_index(col).get_indexer(category_keys(df[col]))
                 hit = codes >= 0  # unseen and missing values: all zeros (the stated rule)
                 flat[row_starts[hit] + offset + codes[hit]] = 1.0
             offset += len(cats)
         y = None
-        if self.target is not None and self.target in df.columns:
+        if with_target and self.target is not None and self.target in df.columns:
             y = self._encode_target(df)
         return X, y
 
@@ -451,6 +468,13 @@ class Preprocessor:
                 f"{self.classes_}", path=path, line=line, column=self.target,
             )
         return codes.astype(np.int64)
+
+    def _category_index(self, col: str) -> pd.Index:
+        cache = self.__dict__.setdefault("_index_cache", {})
+        idx = cache.get(col)
+        if idx is None or len(idx) != len(self.categories_[col]):
+            idx = cache[col] = pd.Index(self.categories_[col])
+        return idx
 
     def fit_transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
         return self.fit(df).transform(df)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import gc
 import logging
 import threading
@@ -111,7 +110,7 @@ class ServingState:
             b = self.bundle
             pre = b.preprocessor
             self.spec = InputSpec(b.input_schema, [*pre.numeric, *pre.categorical], target=pre.target)
-            self.preprocessor = _without_target(pre)
+            self.preprocessor = pre
             b.model  # noqa: B018  (load the model now, not on the first request)
             if self.warmup:
                 self._warm_up()
@@ -166,7 +165,7 @@ class ServingState:
         b = self.bundle
         assert b is not None
         try:
-            X, _ = self.preprocessor.transform(frame)
+            X, _ = self.preprocessor.transform(frame, with_target=False)
             if len(X) != len(frame):
                 raise RequestError(
                     422, f"The model's transform returned {len(X)} rows for {len(frame)}: "
@@ -181,24 +180,6 @@ class ServingState:
             raise RequestError(
                 422, f"The model's transform failed on this input: {type(exc).__name__}: {exc}"
             ) from exc
-
-
-def _without_target(pre: Any) -> Any:
-    """A shallow copy of ``pre`` whose transform drops the target column it makes."""
-    target = pre.target
-    if target is None:
-        return pre
-    out = copy.copy(pre)
-    fn = pre.transform_fn
-
-    def transform(df: pd.DataFrame) -> pd.DataFrame:
-        res = fn(df) if fn is not None else df
-        return res.drop(columns=[target]) if isinstance(res, pd.DataFrame) and target in res.columns else res
-
-    if fn is None and getattr(pre, "_transform_missing", None):
-        return pre  # keep the preprocessor's own "pass the transform again" error
-    out.transform_fn = transform
-    return out
 
 
 # --------------------------------------------------------------------------- handlers
