@@ -21,7 +21,7 @@ from daskml_scale import config
 from daskml_scale.exceptions import DataError, MissingColumnError, TrainingError, WorkersLostError
 from daskml_scale.training import backend
 from daskml_scale.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from daskml_scale.training.worker import Lazy, PartSlice, evaluate_parts, partition_sizes, prepare_partition, train_round
+from daskml_scale.training.worker import Lazy, PartSlice, StreamRange, evaluate_parts, partition_sizes, prepare_partition, train_round
 
 logger = logging.getLogger(__name__)
 
@@ -442,14 +442,27 @@ class EpochRunner:
             parts = [parts[i] for i in rng.permutation(len(parts))]
         return parts
 
-    def rounds(self, steps_per_round: int | None) -> Iterator[list[list[PartSlice]]]:
-        """Per round, per stream, the slices of rows to train on (empty: stream done)."""
+    def rounds(self, steps_per_round: int | None) -> Iterator[list[list[PartSlice | StreamRange]]]:
+        """Per round, per stream, the rows to train on (an empty list: the stream is done).
+
+        Cached data is shuffled across all of a worker's partitions (:class:`StreamRange`);
+        streamed data partition by partition, in a shuffled partition order (a worker
+        then holds one partition at a time).
+        """
         fit = self.fit
-        per_stream: list[list[list[PartSlice]]] = []
+        room = None if steps_per_round is None else steps_per_round * fit.batch_size
+        per_stream: list[list[list[PartSlice | StreamRange]]] = []
         for s in range(len(fit.streams)):
-            chunks: list[list[PartSlice]] = []
-            current: list[PartSlice] = []
-            room = None if steps_per_round is None else steps_per_round * fit.batch_size
+            if fit.cached and fit.shuffle:
+                parts = tuple(fit.streams[s])
+                total = sum(fit.train_sizes[p] for p in parts)
+                step = total if room is None else room
+                per_stream.append(
+                    [[StreamRange(parts, a, min(a + step, total), s)] for a in range(0, total, step)] if total else []
+                )
+                continue
+            chunks: list[list[PartSlice | StreamRange]] = []
+            current: list[PartSlice | StreamRange] = []
             filled = 0
             for p in self.stream_order(s):
                 n = fit.train_sizes[p]
@@ -481,7 +494,7 @@ class EpochRunner:
             if not slices:
                 continue
             addr = fit.worker_for(s)
-            parts = sorted({sl.part for sl in slices})
+            parts = sorted({p for sl in slices for p in sl.parts})
             futs.append(
                 fit.client.submit(
                     train_round, fit.fit_id, fit.model_bytes, state, slices, {p: fit.sources[p] for p in parts},

@@ -129,7 +129,7 @@ class ParameterServer:
             futs = [
                 fit.client.submit(
                     ps_epoch, server, fit.fit_id, fit.model_bytes, s, chunks[s],
-                    {p: fit.sources[p] for p in sorted({sl.part for c in chunks[s] for sl in c})},
+                    {p: fit.sources[p] for p in sorted({q for c in chunks[s] for sl in c for q in sl.parts})},
                     batch_size=fit.batch_size, seed=fit.seed, epoch=runner.epoch, shuffle=fit.shuffle,
                     timeout=self._timeout(), pure=False, workers=[fit.worker_for(s)] if fit.worker_for(s) else None,
                     allow_other_workers=True, key=f"daskml-ps-e{runner.epoch}-a{attempt}-s{s}-{uuid.uuid4().hex[:6]}",

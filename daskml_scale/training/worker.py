@@ -21,7 +21,7 @@ import numpy as np
 
 from daskml_scale.training import backend
 
-__all__ = ["PartSlice", "Lazy", "prepare_partition", "train_round", "evaluate_parts", "model_for"]
+__all__ = ["PartSlice", "StreamRange", "Lazy", "prepare_partition", "train_round", "evaluate_parts", "model_for"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,26 @@ class PartSlice:
     part: int
     start: int
     stop: int
+
+    @property
+    def parts(self) -> tuple[int, ...]:
+        return (self.part,)
+
+
+@dataclass(frozen=True)
+class StreamRange:
+    """Rows ``[start, stop)`` of one epoch-wide permutation of ALL the rows of a
+    worker's partitions (``parts``, concatenated in this order).
+
+    This is how cached training shuffles: every round draws from every partition the
+    worker holds, so data sorted by a key (dates, ids) across files still gives mixed
+    batches, as a single process shuffling its whole array would.
+    """
+
+    parts: tuple[int, ...]
+    start: int
+    stop: int
+    stream: int
 
 
 class Lazy:
@@ -146,11 +166,41 @@ def _permutation(n: int, seed: int, epoch: int, part: int) -> np.ndarray:
     return perm
 
 
+@functools.lru_cache(maxsize=4)
+def _stream_permutation(n: int, seed: int, epoch: int, stream: int, parts: tuple[int, ...]) -> np.ndarray:
+    perm = np.random.default_rng([seed, epoch, 15485863, stream, *parts]).permutation(n)
+    perm.flags.writeable = False
+    return perm
+
+
+def _gather_stream_range(r: StreamRange, sources: dict[int, Any], seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+    arrays = [_materialize(sources[p]) for p in r.parts]
+    sizes = np.array([len(a["X"]) for a in arrays], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    idx = _stream_permutation(int(starts[-1]), seed, epoch, r.stream, r.parts)[r.start : r.stop]
+    owner = np.searchsorted(starts, idx, side="right") - 1
+    first = arrays[0]
+    X = np.empty((len(idx),) + first["X"].shape[1:], dtype=first["X"].dtype)
+    y = np.empty((len(idx),) + first["y"].shape[1:], dtype=first["y"].dtype)
+    for k, a in enumerate(arrays):
+        mask = owner == k
+        if mask.any():
+            local = idx[mask] - starts[k]
+            X[mask] = a["X"][local]
+            y[mask] = a["y"][local]
+    return X, y
+
+
 def gather_rows(
-    slices: Sequence[PartSlice], sources: dict[int, Any], seed: int, epoch: int, shuffle: bool
+    slices: Sequence[PartSlice | StreamRange], sources: dict[int, Any], seed: int, epoch: int, shuffle: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     xs, ys = [], []
     for s in slices:
+        if isinstance(s, StreamRange):
+            X, y = _gather_stream_range(s, sources, seed, epoch)
+            xs.append(X)
+            ys.append(y)
+            continue
         arrays = _materialize(sources[s.part])
         X, y = arrays["X"], arrays["y"]
         if shuffle:
