@@ -52,8 +52,9 @@ class ModelAveraging:
         Scale of the averaged change of a round: ``w = w + outer_lr * (avg - w)``.
         ``1.0`` is plain averaging. ``"workers"`` (the number of workers that
         contributed) adds up the workers' changes instead, so a round moves the
-        model as far as the same steps run one after another would; with frequent
-        rounds this recovers single-process progress per epoch.
+        model as far as the same steps run one after another would. With Adam this
+        doubles the step and was unstable on the benchmark tables: an option, not a
+        default.
     outer_momentum : float
         Momentum of that outer step (0 = none): ``v = m * v + outer_lr * (avg - w); w = w + v``.
 

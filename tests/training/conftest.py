@@ -56,6 +56,32 @@ def fitted_pre(diamond_data):
     return make_preprocessor().fit(diamond_data.train)
 
 
+class Flights:
+    """The public NYC flights 2013 table: ~300k training rows in 8 shards, 10% held out."""
+
+    def __init__(self, root, train, val, pre):
+        self.root = root
+        self.train = train
+        self.val = val
+        self.pre = pre
+
+
+@pytest.fixture(scope="session")
+def flights_data(tmp_path_factory):
+    from daskml_scale.datasets import FLIGHTS_CATEGORICAL, FLIGHTS_NUMERIC, flights, flights_transform
+
+    table = flights()
+    held = np.random.default_rng(0).random(len(table)) < 0.1
+    train, val = table[~held], table[held]
+    root = tmp_path_factory.mktemp("flights")
+    write_csv_shards(train, str(root / "train"), 8)
+    write_csv_shards(val, str(root / "val"), 2)
+    pre = daskml_scale.Preprocessor(
+        target="arr_delay", numeric=FLIGHTS_NUMERIC, categorical=FLIGHTS_CATEGORICAL, transform=flights_transform,
+    ).fit(train)
+    return Flights(root, train, val, pre)
+
+
 def single_process_val_loss(pre, data, epochs, batch_size, seed=0):
     X, y = pre.transform(data.train)
     Xv, yv = pre.transform(data.val)

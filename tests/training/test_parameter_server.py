@@ -73,7 +73,7 @@ def test_async_reaches_model_averaging_quality(diamond_data, fitted_pre, client)
                   validation_data=diamond_data.val_ddf())
     ps = daskml_scale.fit(build_model(n), diamond_data.ddf(), strategy=daskml_scale.ParameterServer("async"), **common)
     avg = daskml_scale.fit(build_model(n), diamond_data.ddf(),
-                           strategy=daskml_scale.ModelAveraging(sync_every=16, outer_lr="workers"), **common)
+                           strategy=daskml_scale.ModelAveraging(sync_every=16), **common)
     ours, theirs = ps.history["val_loss"][-1], avg.history["val_loss"][-1]
     assert ours <= 1.05 * theirs, (ours, theirs)
     steps = int(np.ceil(12_000 / BATCH))
