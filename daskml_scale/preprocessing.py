@@ -439,7 +439,7 @@ class Preprocessor:
         for col in self.categorical:
             cats = self.categories_[col]
             if cats:
-                codes = self._category_index(col).get_indexer(category_keys(df[col]))
+                codes = self._category_codes(df[col], col)
                 hit = codes >= 0  # unseen and missing values: all zeros (the stated rule)
                 flat[row_starts[hit] + offset + codes[hit]] = 1.0
             offset += len(cats)
@@ -468,6 +468,21 @@ class Preprocessor:
                 f"{self.classes_}", path=path, line=line, column=self.target,
             )
         return codes.astype(np.int64)
+
+    def _category_codes(self, values: pd.Series, col: str) -> np.ndarray:
+        """Position of every value in the fitted categories, -1 when unseen or missing."""
+        arr = getattr(values.array, "_pa_array", None)
+        if arr is not None and isinstance(values.dtype, pd.StringDtype):
+            import pyarrow as pa
+            import pyarrow.compute as pc
+
+            cache = self.__dict__.setdefault("_value_sets", {})
+            value_set = cache.get(col)
+            if value_set is None or len(value_set) != len(self.categories_[col]):
+                value_set = cache[col] = pa.array(self.categories_[col], type=pa.string())
+            found = pc.index_in(arr.cast(pa.string()) if arr.type != pa.string() else arr, value_set=value_set)
+            return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
+        return self._category_index(col).get_indexer(category_keys(values))
 
     def _category_index(self, col: str) -> pd.Index:
         cache = self.__dict__.setdefault("_index_cache", {})
