@@ -406,32 +406,8 @@ class Preprocessor:
         self._check_columns(df, need_target=False)
         n = len(df)
         X = np.zeros((n, len(self.feature_names_)), dtype=np.float32)
-        cols = []
-        for col in self.numeric:
-            x = _numeric_column(df, col)
-            bad = ~np.isfinite(x)
-            if bad.any():
-                inf = np.isinf(x)
-                if inf.any():
-                    pos = int(np.flatnonzero(inf)[0])
-                    path, line, where = _where(df, pos)
-                    raise NonFiniteValueError(
-                        f"{where}, column {col!r}: found {x[pos]} (an infinite value) in a numeric feature",
-                        path=path, line=line, column=col,
-                    )
-                if self.missing == "error":
-                    pos = int(np.flatnonzero(bad)[0])
-                    path, line, where = _where(df, pos)
-                    raise NonFiniteValueError(
-                        f"{where}, column {col!r}: missing value (NaN) where missing='error'",
-                        path=path, line=line, column=col,
-                    )
-                x = np.where(bad, self.fill_values_[col], x)
-            cols.append(x)
-        for j, (col, x) in enumerate(zip(self.numeric, cols)):
-            x -= self.means_[col]
-            x /= self.scales_[col]
-            X[:, j] = x
+        if self.numeric:
+            X[:, : len(self.numeric)] = self._numeric_block(df)
         offset = len(self.numeric)
         width = X.shape[1]
         flat = X.reshape(-1)
@@ -468,6 +444,42 @@ class Preprocessor:
                 f"{self.classes_}", path=path, line=line, column=self.target,
             )
         return codes.astype(np.int64)
+
+    def _numeric_block(self, df: pd.DataFrame) -> np.ndarray:
+        """The numeric features, imputed and standardized, as one (rows, k) block.
+
+        Numeric columns convert in one call; text columns go through a checked
+        conversion that names the first bad cell.
+        """
+        cols = self.numeric
+        if all(pd.api.types.is_numeric_dtype(df[c].dtype) or pd.api.types.is_bool_dtype(df[c].dtype) for c in cols):
+            block = df[cols].to_numpy(dtype=np.float64, na_value=np.nan)
+            if not block.flags.writeable or np.shares_memory(block, df[cols[0]].to_numpy()):
+                block = block.copy()
+        else:
+            block = np.column_stack([_numeric_column(df, c) for c in cols])
+        finite = np.isfinite(block)
+        if not finite.all():
+            inf = np.isinf(block)
+            if inf.any():
+                pos, j = (int(v[0]) for v in np.nonzero(inf))
+                path, line, where = _where(df, pos)
+                raise NonFiniteValueError(
+                    f"{where}, column {cols[j]!r}: found {block[pos, j]} (an infinite value) in a numeric feature",
+                    path=path, line=line, column=cols[j],
+                )
+            if self.missing == "error":
+                pos, j = (int(v[0]) for v in np.nonzero(~finite))
+                path, line, where = _where(df, pos)
+                raise NonFiniteValueError(
+                    f"{where}, column {cols[j]!r}: missing value (NaN) where missing='error'",
+                    path=path, line=line, column=cols[j],
+                )
+            fill = np.array([self.fill_values_[c] for c in cols])
+            block = np.where(finite, block, fill)
+        block -= np.array([self.means_[c] for c in cols])
+        block /= np.array([self.scales_[c] for c in cols])
+        return block
 
     def _category_codes(self, values: pd.Series, col: str) -> np.ndarray:
         """Position of every value in the fitted categories, -1 when unseen or missing."""
