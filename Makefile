@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow" tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	for b in training data predict parameter_server serving; do $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-output
