@@ -114,26 +114,31 @@ class ProcessCluster:
 
 
 # ------------------------------------------------------------------ local cluster
-@pytest.fixture(scope="session")
-def client():
-    """A real LocalCluster, 2 worker processes x 1 thread, shared by the session."""
+def _two_worker_cluster():
+    """A real LocalCluster: 2 worker processes x 1 thread, waited for."""
     c = daskml_scale.connect(n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="4GiB")
     try:
         c.wait_for_workers(2, timeout=120)
-        yield c
-    finally:
+    except Exception:
         c.close()
+        raise
+    return c
+
+
+@pytest.fixture(scope="session")
+def client():
+    """Shared by the tests of the session that can share it."""
+    c = _two_worker_cluster()
+    yield c
+    c.close()
 
 
 @pytest.fixture
 def own_client():
-    """A private 2-worker LocalCluster, for tests that kill workers."""
-    c = daskml_scale.connect(n_workers=2, threads_per_worker=1, dashboard_address=":0", memory_limit="4GiB")
-    try:
-        c.wait_for_workers(2, timeout=120)
-        yield c
-    finally:
-        c.close()
+    """A private cluster, for tests that kill workers."""
+    c = _two_worker_cluster()
+    yield c
+    c.close()
 
 
 # ---------------------------------------------------------------- remote clusters

