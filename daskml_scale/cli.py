@@ -592,8 +592,6 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 1 failed, 2 bad arguments)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # as on the workers (see daskml_scale.cluster): the driver computes the same numbers
-    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     parser = build_parser()
     verbose = "-v" in argv or "--verbose" in argv
     try:
