@@ -229,6 +229,28 @@ def _nonempty_line_numbers(block: bytes) -> np.ndarray:
     return np.array([i + 1 for i, ln in enumerate(lines) if ln.strip(b"\r")], dtype=np.int64)
 
 
+class _Bytes:
+    """The data lines of a piece: ``raw[skip:]`` without copying ``raw``."""
+
+    def __init__(self, raw: bytes, skip: int = 0) -> None:
+        self.raw = raw
+        self.skip = skip
+        self._bytes: bytes | None = None
+
+    def reader(self) -> pa.BufferReader:
+        """A zero-copy file for pyarrow."""
+        return pa.BufferReader(pa.py_buffer(self.raw).slice(self.skip))
+
+    def bytes(self) -> bytes:
+        """The data as ``bytes`` (a copy; only for the rare paths that scan lines)."""
+        if self._bytes is None:
+            self._bytes = self.raw[self.skip :]
+        return self._bytes
+
+    def has_empty_lines(self) -> bool:
+        return self.raw.find(b"\n\n", self.skip) >= 0 or self.raw.find(b"\n\r\n", self.skip) >= 0
+
+
 class _BlockReader:
     """Parse one piece: header check, types, bad rows, provenance."""
 
@@ -244,24 +266,24 @@ class _BlockReader:
         self.sep = sep
 
     # -- reading ---------------------------------------------------------------
-    def _read_bytes(self, piece: _Piece) -> tuple[bytes, bytes, int]:
-        """(header line, data bytes, byte offset of the data) for the piece."""
+    def _read_bytes(self, piece: _Piece) -> tuple[bytes, _Bytes, int]:
+        """(header line, data lines, byte offset of the data in the file) for the piece."""
         fs = self.fs
         if piece.length is None:
             with fs.open(piece.path, "rb", compression=piece.compression) as f:
-                data = f.read()
-            nl = data.find(b"\n")
-            header = data if nl < 0 else data[: nl + 1]
-            return header, (b"" if nl < 0 else data[nl + 1 :]), len(header)
+                raw = f.read()
+            nl = raw.find(b"\n")
+            header = raw if nl < 0 else raw[: nl + 1]
+            return header, _Bytes(raw, len(header)), len(header)
         with fs.open(piece.path, "rb") as f:
             header = _first_line(f)
             block = read_block(f, piece.start, piece.length, delimiter=b"\n")
             if piece.start == 0:
-                return header, block[len(header) :], len(header)
+                return header, _Bytes(block, len(header)), len(header)
             # read_block starts after the first newline at or past `start`: find where
             f.seek(piece.start)
             seek_delimiter(f, b"\n", 1 << 16)
-            return header, block, f.tell()
+            return header, _Bytes(block), f.tell()
 
     def __call__(self, piece: _Piece) -> pd.DataFrame:
         header, data, data_start = self._read_bytes(piece)
@@ -292,7 +314,7 @@ class _BlockReader:
             column_types=types, include_columns=list(wanted), strings_can_be_null=True,
         )
         try:
-            table = pacsv.read_csv(io.BytesIO(data), read_options=read_opts, parse_options=parse_opts, convert_options=convert)
+            table = pacsv.read_csv(data.reader(), read_options=read_opts, parse_options=parse_opts, convert_options=convert)
             conversion_bad: dict[int, str] = {}
         except pa.ArrowInvalid:
             bad.clear()
@@ -304,7 +326,7 @@ class _BlockReader:
             nonlocal line_offset
             if line_offset is None:
                 line_offset = _line_offset(self.fs, piece, data_start)
-            numbers = _nonempty_line_numbers(data)
+            numbers = _nonempty_line_numbers(data.bytes())
             idx = row_number - 1
             within = int(numbers[idx]) if 0 <= idx < len(numbers) else row_number
             return line_offset + within - 1
@@ -357,8 +379,8 @@ class _BlockReader:
         if self.provenance:
             if line_offset is None:
                 line_offset = _line_offset(self.fs, piece, data_start)
-            if b"\n\n" in data or b"\n\r\n" in data:
-                numbers = _nonempty_line_numbers(data)
+            if data.has_empty_lines():
+                numbers = _nonempty_line_numbers(data.bytes())
                 lines = numbers[ordinals - 1] + line_offset - 1
             else:
                 lines = ordinals + line_offset - 1
@@ -368,13 +390,13 @@ class _BlockReader:
         return df[list(wanted) + ([PATH_COLUMN, LINE_COLUMN] if self.provenance else [])]
 
     def _read_with_text_check(
-        self, data: bytes, names: list[str], wanted: Sequence[str], types: dict[str, pa.DataType],
+        self, data: _Bytes, names: list[str], wanted: Sequence[str], types: dict[str, pa.DataType],
         read_opts: pacsv.ReadOptions, parse_opts: pacsv.ParseOptions,
     ) -> tuple[pa.Table, dict[int, str]]:
         """Parse every column as text, then convert, noting cells that are not numbers."""
         text_types = {n: pa.string() for n in names}
         table = pacsv.read_csv(
-            io.BytesIO(data), read_options=read_opts, parse_options=parse_opts,
+            data.reader(), read_options=read_opts, parse_options=parse_opts,
             convert_options=pacsv.ConvertOptions(column_types=text_types, include_columns=list(wanted)),
         )
         df = table.to_pandas()
