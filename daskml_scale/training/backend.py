@@ -7,7 +7,6 @@ server, and the get/set of model, optimizer and metric state.
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from typing import Any, Callable

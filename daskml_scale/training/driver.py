@@ -15,10 +15,9 @@ from typing import Any, Iterator, Sequence
 
 import dask
 import numpy as np
-import pandas as pd
 
 from daskml_scale import config
-from daskml_scale.exceptions import DataError, MissingColumnError, TrainingError, WorkersLostError
+from daskml_scale.exceptions import DataError, TrainingError, WorkersLostError
 from daskml_scale.training import backend
 from daskml_scale.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from daskml_scale.training.worker import Lazy, PartSlice, StreamRange, evaluate_parts, partition_sizes, prepare_partition, train_round
@@ -66,7 +65,6 @@ class Fit:
         self.fit_id = f"fit-{uuid.uuid4().hex[:8]}"
         self.scratch: dict[str, Any] = {}
         self.lost_workers: set[str] = set()
-        self.train_counts: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ planning
     def _sources(self, ddf: Any, val_fraction: float, tag: str) -> tuple[list[Any], bool]:
@@ -158,7 +156,6 @@ class Fit:
     def _gather(self, futures: list[Any]) -> list[Any]:
         """Gather, failing fast with names when every worker is gone (never hang)."""
         from distributed import wait
-        from distributed.client import FutureCancelledError  # noqa: F401
 
         timeout = float(config.get("training.no-worker-timeout", 60))
         gone_since: float | None = None
@@ -280,11 +277,8 @@ class Fit:
                 )
             if self.model.stop_training:
                 break
-        if self.optimizer_state:
-            try:
-                backend.set_optimizer_state(self.model, self.optimizer_state)
-            except ValueError:
-                pass
+        if self.optimizer_state:  # the driver's model leaves with the trained optimizer too
+            backend.set_optimizer_state(self.model, self.optimizer_state)
         cb.on_train_end(logs)
         history.daskml_summary = self.summary(history)
         return history

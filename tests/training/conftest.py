@@ -80,11 +80,3 @@ def flights_data(tmp_path_factory):
         target="arr_delay", numeric=FLIGHTS_NUMERIC, categorical=FLIGHTS_CATEGORICAL, transform=flights_transform,
     ).fit(train)
     return Flights(root, train, val, pre)
-
-
-def single_process_val_loss(pre, data, epochs, batch_size, seed=0):
-    X, y = pre.transform(data.train)
-    Xv, yv = pre.transform(data.val)
-    model = build_model(X.shape[1], seed=seed)
-    h = model.fit(X, y, epochs=epochs, batch_size=batch_size, validation_data=(Xv, yv), verbose=0, shuffle=True)
-    return h.history["val_loss"][-1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from daskml_scale.exceptions import DataError, MissingColumnError, WorkersLostEr
 from daskml_scale.training.averaging import weighted_average
 from daskml_scale.training.checkpoint import load_checkpoint
 from daskml_scale.training.worker import models_built
-from tests.training.conftest import build_model, make_preprocessor, single_process_val_loss
+from tests.training.conftest import build_model, make_preprocessor
 
 pytestmark = pytest.mark.slow
 
