@@ -67,7 +67,9 @@ class Fit:
         self.lost_workers: set[str] = set()
 
     # ------------------------------------------------------------------ planning
-    def _sources(self, ddf: Any, val_fraction: float, tag: str) -> tuple[list[Any], bool]:
+    def _sources(self, ddf: Any, val_fraction: float, tag: str, workers: list[str]) -> tuple[list[Any], bool]:
+        """Prepared partitions: computed and kept in the cluster (partition ``i`` on worker
+        ``i % n``, the worker of the stream it starts in), or lazy when they do not fit."""
         parts = ddf.to_delayed()
         if not parts:
             raise DataError("Expected training data with at least one partition. Received: an empty DataFrame")
@@ -79,7 +81,16 @@ class Fit:
         if cache == "auto":
             cache = self._fits_in_memory(len(parts))
         if cache:
-            futures = self.client.compute(prepared)
+            # placement by index, not by whichever worker is free: the streams, and so the
+            # trained weights, depend on the seed and the data only, never on scheduling
+            n = len(workers)
+            futures: list[Any] = [None] * len(prepared)
+            for w, worker in enumerate(workers):
+                idx = list(range(w, len(prepared), n))
+                if idx:
+                    done = self.client.compute([prepared[i] for i in idx], workers=[worker], allow_other_workers=True)
+                    for i, f in zip(idx, done):
+                        futures[i] = f
             return futures, True
         return [Lazy(f"{tag}-{self.fit_id}-{i}", d) for i, d in enumerate(prepared)], False
 
@@ -101,22 +112,15 @@ class Fit:
             ]
         return [tuple(x) for x in self._gather(futs)]
 
-    def _assign(self, sources: list[Any], cached: bool, sizes: list[int], workers: list[str]) -> list[list[int]]:
-        """Partitions per stream (one stream per worker), data-local and balanced by rows."""
-        n = len(workers)
-        streams: list[list[int]] = [[] for _ in range(n)]
-        if cached:
-            who = self.client.who_has(sources)
-            index = {w: i for i, w in enumerate(workers)}
-            for p, fut in enumerate(sources):
-                holders = [h for h in who.get(fut.key, ()) if h in index]
-                streams[index[holders[0]] if holders else p % n].append(p)
-        else:
-            for p in range(len(sources)):
-                streams[p % n].append(p)
+    @staticmethod
+    def _assign(sizes: list[int], n: int) -> list[list[int]]:
+        """Partitions per stream (one stream per worker): partition ``p`` starts in stream
+        ``p % n``, where ``_sources`` placed it, then moves to balance the rows. A function
+        of the sizes alone, so that a fit is reproducible on the same number of workers."""
+        streams: list[list[int]] = [list(range(w, len(sizes), n)) for w in range(n)]
         # balance: move partitions from the heaviest to the lightest stream while it helps
         load = [sum(sizes[p] for p in s) for s in streams]
-        for _ in range(len(sources)):
+        for _ in range(len(sizes)):
             hi, lo = int(np.argmax(load)), int(np.argmin(load))
             movable = sorted(streams[hi], key=lambda p: sizes[p])
             moved = False
@@ -209,17 +213,17 @@ class Fit:
             raise WorkersLostError("The cluster has no workers: start some, or call daskml_scale.connect()")
         self.workers = workers
         # sources: training (with a held-out split) and validation
-        self.sources, self.cached = self._sources(self.data, self.validation_fraction, "train")
+        self.sources, self.cached = self._sources(self.data, self.validation_fraction, "train", workers)
         sizes = self._sizes(self.sources, self.cached, workers)
         self.train_sizes = [s[0] for s in sizes]
         self.val_sizes = [s[1] for s in sizes]
         if sum(self.train_sizes) == 0:
             raise DataError("Expected training rows. Received: 0 rows after reading and preprocessing the data")
-        self.streams = self._assign(self.sources, self.cached, self.train_sizes, workers)
+        self.streams = self._assign(self.train_sizes, len(workers))
         self.homes = list(workers)
         self.val_sources = None
         if self.validation_data is not None:
-            self.val_sources, _ = self._sources(self.validation_data, 0.0, "val")
+            self.val_sources, _ = self._sources(self.validation_data, 0.0, "val", workers)
             self.val_streams = [list(range(i, len(self.val_sources), len(workers))) for i in range(len(workers))]
         elif self.validation_fraction > 0:
             self.val_streams = self.streams

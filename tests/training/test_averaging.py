@@ -155,6 +155,23 @@ def test_terminate_on_nan(diamond_data, fitted_pre, client):
     assert len(history.history["loss"]) == 1
 
 
+def test_same_seed_same_weights_whatever_the_scheduling(diamond_data, fitted_pre, client):
+    """Where the scheduler puts partitions must not change what is trained: two fits with
+    the same seed, data and number of workers end with the same weights."""
+    import time
+
+    ends = []
+    for busy in (0.0, 3.0):  # the second fit starts with one worker busy: placement by load would differ
+        first = sorted(client.nthreads())[0]
+        hold = client.submit(time.sleep, busy, workers=[first], pure=False)
+        model = build_model(len(fitted_pre.feature_names_))
+        fit_averaging(model, diamond_data, fitted_pre, client, epochs=2)
+        ends.append(model.get_weights())
+        hold.result()
+    for a, b in zip(*ends):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_resume_after_interrupted_fit_matches_uninterrupted(diamond_data, fitted_pre, client, tmp_path):
     import keras
 
