@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import dask.dataframe as dd
 import fsspec
+import numpy as np
 import pandas as pd
 from fsspec.utils import infer_compression
 
@@ -180,23 +181,65 @@ def _predict_partition(
     return _assemble(df, keep, bundle.predict_frame(df, batch_size=batch_size))
 
 
+def _predict_block(block: Any, data: bytes, source: _Source, batch_size: int | None) -> Any:
+    bundle = cached_bundle(source.key, data, source.safe_mode, source.transform)
+    return bundle.predict_array(np.ascontiguousarray(block, dtype=np.float32), batch_size=batch_size)
+
+
+def _features_preprocessor(width: int) -> Preprocessor:
+    """A stand-in preprocessor for a model given feature arrays (its stats are never used)."""
+    names = [f"x{j}" for j in range(width)]
+    return Preprocessor(numeric=names).fit(pd.DataFrame(np.zeros((2, width)), columns=names))
+
+
+def _predict_array(bundle_or_model: Any, X: Any, batch_size: int | None, preprocessor: Any, storage_options: Any) -> Any:
+    """Model outputs for a Dask array of features: a Dask array ``(rows, width)``, float32."""
+    if X.ndim != 2:
+        raise ValueError(f"Expected a 2-D Dask array of features (rows, features). Received: shape {X.shape}")
+    if preprocessor is not None:
+        raise ValueError(
+            "Expected preprocessor=None with a Dask array: the array holds features, already transformed. "
+            "Received a preprocessor; pass a Dask DataFrame of raw rows to use it."
+        )
+    if hasattr(bundle_or_model, "__call__") and hasattr(bundle_or_model, "get_weights"):
+        width = bundle_or_model.inputs[0].shape[-1] if getattr(bundle_or_model, "inputs", None) else X.shape[1]
+        bundle_or_model = Bundle(bundle_bytes(bundle_or_model, _features_preprocessor(int(width))), safe_mode=False, lazy=True)
+    bundle, _ = _as_bundle(bundle_or_model, None, storage_options)
+    n_features = len(bundle.feature_names)
+    if X.shape[1] != n_features:
+        raise ValueError(f"Expected {n_features} feature columns, the model's input. Received: an array of shape {X.shape}")
+    if len(X.chunks[1]) > 1:
+        X = X.rechunk({1: -1})
+    source = _Source(bundle.content_hash, bundle._safe_mode, None)
+    data = _place_bytes(bundle, _get_client())
+    width = int(bundle.metadata.get("output_width") or len(bundle.output_names))
+    return X.map_blocks(
+        _predict_block, data, source, batch_size,
+        chunks=(X.chunks[0], (width,)), dtype=np.float32, meta=np.empty((0, width), dtype=np.float32),
+        token="daskml-predict",  # keys from the inputs and the bundle's content
+    )
+
+
 def predict(
     bundle_or_model: Any,
-    ddf: dd.DataFrame,
+    ddf: Any,
     *,
     keep: None | str | Sequence[str] = None,
     batch_size: int | None = None,
     preprocessor: Preprocessor | None = None,
     storage_options: dict[str, Any] | None = None,
 ) -> dd.DataFrame:
-    """Predictions for every row of a Dask DataFrame, lazily.
+    """Predictions for every row of a Dask DataFrame (or Dask array of features), lazily.
 
     Parameters
     ----------
     bundle_or_model : Bundle, str or keras.Model
-        A loaded bundle, a bundle URL, or a Keras model given with ``preprocessor=``.
-    ddf : dask.dataframe.DataFrame
-        Raw input rows (the columns the preprocessor's transform expects).
+        A loaded bundle, a bundle URL, or a Keras model given with ``preprocessor=``
+        (no preprocessor for a Dask array).
+    ddf : dask.dataframe.DataFrame or dask.array.Array
+        Raw input rows (the columns the preprocessor's transform expects); or a 2-D
+        array of features, already transformed, for which the raw model outputs come
+        back as a Dask array ``(rows, outputs)`` of float32, like ``model.predict``.
     keep : None, "all", str or list of str
         Input columns to keep before the prediction columns: none (default), all,
         or the named ones (e.g. an id column).
@@ -225,7 +268,12 @@ def predict(
     >>> bundle = load_bundle("s3://models/price.bundle")  # doctest: +SKIP
     >>> out = predict(bundle, read_csv("s3://data/*.csv"), keep="id")  # doctest: +SKIP
     >>> out.to_parquet("s3://predictions/")  # doctest: +SKIP
+    >>> scores = predict(model, features)  # a dask array (rows, 27) -> (rows, 1)  # doctest: +SKIP
     """
+    import dask.array as da
+
+    if isinstance(ddf, da.Array):
+        return _predict_array(bundle_or_model, ddf, batch_size, preprocessor, storage_options)
     bundle, ship = _as_bundle(bundle_or_model, preprocessor, storage_options)
     if not isinstance(ddf, dd.DataFrame):
         raise TypeError(f"Expected a dask DataFrame. Received: {type(ddf).__name__}; use Bundle.predict_frame for pandas")

@@ -407,7 +407,7 @@ class Preprocessor:
         n = len(df)
         X = np.zeros((n, len(self.feature_names_)), dtype=np.float32)
         if self.numeric:
-            X[:, : len(self.numeric)] = self._numeric_block(df)
+            self._numeric_block(df, out=X[:, : len(self.numeric)])
         offset = len(self.numeric)
         width = X.shape[1]
         flat = X.reshape(-1)
@@ -445,41 +445,56 @@ class Preprocessor:
             )
         return codes.astype(np.int64)
 
-    def _numeric_block(self, df: pd.DataFrame) -> np.ndarray:
+    def _numeric_block(self, df: pd.DataFrame, out: np.ndarray | None = None) -> np.ndarray:
         """The numeric features, imputed and standardized, as one (rows, k) block.
 
         Numeric columns convert in one call; text columns go through a checked
-        conversion that names the first bad cell.
+        conversion that names the first bad cell. The arithmetic is float64 (a column
+        of large values with a small spread keeps its precision), done on row chunks
+        that stay in cache, and written straight into ``out`` (float32) when given.
         """
         cols = self.numeric
         if all(pd.api.types.is_numeric_dtype(df[c].dtype) or pd.api.types.is_bool_dtype(df[c].dtype) for c in cols):
             block = df[cols].to_numpy(dtype=np.float64, na_value=np.nan)
-            if not block.flags.writeable or np.shares_memory(block, df[cols[0]].to_numpy()):
-                block = block.copy()
         else:
             block = np.column_stack([_numeric_column(df, c) for c in cols])
-        finite = np.isfinite(block)
-        if not finite.all():
-            inf = np.isinf(block)
-            if inf.any():
-                pos, j = (int(v[0]) for v in np.nonzero(inf))
-                path, line, where = _where(df, pos)
-                raise NonFiniteValueError(
-                    f"{where}, column {cols[j]!r}: found {block[pos, j]} (an infinite value) in a numeric feature",
-                    path=path, line=line, column=cols[j],
-                )
-            if self.missing == "error":
-                pos, j = (int(v[0]) for v in np.nonzero(~finite))
-                path, line, where = _where(df, pos)
-                raise NonFiniteValueError(
-                    f"{where}, column {cols[j]!r}: missing value (NaN) where missing='error'",
-                    path=path, line=line, column=cols[j],
-                )
-            fill = np.array([self.fill_values_[c] for c in cols])
-            block = np.where(finite, block, fill)
-        block -= np.array([self.means_[c] for c in cols])
-        block /= np.array([self.scales_[c] for c in cols])
-        return block
+        n = len(block)
+        if out is None:
+            out = np.empty((n, len(cols)), dtype=np.float32)
+        means = np.array([self.means_[c] for c in cols])
+        scales = np.array([self.scales_[c] for c in cols])
+        fill = None
+        step = max(1, (1 << 15) // max(1, len(cols)))  # ~256 KiB of float64 per chunk
+        scratch = np.empty((min(step, n), len(cols)), dtype=np.float64)
+        for i in range(0, n, step):
+            chunk = block[i : i + step]
+            m = len(chunk)
+            tmp = scratch[:m]
+            np.subtract(chunk, means, out=tmp)
+            np.divide(tmp, scales, out=tmp)
+            if not np.isfinite(tmp.sum()):  # one cheap pass: NaN and inf propagate into the sum
+                finite = np.isfinite(chunk)
+                inf = np.isinf(chunk)
+                if inf.any():
+                    pos, j = (int(v[0]) for v in np.nonzero(inf))
+                    path, line, where = _where(df, i + pos)
+                    raise NonFiniteValueError(
+                        f"{where}, column {cols[j]!r}: found {chunk[pos, j]} (an infinite value) in a numeric feature",
+                        path=path, line=line, column=cols[j],
+                    )
+                if not finite.all() and self.missing == "error":
+                    pos, j = (int(v[0]) for v in np.nonzero(~finite))
+                    path, line, where = _where(df, i + pos)
+                    raise NonFiniteValueError(
+                        f"{where}, column {cols[j]!r}: missing value (NaN) where missing='error'",
+                        path=path, line=line, column=cols[j],
+                    )
+                if fill is None:
+                    fill = np.array([self.fill_values_[c] for c in cols])
+                np.subtract(np.where(finite, chunk, fill), means, out=tmp)
+                np.divide(tmp, scales, out=tmp)
+            out[i : i + m] = tmp
+        return out
 
     def _category_codes(self, values: pd.Series, col: str) -> np.ndarray:
         """Position of every value in the fitted categories, -1 when unseen or missing."""

@@ -121,6 +121,27 @@ def test_predict_classification(client, tmp_path):
     assert out["label"].tolist() == [pre.classes_[i] for i in ref.argmax(axis=1)]
 
 
+def test_predict_dask_array_of_features(client, trained, bundle_path):
+    import dask.array as da
+
+    model, pre, df = trained
+    X, _ = pre.transform(df.iloc[:7000], with_target=False)
+    Xd = da.from_array(X, chunks=(1500, 10))  # column chunks too: rechunked to whole rows
+    ref = model.predict(X, verbose=0)
+    out = predict(model, Xd)  # a live model, no preprocessor: the array holds features
+    assert out.shape == ref.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out.compute(), ref, atol=1e-5)
+    np.testing.assert_allclose(predict(load_bundle(bundle_path), Xd.astype("float64")).compute(), ref, atol=1e-5)
+    # other inputs, other keys: held results are never mistaken for these
+    held = out.persist()
+    np.testing.assert_allclose(predict(model, Xd[::-1]).compute(), ref[::-1], atol=1e-5)
+    del held
+    with pytest.raises(ValueError, match="27 feature columns"):
+        predict(model, Xd[:, :5])
+    with pytest.raises(ValueError, match="preprocessor=None"):
+        predict(model, Xd, preprocessor=pre)
+
+
 # --------------------------------------------------------------------- predict_files()
 def test_predict_files_local_rerun_and_redo(client, bundle_path, shards, tmp_path):
     directory, df, ref = shards
