@@ -107,15 +107,47 @@ def _as_bundle(
                 "Expected preprocessor= with a Keras model: predict(model, ddf, preprocessor=pre). "
                 "Received: preprocessor=None."
             )
-        data = bundle_bytes(bundle_or_model, preprocessor)
-        # the model is the user's own live object, not a file of unknown origin
-        bundle = Bundle(data, safe_mode=False, transform=preprocessor.transform_fn, lazy=True)
+        bundle = _live_bundle(bundle_or_model, preprocessor)
         fn = preprocessor.transform_fn
         return bundle, (fn if fn is not None and _needs_shipping(bundle) else None)
     raise TypeError(
         "Expected a Bundle, a bundle URL or a Keras model. "
         f"Received: {type(bundle_or_model).__name__}"
     )
+
+
+_LIVE: OrderedDict[int, tuple[Any, str, Bundle]] = OrderedDict()  # id(model) -> (weakref, fingerprint, bundle)
+
+
+def _live_bundle(model: Any, preprocessor: Preprocessor) -> Bundle:
+    """The bundle of a live Keras model, made again only when the model or the preprocessor
+    changed: repeated ``predict(model, ...)`` calls ship the same bytes, so workers keep the
+    model they loaded instead of loading a new copy per call."""
+    import hashlib
+    import weakref
+
+    h = hashlib.sha256()
+    h.update(model.to_json().encode("utf-8"))
+    h.update(preprocessor.to_json().encode("utf-8"))
+    for w in model.get_weights():
+        w = np.ascontiguousarray(w)
+        h.update(str((w.dtype.str, w.shape)).encode("ascii"))
+        h.update(memoryview(w).cast("B"))
+    fingerprint = h.hexdigest()
+    with _CACHE_LOCK:
+        held = _LIVE.get(id(model))
+        if held is not None and held[0]() is model and held[1] == fingerprint:
+            _LIVE.move_to_end(id(model))
+            bundle = held[2]
+            bundle.preprocessor.transform_fn = preprocessor.transform_fn
+            return bundle
+    # the model is the user's own live object, not a file of unknown origin
+    bundle = Bundle(bundle_bytes(model, preprocessor), safe_mode=False, transform=preprocessor.transform_fn, lazy=True)
+    with _CACHE_LOCK:
+        _LIVE[id(model)] = (weakref.ref(model), fingerprint, bundle)
+        while len(_LIVE) > _CACHE_SIZE:
+            _LIVE.popitem(last=False)
+    return bundle
 
 
 def _needs_shipping(bundle: Bundle) -> bool:
@@ -203,7 +235,7 @@ def _predict_array(bundle_or_model: Any, X: Any, batch_size: int | None, preproc
         )
     if hasattr(bundle_or_model, "__call__") and hasattr(bundle_or_model, "get_weights"):
         width = bundle_or_model.inputs[0].shape[-1] if getattr(bundle_or_model, "inputs", None) else X.shape[1]
-        bundle_or_model = Bundle(bundle_bytes(bundle_or_model, _features_preprocessor(int(width))), safe_mode=False, lazy=True)
+        bundle_or_model = _live_bundle(bundle_or_model, _features_preprocessor(int(width)))
     bundle, _ = _as_bundle(bundle_or_model, None, storage_options)
     n_features = len(bundle.feature_names)
     if X.shape[1] != n_features:

@@ -136,6 +136,22 @@ def test_predict_dask_array_of_features(client, trained, bundle_path):
     held = out.persist()
     np.testing.assert_allclose(predict(model, Xd[::-1]).compute(), ref[::-1], atol=1e-5)
     del held
+    # a live model: the same bytes while it is unchanged (workers load it once), new ones after training
+    import keras
+
+    live = keras.models.clone_model(model)
+    live.set_weights(model.get_weights())
+    def loaded() -> set:
+        return {key for info in client.run(cache_info).values() for key in info["loads"]}
+
+    before = loaded()
+    first = predict(live, Xd).compute()
+    time.sleep(1.1)  # a bundle records when it was made (in seconds): a new one would differ
+    predict(live, Xd).compute()
+    assert len(loaded() - before) == 1
+    live.set_weights([w * 0.5 for w in live.get_weights()])
+    np.testing.assert_allclose(predict(live, Xd).compute(), live.predict(X, verbose=0), atol=1e-5)
+    assert not np.allclose(predict(live, Xd).compute(), first)
     with pytest.raises(ValueError, match="27 feature columns"):
         predict(model, Xd[:, :5])
     with pytest.raises(ValueError, match="preprocessor=None"):
