@@ -261,6 +261,8 @@ class ParamServerActor:
     def __init__(self, model_bytes: bytes, mode: str, max_staleness: int | None, timeout: float) -> None:
         self.model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes from our own driver
         self.apply = backend.make_apply_fn(self.model)
+        self._grad_shapes = [tuple(v.shape) for v in self.model.trainable_weights]
+        self._packed: Any = None  # the current weights, packed once per version
         self.mode = mode
         self.max_staleness = max_staleness
         self.timeout = timeout
@@ -284,6 +286,7 @@ class ParamServerActor:
         if optimizer:
             backend.set_optimizer_state(self.model, optimizer)
         self._weights = None
+        self._packed = None
         self._pending.clear()
         self._active = set(int(s) for s in streams)
         self._next_chunk = {int(s): 0 for s in streams}
@@ -295,12 +298,18 @@ class ParamServerActor:
             self._weights = backend.get_weights(self.model)
         return self._weights
 
+    def _current_packed(self) -> Any:
+        if self._packed is None:
+            self._packed = backend.pack(self._current())
+        return self._packed
+
     def begin(self, stream: int) -> tuple[int, list[np.ndarray], int]:
         """Where a stream's (possibly rerun) epoch task starts, and the weights to use."""
-        return self._next_chunk.get(int(stream), 0), self._current(), self.version
+        return self._next_chunk.get(int(stream), 0), self._current_packed(), self.version
 
     def _step(self, gradients: list[np.ndarray]) -> None:
         self._weights = self.apply(gradients)
+        self._packed = None
         self.version += 1
         self.stats["applied"] += 1
 
@@ -331,19 +340,21 @@ class ParamServerActor:
     ) -> tuple[list[np.ndarray], int, bool]:
         """A stream's gradient (mean over ``rows`` rows at weights ``version``).
 
+        ``gradients`` may be packed (:func:`backend.pack`); the weights come back packed.
         Returns the weights to use next, their version, and whether it was applied.
         """
         stream = int(stream)
+        gradients = backend.unpack(gradients, self._grad_shapes)
         if self.mode == "async":
             self._next_chunk[stream] = chunk + 1
             stale = self.version - int(version)
             if self.max_staleness is not None and stale > self.max_staleness:
                 self.stats["rejected"] += 1
-                return self._current(), self.version, False
+                return self._current_packed(), self.version, False
             self._step(gradients)
             self.stats["staleness_sum"] += stale
             self.stats["staleness_max"] = max(self.stats["staleness_max"], stale)
-            return self._current(), self.version, True
+            return self._current_packed(), self.version, True
         # sync: a rerun task may push before the step holding its previous chunk is applied
         while stream in self._pending:
             await self._wait_step()
@@ -353,7 +364,7 @@ class ParamServerActor:
         self._maybe_step()
         while self.version == start:
             await self._wait_step()
-        return self._current(), self.version, True
+        return self._current_packed(), self.version, True
 
     async def _wait_step(self) -> None:
         try:
@@ -411,7 +422,9 @@ def ps_epoch(
     except (ValueError, KeyError):
         pass  # not on a worker (a local test call)
     cached = model_for(fit_id, model_bytes)
-    start, weights, version = server.begin(stream).result(timeout=timeout)
+    shapes = [tuple(v.shape) for v in cached.model.weights]
+    start, packed, version = server.begin(stream).result(timeout=timeout)
+    weights = backend.unpack(packed, shapes)
     samples = 0
     metrics: list[list[np.ndarray]] | None = None
     for i in range(start, len(chunks)):
@@ -421,7 +434,8 @@ def ps_epoch(
         with cached.lock:
             backend.ensure_built(cached.model, X, y)
             grads, m = cached.grad_loop_fn(X, y, batch_size, weights)
-        weights, version, _ = server.push(stream, i, grads, len(X), version).result(timeout=timeout)
+        packed, version, _ = server.push(stream, i, backend.pack(grads), len(X), version).result(timeout=timeout)
+        weights = backend.unpack(packed, shapes)
         samples += len(X)
         metrics = m if metrics is None else [[a + b for a, b in zip(ma, mb)] for ma, mb in zip(metrics, m)]
     server.done(stream).result(timeout=timeout)

@@ -113,13 +113,14 @@ def test_server_worker_killed_mid_fit_does_not_hang(diamond_data, fitted_pre, ow
                 hosts = [w for w, yes in client.run(hosts_server).items() if yes]
                 pid = client.run(os.getpid, workers=hosts)[hosts[0]]
                 self.victim = hosts[0]
-                threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
+                # soon after the tasks start: an epoch of ~90 pushes per worker lasts longer
+                threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
 
     n = len(fitted_pre.feature_names_)
     killer = KillServer()
     h = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=3, batch_size=BATCH,
                          client=client, verbose=0, validation_data=diamond_data.val_ddf(), callbacks=[killer],
-                         strategy=daskml_scale.ParameterServer("async", push_every=4))
+                         strategy=daskml_scale.ParameterServer("async", push_every=1))
     assert killer.victim is not None
     assert len(h.history["val_loss"]) == 3
     assert h.history["val_loss"][-1] < h.history["val_loss"][0]
