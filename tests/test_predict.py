@@ -140,7 +140,7 @@ def test_predict_dask_array_of_features(client, trained, bundle_path):
     import keras
 
     live = keras.models.clone_model(model)
-    live.set_weights(model.get_weights())
+    live.set_weights([w * 0.9 for w in model.get_weights()])  # not the bytes of `model` above, made the same second
     def loaded() -> set:
         return {key for info in client.run(cache_info).values() for key in info["loads"]}
 
@@ -149,6 +149,7 @@ def test_predict_dask_array_of_features(client, trained, bundle_path):
     time.sleep(1.1)  # a bundle records when it was made (in seconds): a new one would differ
     predict(live, Xd).compute()
     assert len(loaded() - before) == 1
+    np.testing.assert_allclose(first, live.predict(X, verbose=0), atol=1e-5)
     live.set_weights([w * 0.5 for w in live.get_weights()])
     np.testing.assert_allclose(predict(live, Xd).compute(), live.predict(X, verbose=0), atol=1e-5)
     assert not np.allclose(predict(live, Xd).compute(), first)
