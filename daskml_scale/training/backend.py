@@ -280,9 +280,27 @@ def make_gradient_loop_fn(
         out = [a / tf.cast(n, a.dtype) for a in acc]
         return out, [[tf.identity(v) for v in vs] for vs in metric_vars]
 
+    shapes = [tuple(v.shape) for v in all_vars]
+    sizes = [int(np.prod(s)) for s in shapes]
+    flat_ok = all(v.dtype == "float32" for v in all_vars) and all(v.dtype == "float32" for v in model.trainable_variables)
+
+    @tf.function(reduce_retracing=True)
+    def run_packed(X, y, batch_size, packed):
+        # one tensor in and one out: a call with lists of tensors pays per element
+        parts = tf.split(packed, sizes)
+        grads, metrics = run(X, y, batch_size, [tf.reshape(p, s) for p, s in zip(parts, shapes)])
+        return tf.concat([tf.reshape(g, [-1]) for g in grads], 0), metrics
+
     def call(
-        X: np.ndarray, y: np.ndarray, batch_size: int, weights: list[np.ndarray]
-    ) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
+        X: np.ndarray, y: np.ndarray, batch_size: int, weights: Any
+    ) -> tuple[Any, list[list[np.ndarray]]]:
+        """``weights`` packed (one float32 vector, :func:`pack`) gives packed gradients back."""
+        if isinstance(weights, np.ndarray):
+            if not flat_ok:
+                raise ValueError("Packed weights need a model whose weights are all float32")
+            g, m = run_packed(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32),
+                              tf.convert_to_tensor(weights))
+            return g.numpy(), [[v.numpy() for v in vs] for vs in m]
         if len(weights) != len(all_vars):
             raise ValueError(f"Expected {len(all_vars)} weight arrays. Received: {len(weights)}")
         g, m = run(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32),

@@ -422,9 +422,8 @@ def ps_epoch(
     except (ValueError, KeyError):
         pass  # not on a worker (a local test call)
     cached = model_for(fit_id, model_bytes)
-    shapes = [tuple(v.shape) for v in cached.model.weights]
-    start, packed, version = server.begin(stream).result(timeout=timeout)
-    weights = backend.unpack(packed, shapes)
+    # weights and gradients stay packed (one float32 vector each way) when the server packs them
+    start, weights, version = server.begin(stream).result(timeout=timeout)
     samples = 0
     metrics: list[list[np.ndarray]] | None = None
     for i in range(start, len(chunks)):
@@ -434,8 +433,8 @@ def ps_epoch(
         with cached.lock:
             backend.ensure_built(cached.model, X, y)
             grads, m = cached.grad_loop_fn(X, y, batch_size, weights)
-        packed, version, _ = server.push(stream, i, backend.pack(grads), len(X), version).result(timeout=timeout)
-        weights = backend.unpack(packed, shapes)
+        grads = grads if isinstance(grads, np.ndarray) else backend.pack(grads)
+        weights, version, _ = server.push(stream, i, grads, len(X), version).result(timeout=timeout)
         samples += len(X)
         metrics = m if metrics is None else [[a + b for a, b in zip(ma, mb)] for ma, mb in zip(metrics, m)]
     server.done(stream).result(timeout=timeout)

@@ -135,3 +135,28 @@ def test_bad_arguments_are_clear():
         daskml_scale.ParameterServer(push_every=0)
     with pytest.raises(ValueError, match="max_staleness"):
         daskml_scale.ParameterServer("async", max_staleness=-1)
+
+
+def test_packed_messages_match_lists():
+    """Gradients and weights travel packed (one float32 vector): same numbers as the lists."""
+    from daskml_scale.training import backend
+
+    model = build_model(5)
+    X = np.random.default_rng(0).random((300, 5)).astype(np.float32)
+    y = X.sum(axis=1).astype(np.float32)
+    backend.ensure_built(model, X, y)
+    weights = backend.get_weights(model)
+    packed = backend.pack(weights)
+    assert isinstance(packed, np.ndarray) and packed.size == sum(w.size for w in weights)
+    for a, b in zip(backend.unpack(packed, [w.shape for w in weights]), weights):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="packed values"):
+        backend.unpack(packed[:-1], [w.shape for w in weights])
+    assert isinstance(backend.pack([np.zeros(2, np.float64)]), list)  # other dtypes stay a list
+    fn = backend.make_gradient_loop_fn(model)
+    g_list, m_list = fn(X, y, 128, weights)
+    g_packed, m_packed = fn(X, y, 128, packed)
+    np.testing.assert_allclose(g_packed, backend.pack(g_list), rtol=1e-6, atol=1e-7)
+    for a, b in zip(m_list, m_packed):
+        for u, v in zip(a, b):
+            np.testing.assert_allclose(u, v, rtol=1e-6)
