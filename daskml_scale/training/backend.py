@@ -332,7 +332,7 @@ def unpack(packed: np.ndarray | Sequence[np.ndarray], shapes: Sequence[tuple[int
     return out
 
 
-def make_apply_fn(model: Any) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+def make_apply_fn(model: Any) -> Callable[[Any], Any]:
     """A compiled ``apply_gradients`` with the model's own optimizer (server side).
 
     The optimizer and the weights live in the calling process; one call is one
@@ -353,7 +353,20 @@ def make_apply_fn(model: Any) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
         opt.apply_gradients(zip(grads, tvars))
         return [tf.identity(v) for v in all_vars]
 
-    def call(gradients: list[np.ndarray]) -> list[np.ndarray]:
+    g_shapes = [tuple(v.shape) for v in tvars]
+    g_sizes = [int(np.prod(s)) for s in g_shapes]
+
+    @tf.function(reduce_retracing=True)
+    def run_packed(packed):
+        parts = tf.split(packed, g_sizes)
+        out = run([tf.reshape(p, s) for p, s in zip(parts, g_shapes)])
+        return tf.concat([tf.reshape(w, [-1]) for w in out], 0)
+
+    def call(gradients: Any) -> Any:
+        """Gradients packed (:func:`pack`, when every weight is float32) give the weights
+        back packed: one tensor each way. A list gives a list."""
+        if isinstance(gradients, np.ndarray):
+            return run_packed(tf.convert_to_tensor(gradients)).numpy()
         if len(gradients) != len(tvars):
             raise ValueError(f"Expected {len(tvars)} gradient arrays. Received: {len(gradients)}")
         return [w.numpy() for w in run([tf.convert_to_tensor(g) for g in gradients])]

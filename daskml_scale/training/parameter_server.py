@@ -262,6 +262,7 @@ class ParamServerActor:
         self.model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes from our own driver
         self.apply = backend.make_apply_fn(self.model)
         self._grad_shapes = [tuple(v.shape) for v in self.model.trainable_weights]
+        self._shapes = [tuple(v.shape) for v in self.model.weights]
         self._packed: Any = None  # the current weights, packed once per version
         self.mode = mode
         self.max_staleness = max_staleness
@@ -295,7 +296,10 @@ class ParamServerActor:
 
     def _current(self) -> list[np.ndarray]:
         if self._weights is None:
-            self._weights = backend.get_weights(self.model)
+            if self._packed is not None:
+                self._weights = backend.unpack(self._packed, self._shapes)
+            else:
+                self._weights = backend.get_weights(self.model)
         return self._weights
 
     def _current_packed(self) -> Any:
@@ -307,9 +311,13 @@ class ParamServerActor:
         """Where a stream's (possibly rerun) epoch task starts, and the weights to use."""
         return self._next_chunk.get(int(stream), 0), self._current_packed(), self.version
 
-    def _step(self, gradients: list[np.ndarray]) -> None:
-        self._weights = self.apply(gradients)
-        self._packed = None
+    def _step(self, gradients: Any) -> None:
+        """One optimizer step; packed gradients (one vector) give packed weights back."""
+        out = self.apply(gradients)
+        if isinstance(out, np.ndarray):
+            self._packed, self._weights = out, None
+        else:
+            self._weights, self._packed = out, None
         self.version += 1
         self.stats["applied"] += 1
 
@@ -325,10 +333,16 @@ class ParamServerActor:
         total = float(sum(n for _, n in self._pending.values()))
         contributions = list(self._pending.values())
         first, n0 = contributions[0]
-        mean = [np.asarray(g) * np.asarray(n0 / total, dtype=np.asarray(g).dtype) for g in first]
-        for grads, n in contributions[1:]:
-            for i, g in enumerate(grads):
-                mean[i] += np.asarray(n / total, dtype=mean[i].dtype) * g
+        mean: Any
+        if isinstance(first, np.ndarray):  # packed: one vector operation per contribution
+            mean = first * np.float32(n0 / total)
+            for grads, n in contributions[1:]:
+                mean += np.float32(n / total) * grads
+        else:
+            mean = [np.asarray(g) * np.asarray(n0 / total, dtype=np.asarray(g).dtype) for g in first]
+            for grads, n in contributions[1:]:
+                for i, g in enumerate(grads):
+                    mean[i] += np.asarray(n / total, dtype=mean[i].dtype) * g
         self._pending.clear()
         self._step(mean)
         event = self._event()
@@ -344,7 +358,11 @@ class ParamServerActor:
         Returns the weights to use next, their version, and whether it was applied.
         """
         stream = int(stream)
-        gradients = backend.unpack(gradients, self._grad_shapes)
+        if isinstance(gradients, np.ndarray):
+            if gradients.size != sum(int(np.prod(sh)) for sh in self._grad_shapes):
+                raise ValueError(f"Expected packed gradients for shapes {self._grad_shapes}. Received: {gradients.size} values")
+        else:
+            gradients = backend.pack(list(gradients))  # every contribution alike (packed when float32)
         if self.mode == "async":
             self._next_chunk[stream] = chunk + 1
             stale = self.version - int(version)
