@@ -355,6 +355,7 @@ def make_apply_fn(model: Any) -> Callable[[Any], Any]:
 
     g_shapes = [tuple(v.shape) for v in tvars]
     g_sizes = [int(np.prod(s)) for s in g_shapes]
+    all_float32 = all(v.dtype == "float32" for v in all_vars)
 
     @tf.function(reduce_retracing=True)
     def run_packed(packed):
@@ -366,7 +367,9 @@ def make_apply_fn(model: Any) -> Callable[[Any], Any]:
         """Gradients packed (:func:`pack`, when every weight is float32) give the weights
         back packed: one tensor each way. A list gives a list."""
         if isinstance(gradients, np.ndarray):
-            return run_packed(tf.convert_to_tensor(gradients)).numpy()
+            if all_float32:
+                return run_packed(tf.convert_to_tensor(gradients)).numpy()
+            gradients = unpack(gradients, g_shapes)  # e.g. an int64 count among the weights
         if len(gradients) != len(tvars):
             raise ValueError(f"Expected {len(tvars)} gradient arrays. Received: {len(gradients)}")
         return [w.numpy() for w in run([tf.convert_to_tensor(g) for g in gradients])]

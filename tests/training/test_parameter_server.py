@@ -160,3 +160,20 @@ def test_packed_messages_match_lists():
     for a, b in zip(m_list, m_packed):
         for u, v in zip(a, b):
             np.testing.assert_allclose(u, v, rtol=1e-6)
+
+
+def test_weights_that_cannot_be_packed(diamond_data, fitted_pre, client):
+    """A Normalization layer holds an int64 count: weights travel as lists, gradients packed."""
+    import keras
+
+    n = len(fitted_pre.feature_names_)
+    norm = keras.layers.Normalization()
+    norm.adapt(np.random.default_rng(0).random((64, n)).astype(np.float32))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((n,)), norm, keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="mse")
+    assert any(v.dtype != "float32" for v in model.weights)
+    for mode in ("sync", "async"):
+        h = daskml_scale.fit(model, diamond_data.ddf(), preprocessor=fitted_pre, epochs=1, batch_size=BATCH,
+                             client=client, verbose=0, strategy=daskml_scale.ParameterServer(mode, push_every=8))
+        assert h.history["ps_applied"][0] > 0 and np.isfinite(h.history["loss"][0])
