@@ -38,6 +38,7 @@ from daskml_scale.preprocessing import Preprocessor
 from daskml_scale.writers import FORMATS, is_local, write_frame_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
+    import dask.array as da
     import keras
     from distributed import Client
 
@@ -260,7 +261,7 @@ def predict(
     batch_size: int | None = None,
     preprocessor: Preprocessor | None = None,
     storage_options: dict[str, Any] | None = None,
-) -> dd.DataFrame:
+) -> "dd.DataFrame | da.Array":
     """Predictions for every row of a Dask DataFrame (or Dask array of features), lazily.
 
     Parameters
@@ -302,9 +303,11 @@ def predict(
     >>> out.to_parquet("s3://predictions/")  # doctest: +SKIP
     >>> scores = predict(model, features)  # a dask array (rows, 27) -> (rows, 1)  # doctest: +SKIP
     """
-    import dask.array as da
+    import dask.array as da  # noqa: F811  (the runtime import)
 
     if isinstance(ddf, da.Array):
+        if keep is not None:
+            raise ValueError("Expected keep=None with a Dask array: it has no columns to keep. Received: keep=%r" % (keep,))
         return _predict_array(bundle_or_model, ddf, batch_size, preprocessor, storage_options)
     bundle, ship = _as_bundle(bundle_or_model, preprocessor, storage_options)
     if not isinstance(ddf, dd.DataFrame):

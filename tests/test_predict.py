@@ -157,6 +157,8 @@ def test_predict_dask_array_of_features(client, trained, bundle_path):
         predict(model, Xd[:, :5])
     with pytest.raises(ValueError, match="preprocessor=None"):
         predict(model, Xd, preprocessor=pre)
+    with pytest.raises(ValueError, match="keep=None"):
+        predict(model, Xd, keep="id")
 
 
 # --------------------------------------------------------------------- predict_files()
