@@ -1,6 +1,6 @@
 """CSV shards -> predictions CSV: predict_files on 2 workers against the alternatives.
 
-    .venv/bin/python benchmarks/bench_predict.py [--copies 40] [--shards 16] [--keep id|all] [--repeat 2]
+    .venv/bin/python benchmarks/bench_predict.py [--copies 40] [--shards 16] [--keep id|all] [--repeat 2] [--skip-files]
 
 Everything is measured in the same run, on the same machine, and printed as ratios:
 
@@ -12,10 +12,12 @@ Everything is measured in the same run, on the same machine, and printed as rati
 * (b)   naive Dask: dd.read_csv, map_partitions with the model captured in a closure
         calling model.predict(X), dd.to_csv.
 
-Then in-memory throughput: predict() on a persisted Dask DataFrame against the raw
-model(x) in large batches in one process (TensorFlow using every core), both on the
-same feature matrix (a numeric-only bundle, so both sides do the same work), and the
-full pipeline (user transform + one-hot + model) against its single-process version.
+Then in-memory throughput against the raw model(x) in large batches in one process
+(TensorFlow using every core), all on the same feature matrix persisted on the workers:
+predict() on a Dask array with a loaded bundle and with a live Keras model (the same
+work as the raw call), and on a Dask DataFrame of the features (adds the preprocessor's
+arithmetic); then the full pipeline (user transform + one-hot + model) against its
+single-process version. ``--skip-files`` runs only this part.
 
 Timings are wall-clock seconds, best of ``--repeat`` runs for the fast variants.
 """

@@ -238,8 +238,11 @@ def apply_gradients(model: Any, gradients: list[np.ndarray]) -> None:
 
 def make_gradient_loop_fn(
     model: Any,
-) -> Callable[..., tuple[list[np.ndarray], list[list[np.ndarray]]]]:
+) -> Callable[..., tuple[Any, list[list[np.ndarray]]]]:
     """``fn(X, y, batch_size, weights) -> (gradients, metric_state)`` in one graph call.
+
+    ``weights`` as a list gives a list of gradients; packed (:func:`pack`), packed
+    gradients.
 
     ``weights`` (every model weight, as from :func:`get_weights`) are assigned first,
     in the same graph call (a separate :func:`set_weights` would cost a second one).
@@ -282,7 +285,7 @@ def make_gradient_loop_fn(
 
     shapes = [tuple(v.shape) for v in all_vars]
     sizes = [int(np.prod(s)) for s in shapes]
-    flat_ok = all(v.dtype == "float32" for v in all_vars) and all(v.dtype == "float32" for v in model.trainable_variables)
+    flat_ok = all(v.dtype == "float32" for v in all_vars)  # the trainable ones among them
 
     @tf.function(reduce_retracing=True)
     def run_packed(X, y, batch_size, packed):
