@@ -4,7 +4,10 @@ One actor (:class:`ParamServerActor`) lives on one worker for the whole fit. Eve
 epoch, each stream (one per worker) runs one long task, :func:`ps_epoch`, that loops
 over its rows ``push_every`` batches at a time: gradients at the weights it last
 received, averaged over those batches, pushed to the actor, which answers with the
-weights to use next. One round trip per push; messages are lists of NumPy arrays.
+weights to use next. One round trip per push. Messages are NumPy arrays: one packed
+float32 vector each way (lists when a weight is not float32), sent over a direct TCP
+channel to the actor (:mod:`daskml_scale.training.channel`) on ``tcp://`` clusters and
+as actor calls otherwise.
 
 * ``mode="sync"``: the actor waits for one contribution per active stream, averages
   them (weighted by rows) and applies the average with the model's optimizer: with
@@ -26,16 +29,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
 from daskml_scale import config
 from daskml_scale.exceptions import TrainingError, WorkersLostError
 from daskml_scale.training import backend
+from daskml_scale.training.channel import ChannelClient, ChannelServer, channel_host
 from daskml_scale.training.worker import PartSlice, gather_rows, model_for
 
 if TYPE_CHECKING:
@@ -253,15 +258,21 @@ def _alive(server: Any) -> bool:
 class ParamServerActor:
     """The weights, the optimizer and the step counter of one fit, on one worker.
 
-    Methods are ``async`` (they run on the worker's event loop): a sync push waits at
-    the barrier on an :class:`asyncio.Event` without holding a thread; the optimizer
-    step itself is one compiled graph call (well under a millisecond for a small MLP).
+    Pushes arrive on the direct channel (:mod:`daskml_scale.training.channel`, one
+    thread per stream) or as actor calls (``push``, run on a thread of the actor's own
+    pool so a sync push waiting at the barrier holds no event loop). Either way they
+    meet in :meth:`_push`, under one lock: a sync push waits on a condition until the
+    step that holds its gradient is applied; the optimizer step itself is one
+    compiled graph call.
     """
 
     def __init__(self, model_bytes: bytes, mode: str, max_staleness: int | None, timeout: float) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         self.model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes from our own driver
         self.apply = backend.make_apply_fn(self.model)
         self._grad_shapes = [tuple(v.shape) for v in self.model.trainable_weights]
+        self._grad_size = sum(int(np.prod(sh)) for sh in self._grad_shapes)
         self._shapes = [tuple(v.shape) for v in self.model.weights]
         self._packed: Any = None  # the current weights, packed once per version
         self.mode = mode
@@ -269,11 +280,31 @@ class ParamServerActor:
         self.timeout = timeout
         self.version = 0
         self._weights: list[np.ndarray] | None = None
-        self._pending: dict[int, tuple[list[np.ndarray], int]] = {}
+        self._pending: dict[int, tuple[Any, int]] = {}
         self._active: set[int] = set()
         self._next_chunk: dict[int, int] = {}
-        self._stepped: asyncio.Event | None = None
+        self._cond = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="daskml-ps-push")
+        self._channel = self._open_channel()
         self._reset_stats()
+
+    def _open_channel(self) -> ChannelServer | None:
+        if not config.get("training.ps-direct", True):
+            return None
+        try:
+            from distributed import get_worker
+
+            host = channel_host(get_worker().address)
+        except ValueError:  # not on a worker (a local test call)
+            host = None
+        if host is None:
+            return None
+        try:
+            return ChannelServer(host, self, "_push")
+        except OSError as exc:
+            logger.warning("daskml_scale: the parameter server's direct channel could not listen on %s (%s); "
+                           "pushes go through actor calls", host, exc)
+            return None
 
     def _reset_stats(self) -> None:
         self.stats = {"applied": 0, "rejected": 0, "staleness_sum": 0, "staleness_max": 0}
@@ -281,18 +312,28 @@ class ParamServerActor:
     def ping(self) -> bool:
         return True
 
+    def channel(self) -> tuple[str, int] | None:
+        """The direct channel's (host, port), or None when pushes go through actor calls."""
+        return self._channel.address if self._channel is not None else None
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._pool.shutdown(wait=False)
+
     def load(self, weights: list[np.ndarray], optimizer: list[np.ndarray] | None, streams: Sequence[int]) -> int:
         """Start an epoch from the driver's state: ``streams`` take part in it."""
-        backend.set_weights(self.model, weights)
-        if optimizer:
-            backend.set_optimizer_state(self.model, optimizer)
-        self._weights = None
-        self._packed = None
-        self._pending.clear()
-        self._active = set(int(s) for s in streams)
-        self._next_chunk = {int(s): 0 for s in streams}
-        self._reset_stats()
-        return self.version
+        with self._cond:
+            backend.set_weights(self.model, weights)
+            if optimizer:
+                backend.set_optimizer_state(self.model, optimizer)
+            self._weights = None
+            self._packed = None
+            self._pending.clear()
+            self._active = set(int(s) for s in streams)
+            self._next_chunk = {int(s): 0 for s in streams}
+            self._reset_stats()
+            return self.version
 
     def _current(self) -> list[np.ndarray]:
         if self._weights is None:
@@ -307,9 +348,13 @@ class ParamServerActor:
             self._packed = backend.pack(self._current())
         return self._packed
 
-    def begin(self, stream: int) -> tuple[int, list[np.ndarray], int]:
-        """Where a stream's (possibly rerun) epoch task starts, and the weights to use."""
-        return self._next_chunk.get(int(stream), 0), self._current_packed(), self.version
+    def begin(self, stream: int) -> tuple[int, Any, int, tuple[str, int] | None]:
+        """Where a stream's (possibly rerun) epoch task starts, the weights to use, their
+        version, and the direct channel's address (None: push through actor calls)."""
+        with self._cond:
+            packed = self._current_packed()
+            address = self.channel() if isinstance(packed, np.ndarray) else None
+            return self._next_chunk.get(int(stream), 0), packed, self.version, address
 
     def _step(self, gradients: Any) -> None:
         """One optimizer step; packed gradients (one vector) give packed weights back."""
@@ -320,11 +365,6 @@ class ParamServerActor:
             self._weights, self._packed = out, None
         self.version += 1
         self.stats["applied"] += 1
-
-    def _event(self) -> asyncio.Event:
-        if self._stepped is None:
-            self._stepped = asyncio.Event()
-        return self._stepped
 
     def _maybe_step(self) -> None:
         """Sync: apply the rows-weighted mean once every active stream has contributed."""
@@ -345,71 +385,71 @@ class ParamServerActor:
                     mean[i] += np.asarray(n / total, dtype=mean[i].dtype) * g
         self._pending.clear()
         self._step(mean)
-        event = self._event()
-        self._stepped = asyncio.Event()
-        event.set()
+        self._cond.notify_all()
 
     async def push(
-        self, stream: int, chunk: int, gradients: list[np.ndarray], rows: int, version: int
-    ) -> tuple[list[np.ndarray], int, bool]:
-        """A stream's gradient (mean over ``rows`` rows at weights ``version``).
+        self, stream: int, chunk: int, gradients: Any, rows: int, version: int
+    ) -> tuple[Any, int, bool]:
+        """A stream's gradient (mean over ``rows`` rows at weights ``version``), as an
+        actor call: see :meth:`_push`."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._push, stream, chunk, gradients, rows, version)
 
-        ``gradients`` may be packed (:func:`backend.pack`); the weights come back packed.
-        Returns the weights to use next, their version, and whether it was applied.
-        """
+    def _push(self, stream: int, chunk: int, gradients: Any, rows: int, version: int) -> tuple[Any, int, bool]:
+        """``gradients`` may be packed (:func:`backend.pack`); the weights come back packed.
+        Returns the weights to use next, their version, and whether it was applied."""
         stream = int(stream)
         if isinstance(gradients, np.ndarray):
-            if gradients.size != sum(int(np.prod(sh)) for sh in self._grad_shapes):
+            if gradients.size != self._grad_size:
                 raise ValueError(f"Expected packed gradients for shapes {self._grad_shapes}. Received: {gradients.size} values")
         else:
             gradients = backend.pack(list(gradients))  # every contribution alike (packed when float32)
-        if self.mode == "async":
+        with self._cond:
+            if self.mode == "async":
+                self._next_chunk[stream] = chunk + 1
+                stale = self.version - int(version)
+                if self.max_staleness is not None and stale > self.max_staleness:
+                    self.stats["rejected"] += 1
+                    return self._current_packed(), self.version, False
+                self._step(gradients)
+                self.stats["staleness_sum"] += stale
+                self.stats["staleness_max"] = max(self.stats["staleness_max"], stale)
+                return self._current_packed(), self.version, True
+            # sync: a rerun task may push before the step holding its previous chunk is applied
+            self._wait_for(lambda: stream not in self._pending)
             self._next_chunk[stream] = chunk + 1
-            stale = self.version - int(version)
-            if self.max_staleness is not None and stale > self.max_staleness:
-                self.stats["rejected"] += 1
-                return self._current_packed(), self.version, False
-            self._step(gradients)
-            self.stats["staleness_sum"] += stale
-            self.stats["staleness_max"] = max(self.stats["staleness_max"], stale)
+            self._pending[stream] = (gradients, int(rows))
+            start = self.version
+            self._maybe_step()
+            self._wait_for(lambda: self.version != start)
             return self._current_packed(), self.version, True
-        # sync: a rerun task may push before the step holding its previous chunk is applied
-        while stream in self._pending:
-            await self._wait_step()
-        self._next_chunk[stream] = chunk + 1
-        self._pending[stream] = (gradients, int(rows))
-        start = self.version
-        self._maybe_step()
-        while self.version == start:
-            await self._wait_step()
-        return self._current_packed(), self.version, True
 
-    async def _wait_step(self) -> None:
-        try:
-            await asyncio.wait_for(self._event().wait(), self.timeout)
-        except asyncio.TimeoutError:
+    def _wait_for(self, predicate: Callable[[], bool]) -> None:
+        if not self._cond.wait_for(predicate, timeout=self.timeout):
             missing = sorted(self._active - set(self._pending))
             raise TrainingError(
                 f"The parameter server's sync barrier waited {self.timeout:.0f}s for stream(s) {missing}; "
                 "a worker may be lost without its task being rerun. Raise daskml_scale.training.ps-timeout "
                 "or use mode='async'."
-            ) from None
+            )
 
-    async def done(self, stream: int) -> None:
+    def done(self, stream: int) -> None:
         """A stream finished its epoch: the barrier no longer waits for it."""
-        self._active.discard(int(stream))
-        if self.mode == "sync":
-            self._maybe_step()
+        with self._cond:
+            self._active.discard(int(stream))
+            if self.mode == "sync":
+                self._maybe_step()
 
     def state(self) -> tuple[list[np.ndarray], list[np.ndarray], dict[str, float]]:
         """Weights, optimizer state and this epoch's push statistics (back to the driver)."""
-        s = self.stats
-        stats = {
-            "applied": s["applied"], "rejected": s["rejected"],
-            "staleness_mean": s["staleness_sum"] / s["applied"] if s["applied"] else 0.0,
-            "staleness_max": s["staleness_max"],
-        }
-        return self._current(), backend.get_optimizer_state(self.model), stats
+        with self._cond:
+            s = self.stats
+            stats = {
+                "applied": s["applied"], "rejected": s["rejected"],
+                "staleness_mean": s["staleness_sum"] / s["applied"] if s["applied"] else 0.0,
+                "staleness_max": s["staleness_max"],
+            }
+            return self._current(), backend.get_optimizer_state(self.model), stats
 
 
 # ---------------------------------------------------------------------- the task
@@ -441,20 +481,28 @@ def ps_epoch(
         pass  # not on a worker (a local test call)
     cached = model_for(fit_id, model_bytes)
     # weights and gradients stay packed (one float32 vector each way) when the server packs them
-    start, weights, version = server.begin(stream).result(timeout=timeout)
+    start, weights, version, address = server.begin(stream).result(timeout=timeout)
+    link = ChannelClient(address, timeout) if address is not None else None
     samples = 0
     metrics: list[list[np.ndarray]] | None = None
-    for i in range(start, len(chunks)):
-        X, y = gather_rows(chunks[i], sources, seed, epoch, shuffle)
-        if len(X) == 0:
-            continue
-        with cached.lock:
-            backend.ensure_built(cached.model, X, y)
-            grads, m = cached.grad_loop_fn(X, y, batch_size, weights)
-        grads = grads if isinstance(grads, np.ndarray) else backend.pack(grads)
-        weights, version, _ = server.push(stream, i, grads, len(X), version).result(timeout=timeout)
-        samples += len(X)
-        metrics = m if metrics is None else [[a + b for a, b in zip(ma, mb)] for ma, mb in zip(metrics, m)]
+    try:
+        for i in range(start, len(chunks)):
+            X, y = gather_rows(chunks[i], sources, seed, epoch, shuffle)
+            if len(X) == 0:
+                continue
+            with cached.lock:
+                backend.ensure_built(cached.model, X, y)
+                grads, m = cached.grad_loop_fn(X, y, batch_size, weights)
+            grads = grads if isinstance(grads, np.ndarray) else backend.pack(grads)
+            if link is not None and isinstance(grads, np.ndarray):
+                weights, version, _ = link.push(stream, i, grads, len(X), version)
+            else:
+                weights, version, _ = server.push(stream, i, grads, len(X), version).result(timeout=timeout)
+            samples += len(X)
+            metrics = m if metrics is None else [[a + b for a, b in zip(ma, mb)] for ma, mb in zip(metrics, m)]
+    finally:
+        if link is not None:
+            link.close()
     server.done(stream).result(timeout=timeout)
     if metrics is None:
         return {"samples": 0}

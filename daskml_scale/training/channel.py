@@ -1,0 +1,176 @@
+"""A direct TCP channel between the epoch tasks and the parameter server's actor.
+
+A push through a Dask actor call crosses both workers' event loops and the comm
+layer's framing: about 0.75 ms for an empty call on a 2-core machine, which is most
+of a training step of a small model. The actor therefore also listens on a plain TCP
+socket, on the host of its worker, with one thread per connected stream; a push is
+one fixed header and the packed float32 gradients, the answer one header and the
+packed weights. The Dask actor stays the control plane (load, begin, done, state)
+and the fallback: the channel is used only for packed float32 messages on a ``tcp://``
+cluster, and ``daskml_scale.training.ps-direct: false`` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+import threading
+import weakref
+from typing import Any, Callable
+
+import numpy as np
+
+from daskml_scale.exceptions import TrainingError
+
+__all__ = ["ChannelServer", "ChannelClient", "channel_host"]
+
+logger = logging.getLogger(__name__)
+
+# request: stream, chunk, rows, version, number of float32 values that follow
+_REQUEST = struct.Struct("<qqqqq")
+# answer: status (0 ok, 1 error), version, applied, number of float32 values (or message bytes)
+_ANSWER = struct.Struct("<qqqq")
+
+Handler = Callable[[int, int, np.ndarray, int, int], "tuple[np.ndarray, int, bool]"]
+
+
+def channel_host(worker_address: str | None) -> str | None:
+    """The host to listen on for a worker at ``worker_address``; None unless plain TCP."""
+    if not worker_address:
+        return None
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    scheme, location = parse_address(worker_address)
+    if scheme != "tcp":
+        return None  # tls:// (a raw socket would bypass it), inproc://, ucx://: use the actor
+    host, _ = parse_host_port(location)
+    return host
+
+
+def _recv_into(conn: socket.socket, view: memoryview) -> bool:
+    """Fill ``view``; False when the peer closed before sending anything."""
+    got = 0
+    while got < len(view):
+        n = conn.recv_into(view[got:], len(view) - got)
+        if n == 0:
+            if got == 0:
+                return False
+            raise ConnectionError("the parameter server channel closed in the middle of a message")
+        got += n
+    return True
+
+
+class ChannelServer:
+    """Listens on ``host``; each connection is served by its own thread, calling
+    ``handler(stream, chunk, gradients, rows, version) -> (weights, version, applied)``
+    on the object ``owner`` (held weakly: the channel closes when the owner is gone)."""
+
+    def __init__(self, host: str, owner: Any, method: str) -> None:
+        family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
+        self._sock = socket.create_server((host, 0), family=family, backlog=64)
+        self.address = (host, self._sock.getsockname()[1])
+        self._owner = weakref.ref(owner)
+        self._method = method
+        self._closed = False
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, name="daskml-ps-channel", daemon=True).start()
+        weakref.finalize(owner, self.close)
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        with self._lock:
+            conns, self._conns = list(self._conns), set()
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._conns.add(conn)
+            threading.Thread(target=self._serve, args=(conn,), name="daskml-ps-stream", daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        head = bytearray(_REQUEST.size)
+        try:
+            while True:
+                if not _recv_into(conn, memoryview(head)):
+                    return
+                stream, chunk, rows, version, n = _REQUEST.unpack(head)
+                grads = np.empty(n, dtype=np.float32)
+                _recv_into(conn, memoryview(grads).cast("B"))
+                owner = self._owner()
+                if owner is None:
+                    return
+                try:
+                    weights, version, applied = getattr(owner, self._method)(stream, chunk, grads, rows, version)
+                except Exception as exc:  # reported to the pushing task, which raises it
+                    message = f"{type(exc).__name__}: {exc}".encode()
+                    conn.sendall(_ANSWER.pack(1, 0, 0, len(message)) + message)
+                    continue
+                finally:
+                    del owner
+                weights = np.ascontiguousarray(weights, dtype=np.float32)
+                conn.sendall(_ANSWER.pack(0, int(version), int(bool(applied)), weights.size) + weights.tobytes())
+        except OSError:
+            return  # the task went away (it is rerun elsewhere) or the channel closed
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+
+class ChannelClient:
+    """One epoch task's connection to the server's channel."""
+
+    def __init__(self, address: tuple[str, int], timeout: float) -> None:
+        self._conn = socket.create_connection(tuple(address), timeout=timeout)
+        self._conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._head = bytearray(_ANSWER.size)
+
+    def push(self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int) -> tuple[np.ndarray, int, bool]:
+        g = np.ascontiguousarray(gradients, dtype=np.float32)
+        conn = self._conn
+        try:
+            conn.sendall(_REQUEST.pack(int(stream), int(chunk), int(rows), int(version), g.size) + g.tobytes())
+            if not _recv_into(conn, memoryview(self._head)):
+                raise ConnectionError("the parameter server closed the channel")
+            status, version, applied, n = _ANSWER.unpack(self._head)
+            if status:
+                message = bytearray(n)
+                _recv_into(conn, memoryview(message))
+                raise TrainingError(f"The parameter server refused a push: {message.decode('utf-8', 'replace')}")
+            weights = np.empty(n, dtype=np.float32)
+            _recv_into(conn, memoryview(weights).cast("B"))
+        except socket.timeout as exc:
+            raise TimeoutError(f"The parameter server did not answer a push within {conn.gettimeout():.0f}s") from exc
+        return weights, int(version), bool(applied)
+
+    def close(self) -> None:
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "ChannelClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
