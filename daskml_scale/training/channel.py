@@ -69,6 +69,7 @@ class ChannelServer:
     def __init__(self, host: str, owner: Any, method: str) -> None:
         family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
         self._sock = socket.create_server((host, 0), family=family, backlog=64)
+        self._sock.settimeout(1.0)  # the accept loop notices a close within a second, whatever the OS
         self.address = (host, self._sock.getsockname()[1])
         self._owner = weakref.ref(owner)
         self._method = method
@@ -80,6 +81,10 @@ class ChannelServer:
 
     def close(self) -> None:
         self._closed = True
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept (Linux)
+        except OSError:
+            pass
         try:
             self._sock.close()
         except OSError:
@@ -97,8 +102,11 @@ class ChannelServer:
         while not self._closed:
             try:
                 conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return  # closed
+            conn.settimeout(None)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns.add(conn)

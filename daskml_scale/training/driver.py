@@ -159,16 +159,11 @@ class Fit:
     # ------------------------------------------------------------------ waiting
     def _gather(self, futures: list[Any]) -> list[Any]:
         """Gather, failing fast with names when every worker is gone (never hang)."""
-        from distributed import wait
-
         timeout = float(config.get("training.no-worker-timeout", 60))
         gone_since: float | None = None
         while True:
-            try:
-                wait(futures, timeout=0.5)
+            if wait_done(futures, 0.5):
                 break
-            except TimeoutError:
-                pass
             live = set(self.live_workers())
             if live:
                 gone_since = None
@@ -288,6 +283,9 @@ class Fit:
         return history
 
     def _release(self) -> None:
+        release = getattr(getattr(self, "strategy", None), "release", None)
+        if release is not None:
+            release(self.scratch)
         futures = [s for s in getattr(self, "sources", []) if not isinstance(s, Lazy)]
         if getattr(self, "val_sources", None):
             futures += [s for s in self.val_sources if not isinstance(s, Lazy)]
@@ -389,6 +387,23 @@ class Fit:
         """Put a value in the cluster once, as a task (not a scatter) so that the
         scheduler can recompute it if every worker that held it dies."""
         return self.client.submit(_identity, value, pure=False, key=f"daskml-{name}-{self.fit_id}-{uuid.uuid4().hex[:6]}")
+
+
+def wait_done(futures: list[Any], timeout: float) -> bool:
+    """``distributed.wait`` for at most ``timeout`` seconds: True when every future is done.
+
+    Its TimeoutError is raised by ``sync()``, which also keeps it in a closure cell that its
+    own frame refers to: a reference cycle through the traceback that would hold these
+    futures (their results, a parameter server's actor) until the garbage collector runs.
+    """
+    from distributed import wait
+
+    try:
+        wait(futures, timeout=timeout)
+        return True
+    except TimeoutError as exc:
+        exc.__traceback__ = None
+        return False
 
 
 def _identity(value: Any) -> Any:

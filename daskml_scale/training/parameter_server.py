@@ -78,8 +78,9 @@ class ParameterServer:
     -----
     The History gets, per epoch, ``ps_applied`` (optimizer steps), ``ps_rejected``
     (stale pushes refused), ``ps_staleness_mean`` and ``ps_staleness_max`` (over the
-    applied pushes, in versions) and ``ps_restarts`` (times the server was restored
-    after its worker was lost). Non-trainable weights (e.g. BatchNormalization
+    applied pushes, in versions), ``ps_direct_pushes`` (pushes that came over the
+    direct TCP channel rather than as actor calls) and ``ps_restarts`` (times the
+    server was restored after its worker was lost). Non-trainable weights (e.g. BatchNormalization
     statistics) stay at the server's values: only gradients travel.
 
     Examples
@@ -172,6 +173,25 @@ class ParameterServer:
             runner.add_train_metrics([r["metrics"] for r in results], sum(r["samples"] for r in results))
         runner.round_end()
 
+    def release(self, scratch: dict[str, Any]) -> None:
+        """The fit is over: close the actor's channel and let the worker drop the actor now.
+
+        Every actor call leaves its handle in a reference cycle (the call's closure refers
+        to itself), so the handles, which keep the actor's key wanted, live until the
+        garbage collector runs: the key is cancelled for every holder instead.
+        """
+        have, future = scratch.get("ps_server"), scratch.get("ps_server_future")
+        if have is not None:
+            try:
+                have[0].close().result(timeout=5)
+            except Exception:
+                pass  # its worker is gone, and the channel with it
+        if future is not None:
+            try:
+                future.client.cancel([future], force=True)
+            except Exception:
+                pass  # the client is closing
+
     def epoch_logs(self, runner: "EpochRunner") -> dict[str, float]:
         stats = runner.scratch.get("ps_stats") or {}
         logs = {f"ps_{k}": float(v) for k, v in stats.items()}
@@ -201,7 +221,7 @@ class ParameterServer:
         host = live[-1]
         future = fit.client.submit(
             ParamServerActor, fit.model_bytes, self.mode, self.max_staleness, self._timeout(),
-            actor=True, workers=[host], allow_other_workers=False,
+            bool(config.get("training.ps-direct", True)), actor=True, workers=[host], allow_other_workers=False,
             key=f"daskml-ps-server-{fit.fit_id}-{uuid.uuid4().hex[:6]}",
         )
         actor = future.result(timeout=self._timeout())
@@ -210,15 +230,10 @@ class ParameterServer:
         return actor, host
 
     def _wait(self, runner: "EpochRunner", futs: list[Any], server: Any, host: str) -> list[dict[str, Any]]:
-        from distributed import wait
+        from daskml_scale.training.driver import wait_done
 
         fit = runner.fit
-        while True:
-            try:
-                wait(futs, timeout=0.5)
-                break
-            except TimeoutError:
-                pass
+        while not wait_done(futs, 0.5):
             if host not in fit.live_workers():
                 raise _ServerLost(host)
         failed = [f for f in futs if f.status != "finished"]
@@ -266,7 +281,9 @@ class ParamServerActor:
     compiled graph call.
     """
 
-    def __init__(self, model_bytes: bytes, mode: str, max_staleness: int | None, timeout: float) -> None:
+    def __init__(
+        self, model_bytes: bytes, mode: str, max_staleness: int | None, timeout: float, direct: bool = True
+    ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         self.model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes from our own driver
@@ -285,12 +302,10 @@ class ParamServerActor:
         self._next_chunk: dict[int, int] = {}
         self._cond = threading.Condition()
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="daskml-ps-push")
-        self._channel = self._open_channel()
+        self._channel = self._open_channel() if direct else None
         self._reset_stats()
 
     def _open_channel(self) -> ChannelServer | None:
-        if not config.get("training.ps-direct", True):
-            return None
         try:
             from distributed import get_worker
 
@@ -300,14 +315,14 @@ class ParamServerActor:
         if host is None:
             return None
         try:
-            return ChannelServer(host, self, "_push")
+            return ChannelServer(host, self, "_push_direct")
         except OSError as exc:
             logger.warning("daskml_scale: the parameter server's direct channel could not listen on %s (%s); "
                            "pushes go through actor calls", host, exc)
             return None
 
     def _reset_stats(self) -> None:
-        self.stats = {"applied": 0, "rejected": 0, "staleness_sum": 0, "staleness_max": 0}
+        self.stats = {"applied": 0, "rejected": 0, "staleness_sum": 0, "staleness_max": 0, "direct": 0}
 
     def ping(self) -> bool:
         return True
@@ -395,7 +410,13 @@ class ParamServerActor:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._pool, self._push, stream, chunk, gradients, rows, version)
 
-    def _push(self, stream: int, chunk: int, gradients: Any, rows: int, version: int) -> tuple[Any, int, bool]:
+    def _push_direct(self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int) -> tuple[Any, int, bool]:
+        """A push that came over the direct channel."""
+        return self._push(stream, chunk, gradients, rows, version, direct=True)
+
+    def _push(
+        self, stream: int, chunk: int, gradients: Any, rows: int, version: int, direct: bool = False
+    ) -> tuple[Any, int, bool]:
         """``gradients`` may be packed (:func:`backend.pack`); the weights come back packed.
         Returns the weights to use next, their version, and whether it was applied."""
         stream = int(stream)
@@ -405,6 +426,7 @@ class ParamServerActor:
         else:
             gradients = backend.pack(list(gradients))  # every contribution alike (packed when float32)
         with self._cond:
+            self.stats["direct"] += bool(direct)
             if self.mode == "async":
                 self._next_chunk[stream] = chunk + 1
                 stale = self.version - int(version)
@@ -447,7 +469,7 @@ class ParamServerActor:
             stats = {
                 "applied": s["applied"], "rejected": s["rejected"],
                 "staleness_mean": s["staleness_sum"] / s["applied"] if s["applied"] else 0.0,
-                "staleness_max": s["staleness_max"],
+                "staleness_max": s["staleness_max"], "direct_pushes": s["direct"],
             }
             return self._current(), backend.get_optimizer_state(self.model), stats
 

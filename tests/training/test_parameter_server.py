@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import dask.dataframe as dd
 import numpy as np
@@ -177,3 +178,49 @@ def test_weights_that_cannot_be_packed(diamond_data, fitted_pre, client):
         h = daskml_scale.fit(model, diamond_data.ddf(), preprocessor=fitted_pre, epochs=1, batch_size=BATCH,
                              client=client, verbose=0, strategy=daskml_scale.ParameterServer(mode, push_every=8))
         assert h.history["ps_applied"][0] > 0 and np.isfinite(h.history["loss"][0])
+
+
+def _servers_left(client) -> dict[str, tuple[int, int]]:
+    """Per worker: parameter-server actors, and channel threads still running."""
+    def count(dask_worker) -> tuple[int, int]:
+        actors = sum("daskml-ps-server" in str(k) for k in dask_worker.state.actors)
+        return actors, sum(t.name == "daskml-ps-channel" and t.is_alive() for t in threading.enumerate())
+
+    return {w: c for w, c in client.run(count).items() if any(c)}
+
+
+def test_direct_channel_and_actor_calls_train_the_same_model(diamond_data, fitted_pre, client):
+    """Sync pushes over the direct TCP channel and as actor calls: the same steps, the
+    same weights; the History says which way they went; no channel outlives its fit."""
+    import dask
+
+    n = len(fitted_pre.feature_names_)
+    ddf = dd.from_pandas(diamond_data.train.iloc[:4000], npartitions=2)
+    common = dict(preprocessor=fitted_pre, epochs=2, batch_size=BATCH, client=client, shuffle=False, verbose=0,
+                  strategy=daskml_scale.ParameterServer("sync", push_every=2))
+    direct_model, actor_model = small_model(n), small_model(n)
+    direct = daskml_scale.fit(direct_model, ddf, **common)
+    with dask.config.set({"daskml_scale.training.ps-direct": False}):
+        actor = daskml_scale.fit(actor_model, ddf, **common)
+    pushes = int(np.ceil(2000 / BATCH / 2)) * 2  # per epoch: both streams, one push per 2 batches
+    assert direct.history["ps_direct_pushes"] == [pushes] * 2
+    assert actor.history["ps_direct_pushes"] == [0] * 2
+    assert direct.history["ps_applied"] == actor.history["ps_applied"]
+    for a, b in zip(direct_model.get_weights(), actor_model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    deadline = time.monotonic() + 10
+    while _servers_left(client):  # the actor and its channel go with the fit (no garbage cycle keeps them)
+        assert time.monotonic() < deadline, _servers_left(client)
+        time.sleep(0.2)
+
+
+def test_tls_cluster_pushes_through_actor_calls(diamond_data, fitted_pre, tls_cluster):
+    """A raw socket would bypass TLS: on a tls:// cluster every push is an actor call."""
+    n = len(fitted_pre.feature_names_)
+    ddf = dd.from_pandas(diamond_data.train.iloc[:2000], npartitions=2)
+    with daskml_scale.connect(tls_cluster.address, security=tls_cluster.security()) as c:
+        h = daskml_scale.fit(small_model(n), ddf, preprocessor=fitted_pre, epochs=1, batch_size=BATCH, client=c,
+                             verbose=0, strategy=daskml_scale.ParameterServer("async"))
+    assert h.history["ps_applied"][0] == np.ceil(2000 / BATCH)
+    assert h.history["ps_direct_pushes"] == [0]
+    assert np.isfinite(h.history["loss"][0])

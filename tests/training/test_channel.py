@@ -1,0 +1,116 @@
+"""The parameter server's direct TCP channel, in one process (real sockets on loopback)."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from daskml_scale.exceptions import TrainingError
+from daskml_scale.training.channel import ChannelClient, ChannelServer, channel_host
+
+
+class Owner:
+    """Stands in for the actor: answers a push with weights derived from it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int, int]] = []
+
+    def handle(self, stream, chunk, gradients, rows, version):
+        if rows < 0:
+            raise ValueError("rows must not be negative")
+        self.calls.append((stream, chunk, rows, version))
+        return gradients * 2 + stream, version + 1, chunk % 2 == 0
+
+
+def test_push_round_trip_carries_every_value():
+    owner = Owner()
+    server = ChannelServer("127.0.0.1", owner, "handle")
+    grads = np.random.default_rng(0).standard_normal(6017).astype(np.float32)
+    with ChannelClient(server.address, timeout=10) as link:
+        for chunk in range(3):
+            weights, version, applied = link.push(1, chunk, grads, 256, 7 + chunk)
+            np.testing.assert_array_equal(weights, grads * 2 + 1)
+            assert (version, applied) == (8 + chunk, chunk % 2 == 0)
+    assert owner.calls == [(1, 0, 256, 7), (1, 1, 256, 8), (1, 2, 256, 9)]
+    server.close()
+
+
+def test_concurrent_streams_each_get_their_answer():
+    owner = Owner()
+    server = ChannelServer("127.0.0.1", owner, "handle")
+    errors: list[BaseException] = []
+
+    def stream(s: int) -> None:
+        try:
+            with ChannelClient(server.address, timeout=10) as link:
+                for chunk in range(50):
+                    g = np.full(100, chunk, np.float32)
+                    w, _, _ = link.push(s, chunk, g, 1, 0)
+                    np.testing.assert_array_equal(w, g * 2 + s)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=stream, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    assert len(owner.calls) == 200
+    server.close()
+
+
+def test_a_refused_push_raises_in_the_task_and_the_link_goes_on():
+    owner = Owner()
+    server = ChannelServer("127.0.0.1", owner, "handle")
+    with ChannelClient(server.address, timeout=10) as link:
+        with pytest.raises(TrainingError, match="rows must not be negative"):
+            link.push(0, 0, np.zeros(4, np.float32), -1, 0)
+        weights, version, _ = link.push(0, 1, np.ones(4, np.float32), 1, 3)
+        np.testing.assert_array_equal(weights, np.full(4, 2, np.float32))
+        assert version == 4
+    server.close()
+
+
+def test_a_closed_server_is_an_error_not_a_hang():
+    owner = Owner()
+    server = ChannelServer("127.0.0.1", owner, "handle")
+    link = ChannelClient(server.address, timeout=10)
+    link.push(0, 0, np.zeros(4, np.float32), 1, 0)
+    server.close()
+    with pytest.raises(OSError):
+        for chunk in range(1, 4):  # the first send after a reset may still be buffered
+            link.push(0, chunk, np.zeros(4, np.float32), 1, 0)
+    link.close()
+
+
+def test_the_channel_closes_when_its_owner_is_gone():
+    owner = Owner()
+    address = ChannelServer("127.0.0.1", owner, "handle").address
+    del owner
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            socket.create_connection(address, timeout=1).close()
+        except OSError:
+            break  # refused: nothing listens any more
+        assert time.monotonic() < deadline, "the channel still listens after its owner was collected"
+        time.sleep(0.05)
+    while any(t.name == "daskml-ps-channel" for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the channel's thread outlives its owner"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    "address, host",
+    [("tcp://127.0.0.1:4321", "127.0.0.1"), ("tcp://10.1.2.3:1", "10.1.2.3"), ("tls://127.0.0.1:4321", None),
+     ("inproc://10.0.0.1/1/2", None), (None, None)],
+)
+def test_channel_host_only_for_plain_tcp(address, host):
+    assert channel_host(address) == host
