@@ -45,6 +45,23 @@ def _tensorflow_env(threads: int) -> dict[str, str]:
     return env
 
 
+def _spawn_environ() -> dict[str, Any]:
+    """Dask config for the environment a nanny sets *before* it spawns a worker process.
+
+    Dask starts workers with ``MALLOC_TRIM_THRESHOLD_`` set, which also turns off glibc's
+    dynamic mmap threshold: every array over 128 KiB is then mmapped and unmapped on each
+    allocation, and its pages fault in again every time. Pandas and NumPy preprocessing
+    and TensorFlow's CPU kernels allocate such temporaries all the time: a preprocessor
+    transform took 28-32 ms instead of 15 ms, a model call 36 ms instead of 25 ms. A fixed
+    ``MALLOC_MMAP_THRESHOLD_`` (``daskml_scale.worker.malloc-mmap-threshold``) keeps them
+    on the heap; the top of the heap is still trimmed as Dask wants.
+    """
+    value = config.get("worker.malloc-mmap-threshold", "32MiB")
+    if value in (None, False, ""):
+        return {}
+    return {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": str(dask.utils.parse_bytes(value))}
+
+
 class KerasWorkerPlugin(WorkerPlugin):
     """Prepare a worker for Keras/TensorFlow, once, when it joins.
 
@@ -280,7 +297,8 @@ def connect(
     elif gpus is not None:
         if security is not None:
             cluster_kwargs.setdefault("security", security)
-        cluster = _gpu_cluster(gpus, threads_per_worker, cluster_kwargs)
+        with dask.config.set(_spawn_environ()):
+            cluster = _gpu_cluster(gpus, threads_per_worker, cluster_kwargs)
         client = _ClusterOwningClient(cluster, security=security)
         client._owned_cluster = cluster
     else:
@@ -291,13 +309,14 @@ def connect(
         env = {**_tensorflow_env(threads), **cluster_kwargs.pop("env", {})}
         if security is not None:
             cluster_kwargs.setdefault("security", security)
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=threads,
-            processes=True,
-            env=env,
-            **cluster_kwargs,
-        )
+        with dask.config.set(_spawn_environ()):
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=threads,
+                processes=True,
+                env=env,
+                **cluster_kwargs,
+            )
         client = _ClusterOwningClient(cluster, security=security)
         client._owned_cluster = cluster
 
