@@ -1,6 +1,6 @@
 """CSV shards -> predictions CSV: predict_files on 2 workers against the alternatives.
 
-    .venv/bin/python benchmarks/bench_predict.py [--copies 40] [--shards 16] [--keep id|all] [--repeat 2] [--skip-files]
+    .venv/bin/python benchmarks/bench_predict.py [--copies 40] [--shards 16] [--keep id|all] [--repeat 4] [--skip-files]
 
 Everything is measured in the same run, on the same machine, and printed as ratios:
 
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=40, help="diamonds copies (53,940 rows each)")
     ap.add_argument("--shards", type=int, default=16)
     ap.add_argument("--keep", default="id", help="input columns written next to the prediction: id | all")
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--skip-naive", action="store_true")
     ap.add_argument("--skip-files", action="store_true", help="only the in-memory figures")
     args = ap.parse_args()
