@@ -129,6 +129,41 @@ def test_server_worker_killed_mid_fit_does_not_hang(diamond_data, fitted_pre, ow
     assert sum(h.history["ps_restarts"]) >= 1  # the server was restored on the other worker
 
 
+def test_other_worker_killed_mid_fit_sync_barrier_goes_on(diamond_data, fitted_pre, own_client):
+    """The worker that does not host the actor dies mid-epoch in sync mode: its epoch task is
+    rerun on the survivor, resumes after the last chunk the actor received, and the barrier
+    (which waited for it) goes on; the server is not restarted."""
+    import keras
+
+    client = own_client
+
+    def hosts_server(dask_worker):
+        return any("daskml-ps-server" in str(k) for k in dask_worker.state.actors)
+
+    class KillOther(keras.callbacks.Callback):
+        victim = None
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self.victim is None and len(self.model.history.history.get("loss", [])) == 1:
+                others = [w for w, yes in client.run(hosts_server).items() if not yes]
+                pid = client.run(os.getpid, workers=others)[others[0]]
+                self.victim = others[0]
+                threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
+
+    n = len(fitted_pre.feature_names_)
+    killer = KillOther()
+    h = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=3, batch_size=BATCH,
+                         client=client, verbose=0, validation_data=diamond_data.val_ddf(), callbacks=[killer],
+                         strategy=daskml_scale.ParameterServer("sync", push_every=1))
+    assert killer.victim is not None
+    assert killer.victim in h.daskml_summary["lost_workers"]
+    assert h.history["ps_restarts"] == [0.0, 0.0, 0.0]
+    # every chunk of both streams went into exactly one step: none lost, none pushed twice
+    assert h.history["ps_applied"] == [np.ceil(12_000 / BATCH)] * 3
+    assert len(h.history["val_loss"]) == 3 and np.isfinite(h.history["val_loss"][-1])
+    assert h.history["val_loss"][-1] < h.history["val_loss"][0]
+
+
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="mode"):
         daskml_scale.ParameterServer("hogwild")
