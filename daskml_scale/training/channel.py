@@ -148,10 +148,26 @@ class ChannelServer:
 class ChannelClient:
     """One epoch task's connection to the server's channel."""
 
-    def __init__(self, address: tuple[str, int], timeout: float) -> None:
-        self._conn = socket.create_connection(tuple(address), timeout=timeout)
+    def __init__(self, address: tuple[str, int], timeout: float, connect_timeout: float = 5.0) -> None:
+        self._conn = socket.create_connection(tuple(address), timeout=min(timeout, connect_timeout))
+        self._conn.settimeout(timeout)
         self._conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._head = bytearray(_ANSWER.size)
+
+    @classmethod
+    def open(cls, address: tuple[str, int] | None, timeout: float) -> "ChannelClient | None":
+        """A connection, or None (pushes then go through actor calls) when there is no
+        channel or it cannot be reached, e.g. a firewall that lets only Dask's ports through."""
+        if address is None:
+            return None
+        try:
+            return cls(address, timeout)
+        except OSError as exc:
+            logger.warning(
+                "daskml_scale: the parameter server's channel at %s:%s cannot be reached (%s); "
+                "this task pushes through actor calls", address[0], address[1], exc,
+            )
+            return None
 
     def push(self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int) -> tuple[np.ndarray, int, bool]:
         g = np.ascontiguousarray(gradients, dtype=np.float32)

@@ -504,7 +504,7 @@ def ps_epoch(
     cached = model_for(fit_id, model_bytes)
     # weights and gradients stay packed (one float32 vector each way) when the server packs them
     start, weights, version, address = server.begin(stream).result(timeout=timeout)
-    link = ChannelClient(address, timeout) if address is not None else None
+    link = ChannelClient.open(address, timeout)
     samples = 0
     metrics: list[list[np.ndarray]] | None = None
     try:

@@ -114,3 +114,21 @@ def test_the_channel_closes_when_its_owner_is_gone():
 )
 def test_channel_host_only_for_plain_tcp(address, host):
     assert channel_host(address) == host
+
+
+def test_an_unreachable_channel_means_actor_calls_not_a_failure(caplog):
+    """A firewall may let only Dask's ports through: the task then pushes as actor calls."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    address = closed.getsockname()
+    closed.close()  # nothing listens there now
+    with caplog.at_level("WARNING", logger="daskml_scale.training.channel"):
+        assert ChannelClient.open(address, timeout=10) is None
+    assert "cannot be reached" in caplog.text
+    assert ChannelClient.open(None, timeout=10) is None
+    owner = Owner()
+    server = ChannelServer("127.0.0.1", owner, "handle")
+    link = ChannelClient.open(server.address, timeout=10)
+    assert link is not None
+    link.close()
+    server.close()
