@@ -27,8 +27,9 @@ __all__ = ["ChannelServer", "ChannelClient", "channel_host"]
 
 logger = logging.getLogger(__name__)
 
-# request: stream, chunk, rows, version, number of float32 values that follow
-_REQUEST = struct.Struct("<qqqqq")
+# request: magic, stream, chunk, rows, version, number of float32 values that follow
+_MAGIC = b"DKP1"
+_REQUEST = struct.Struct("<4sqqqqq")
 # answer: status (0 ok, 1 error), version, applied, number of float32 values (or message bytes)
 _ANSWER = struct.Struct("<qqqq")
 
@@ -48,6 +49,16 @@ def channel_host(worker_address: str | None) -> str | None:
     return host
 
 
+def _send(conn: socket.socket, header: bytes, values: np.ndarray) -> None:
+    """A header and a float32 vector: one write for small messages, no copy for large ones."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if values.nbytes <= 1 << 20:
+        conn.sendall(header + values.tobytes())
+    else:
+        conn.sendall(header)
+        conn.sendall(memoryview(values).cast("B"))
+
+
 def _recv_into(conn: socket.socket, view: memoryview) -> bool:
     """Fill ``view``; False when the peer closed before sending anything."""
     got = 0
@@ -64,15 +75,20 @@ def _recv_into(conn: socket.socket, view: memoryview) -> bool:
 class ChannelServer:
     """Listens on ``host``; each connection is served by its own thread, calling
     ``handler(stream, chunk, gradients, rows, version) -> (weights, version, applied)``
-    on the object ``owner`` (held weakly: the channel closes when the owner is gone)."""
+    on the object ``owner`` (held weakly: the channel closes when the owner is gone).
 
-    def __init__(self, host: str, owner: Any, method: str) -> None:
+    A connection whose header does not start with the channel's magic bytes, or announces
+    more than ``max_values`` values, is closed unanswered (a port scanner, another program).
+    """
+
+    def __init__(self, host: str, owner: Any, method: str, max_values: int = 1 << 31) -> None:
         family = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0][0]
         self._sock = socket.create_server((host, 0), family=family, backlog=64)
         self._sock.settimeout(1.0)  # the accept loop notices a close within a second, whatever the OS
         self.address = (host, self._sock.getsockname()[1])
         self._owner = weakref.ref(owner)
         self._method = method
+        self._max_values = int(max_values)
         self._closed = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -118,7 +134,11 @@ class ChannelServer:
             while True:
                 if not _recv_into(conn, memoryview(head)):
                     return
-                stream, chunk, rows, version, n = _REQUEST.unpack(head)
+                magic, stream, chunk, rows, version, n = _REQUEST.unpack(head)
+                if magic != _MAGIC or not 0 <= n <= self._max_values:
+                    logger.warning("daskml_scale: closed a connection to the parameter server's channel "
+                                   "that does not speak its protocol")
+                    return
                 grads = np.empty(n, dtype=np.float32)
                 _recv_into(conn, memoryview(grads).cast("B"))
                 owner = self._owner()
@@ -132,8 +152,7 @@ class ChannelServer:
                     continue
                 finally:
                     del owner
-                weights = np.ascontiguousarray(weights, dtype=np.float32)
-                conn.sendall(_ANSWER.pack(0, int(version), int(bool(applied)), weights.size) + weights.tobytes())
+                _send(conn, _ANSWER.pack(0, int(version), int(bool(applied)), np.size(weights)), weights)
         except OSError:
             return  # the task went away (it is rerun elsewhere) or the channel closed
         finally:
@@ -170,10 +189,10 @@ class ChannelClient:
             return None
 
     def push(self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int) -> tuple[np.ndarray, int, bool]:
-        g = np.ascontiguousarray(gradients, dtype=np.float32)
         conn = self._conn
         try:
-            conn.sendall(_REQUEST.pack(int(stream), int(chunk), int(rows), int(version), g.size) + g.tobytes())
+            _send(conn, _REQUEST.pack(_MAGIC, int(stream), int(chunk), int(rows), int(version), np.size(gradients)),
+                  gradients)
             if not _recv_into(conn, memoryview(self._head)):
                 raise ConnectionError("the parameter server closed the channel")
             status, version, applied, n = _ANSWER.unpack(self._head)

@@ -315,7 +315,7 @@ class ParamServerActor:
         if host is None:
             return None
         try:
-            return ChannelServer(host, self, "_push_direct")
+            return ChannelServer(host, self, "_push_direct", max_values=self._grad_size)
         except OSError as exc:
             logger.warning("daskml_scale: the parameter server's direct channel could not listen on %s (%s); "
                            "pushes go through actor calls", host, exc)

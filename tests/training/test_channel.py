@@ -132,3 +132,35 @@ def test_an_unreachable_channel_means_actor_calls_not_a_failure(caplog):
     assert link is not None
     link.close()
     server.close()
+
+
+def test_a_stranger_is_hung_up_on_and_the_streams_go_on():
+    owner = Owner()
+    server = ChannelServer("127.0.0.1", owner, "handle", max_values=1000)
+    with ChannelClient(server.address, timeout=10) as link:
+        for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 40, b"DKP1" + b"\xff" * 44):
+            stranger = socket.create_connection(server.address, timeout=5)
+            stranger.sendall(junk)
+            try:
+                answer = stranger.recv(64)
+            except ConnectionResetError:  # closed with unread bytes: a reset
+                answer = b""
+            assert answer == b""  # closed, nothing answered
+            stranger.close()
+        too_many = np.zeros(1001, np.float32)  # more values than the server takes
+        with pytest.raises(OSError):
+            link.push(0, 0, too_many, 1, 0)
+    with ChannelClient(server.address, timeout=10) as link:
+        weights, _, _ = link.push(0, 0, np.ones(1000, np.float32), 1, 0)
+        assert weights.shape == (1000,)
+    server.close()
+
+
+def test_large_messages_cross_whole():
+    owner = Owner()
+    server = ChannelServer("127.0.0.1", owner, "handle")
+    big = np.random.default_rng(1).standard_normal(3_000_000).astype(np.float32)  # 12 MB each way
+    with ChannelClient(server.address, timeout=30) as link:
+        weights, _, _ = link.push(2, 0, big, 1, 0)
+    np.testing.assert_array_equal(weights, big * 2 + 2)
+    server.close()
