@@ -17,7 +17,7 @@ import socket
 import struct
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,9 +32,6 @@ _MAGIC = b"DKP1"
 _REQUEST = struct.Struct("<4sqqqqq")
 # answer: status (0 ok, 1 error), version, applied, number of float32 values (or message bytes)
 _ANSWER = struct.Struct("<qqqq")
-
-Handler = Callable[[int, int, np.ndarray, int, int], "tuple[np.ndarray, int, bool]"]
-
 
 def channel_host(worker_address: str | None) -> str | None:
     """The host to listen on for a worker at ``worker_address``; None unless plain TCP."""
