@@ -27,9 +27,9 @@ __all__ = ["ChannelServer", "ChannelClient", "channel_host"]
 
 logger = logging.getLogger(__name__)
 
-# request: magic, stream, chunk, rows, version, number of float32 values that follow
-_MAGIC = b"DKP1"
-_REQUEST = struct.Struct("<4sqqqqq")
+# request: magic, stream, chunk, rows, version, task token, number of float32 values that follow
+_MAGIC = b"DKP2"
+_REQUEST = struct.Struct("<4sqqqqqq")
 # answer: status (0 ok, 1 error), version, applied, number of float32 values (or message bytes)
 _ANSWER = struct.Struct("<qqqq")
 
@@ -56,13 +56,14 @@ def _send(conn: socket.socket, header: bytes, values: np.ndarray) -> None:
         conn.sendall(memoryview(values).cast("B"))
 
 
-def _recv_into(conn: socket.socket, view: memoryview) -> bool:
-    """Fill ``view``; False when the peer closed before sending anything."""
+def _recv_into(conn: socket.socket, view: memoryview, *, first: bool = False) -> bool:
+    """Fill ``view`` exactly. Only the ``first`` read of a message may meet a clean close
+    (False: the peer is done); a close anywhere else is a cut-off message, an error."""
     got = 0
     while got < len(view):
         n = conn.recv_into(view[got:], len(view) - got)
         if n == 0:
-            if got == 0:
+            if got == 0 and first:
                 return False
             raise ConnectionError("the parameter server channel closed in the middle of a message")
         got += n
@@ -71,7 +72,7 @@ def _recv_into(conn: socket.socket, view: memoryview) -> bool:
 
 class ChannelServer:
     """Listens on ``host``; each connection is served by its own thread, calling
-    ``handler(stream, chunk, gradients, rows, version) -> (weights, version, applied)``
+    ``handler(stream, chunk, gradients, rows, version, token) -> (weights, version, applied)``
     on the object ``owner`` (held weakly: the channel closes when the owner is gone).
 
     A connection whose header does not start with the channel's magic bytes, or announces
@@ -119,9 +120,13 @@ class ChannelServer:
                 continue
             except OSError:
                 return  # closed
-            conn.settimeout(None)
+            conn.settimeout(None)  # a task may compute for long between pushes
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer ends the thread
             with self._lock:
+                if self._closed:  # close() already took its snapshot of the connections
+                    conn.close()
+                    return
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="daskml-ps-stream", daemon=True).start()
 
@@ -129,9 +134,9 @@ class ChannelServer:
         head = bytearray(_REQUEST.size)
         try:
             while True:
-                if not _recv_into(conn, memoryview(head)):
+                if not _recv_into(conn, memoryview(head), first=True):
                     return
-                magic, stream, chunk, rows, version, n = _REQUEST.unpack(head)
+                magic, stream, chunk, rows, version, token, n = _REQUEST.unpack(head)
                 if magic != _MAGIC or not 0 <= n <= self._max_values:
                     logger.warning("daskml_scale: closed a connection to the parameter server's channel "
                                    "that does not speak its protocol")
@@ -142,7 +147,7 @@ class ChannelServer:
                 if owner is None:
                     return
                 try:
-                    weights, version, applied = getattr(owner, self._method)(stream, chunk, grads, rows, version)
+                    weights, version, applied = getattr(owner, self._method)(stream, chunk, grads, rows, version, token)
                 except Exception as exc:  # reported to the pushing task, which raises it
                     message = f"{type(exc).__name__}: {exc}".encode()
                     conn.sendall(_ANSWER.pack(1, 0, 0, len(message)) + message)
@@ -162,11 +167,15 @@ class ChannelServer:
 
 
 class ChannelClient:
-    """One epoch task's connection to the server's channel."""
+    """One epoch task's connection to the server's channel.
+
+    ``timeout`` is the server's own barrier timeout: the client waits a little longer, so
+    that the server's explanation (which streams the barrier waited for) arrives first.
+    """
 
     def __init__(self, address: tuple[str, int], timeout: float, connect_timeout: float = 5.0) -> None:
         self._conn = socket.create_connection(tuple(address), timeout=min(timeout, connect_timeout))
-        self._conn.settimeout(timeout)
+        self._conn.settimeout(timeout + 30.0)
         self._conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._head = bytearray(_ANSWER.size)
 
@@ -185,13 +194,14 @@ class ChannelClient:
             )
             return None
 
-    def push(self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int) -> tuple[np.ndarray, int, bool]:
+    def push(
+        self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int, token: int = 0
+    ) -> tuple[np.ndarray, int, bool]:
         conn = self._conn
         try:
-            _send(conn, _REQUEST.pack(_MAGIC, int(stream), int(chunk), int(rows), int(version), np.size(gradients)),
-                  gradients)
-            if not _recv_into(conn, memoryview(self._head)):
-                raise ConnectionError("the parameter server closed the channel")
+            header = _REQUEST.pack(_MAGIC, int(stream), int(chunk), int(rows), int(version), int(token), np.size(gradients))
+            _send(conn, header, gradients)
+            _recv_into(conn, memoryview(self._head))  # a close before the answer is an error
             status, version, applied, n = _ANSWER.unpack(self._head)
             if status:
                 message = bytearray(n)

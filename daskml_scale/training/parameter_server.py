@@ -153,7 +153,8 @@ class ParameterServer:
                 runner.scratch["ps_restarts_epoch"] = (runner.epoch, attempt + 1)
                 fit.client.cancel(futs)
                 runner.scratch.setdefault("ps_lost", set()).add(host)
-                runner.scratch.pop("ps_server", None)
+                # should the "lost" actor still run (a missed heartbeat), it stops listening and goes
+                _drop_server(runner.scratch, wait=False)
                 logger.warning(
                     "daskml_scale.fit: the parameter server's worker %s was lost in epoch %d; "
                     "restarting the epoch from the driver's copy on another worker", host, runner.epoch,
@@ -174,23 +175,8 @@ class ParameterServer:
         runner.round_end()
 
     def release(self, scratch: dict[str, Any]) -> None:
-        """The fit is over: close the actor's channel and let the worker drop the actor now.
-
-        Every actor call leaves its handle in a reference cycle (the call's closure refers
-        to itself), so the handles, which keep the actor's key wanted, live until the
-        garbage collector runs: the key is cancelled for every holder instead.
-        """
-        have, future = scratch.get("ps_server"), scratch.get("ps_server_future")
-        if have is not None:
-            try:
-                have[0].close().result(timeout=5)
-            except Exception:
-                pass  # its worker is gone, and the channel with it
-        if future is not None:
-            try:
-                future.client.cancel([future], force=True)
-            except Exception:
-                pass  # the client is closing
+        """The fit is over: close the actor and let its worker drop it now."""
+        _drop_server(scratch, wait=True)
 
     def epoch_logs(self, runner: "EpochRunner") -> dict[str, float]:
         stats = runner.scratch.get("ps_stats") or {}
@@ -249,6 +235,30 @@ class ParameterServer:
             raise
 
 
+def _drop_server(scratch: dict[str, Any], *, wait: bool) -> None:
+    """Close the fit's actor (it refuses pushes, wakes the waiting ones, stops listening)
+    and cancel its key for every holder.
+
+    Every actor call leaves its handle in a reference cycle (the call's closure refers to
+    itself), so the handles, which keep the actor's key wanted, would live until the
+    garbage collector runs. ``wait=False`` does not wait for the close (its worker may
+    be gone).
+    """
+    have, future = scratch.pop("ps_server", None), scratch.pop("ps_server_future", None)
+    if have is not None:
+        try:
+            closing = have[0].close()
+            if wait:
+                closing.result(timeout=5)
+        except Exception:
+            pass  # its worker is gone, and the actor with it
+    if future is not None:
+        try:
+            future.client.cancel([future], force=True)
+        except Exception:
+            pass  # the client is closing
+
+
 class _ServerLost(Exception):
     """The worker that hosts the actor is gone (internal: the driver restarts the epoch)."""
 
@@ -300,7 +310,15 @@ class ParamServerActor:
         self._pending: dict[int, tuple[Any, int]] = {}
         self._active: set[int] = set()
         self._next_chunk: dict[int, int] = {}
+        # fencing: every (re)started epoch task gets a token from begin(); a push or done()
+        # with another stream's older token comes from a task that was superseded (rerun
+        # elsewhere, or left over from an earlier epoch) and is refused
+        self._tokens: dict[int, int] = {}
+        self._last_token = 0
+        self._generation = 0  # bumped by load() and close(): waiting pushes of the old one give up
+        self._closed = False
         self._cond = threading.Condition()
+        # actor-call pushes wait at the sync barrier on these threads: one per stream at least
         self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="daskml-ps-push")
         self._channel = self._open_channel() if direct else None
         self._reset_stats()
@@ -332,12 +350,19 @@ class ParamServerActor:
         return self._channel.address if self._channel is not None else None
 
     def close(self) -> None:
+        """The fit is over: refuse pushes, wake the ones waiting, stop listening."""
+        with self._cond:
+            self._closed = True
+            self._generation += 1
+            self._cond.notify_all()
         if self._channel is not None:
             self._channel.close()
         self._pool.shutdown(wait=False)
 
     def load(self, weights: list[np.ndarray], optimizer: list[np.ndarray] | None, streams: Sequence[int]) -> int:
         """Start an epoch from the driver's state: ``streams`` take part in it."""
+        from concurrent.futures import ThreadPoolExecutor
+
         with self._cond:
             backend.set_weights(self.model, weights)
             if optimizer:
@@ -347,7 +372,14 @@ class ParamServerActor:
             self._pending.clear()
             self._active = set(int(s) for s in streams)
             self._next_chunk = {int(s): 0 for s in streams}
+            self._tokens.clear()
+            self._generation += 1
+            self._cond.notify_all()  # pushes still waiting from an earlier epoch give up
             self._reset_stats()
+            if self._pool._max_workers < 2 * len(self._active) + 8:
+                old, self._pool = self._pool, ThreadPoolExecutor(
+                    max_workers=2 * len(self._active) + 8, thread_name_prefix="daskml-ps-push")
+                old.shutdown(wait=False)
             return self.version
 
     def _current(self) -> list[np.ndarray]:
@@ -363,13 +395,16 @@ class ParamServerActor:
             self._packed = backend.pack(self._current())
         return self._packed
 
-    def begin(self, stream: int) -> tuple[int, Any, int, tuple[str, int] | None]:
+    def begin(self, stream: int) -> tuple[int, Any, int, tuple[str, int] | None, int]:
         """Where a stream's (possibly rerun) epoch task starts, the weights to use, their
-        version, and the direct channel's address (None: push through actor calls)."""
+        version, the direct channel's address (None: push through actor calls) and the
+        task's token (any earlier task of the stream is superseded from now on)."""
         with self._cond:
             packed = self._current_packed()
             address = self.channel() if isinstance(packed, np.ndarray) else None
-            return self._next_chunk.get(int(stream), 0), packed, self.version, address
+            self._last_token += 1
+            self._tokens[int(stream)] = self._last_token
+            return self._next_chunk.get(int(stream), 0), packed, self.version, address, self._last_token
 
     def _step(self, gradients: Any) -> None:
         """One optimizer step; packed gradients (one vector) give packed weights back."""
@@ -403,22 +438,34 @@ class ParamServerActor:
         self._cond.notify_all()
 
     async def push(
-        self, stream: int, chunk: int, gradients: Any, rows: int, version: int
+        self, stream: int, chunk: int, gradients: Any, rows: int, version: int, token: int
     ) -> tuple[Any, int, bool]:
         """A stream's gradient (mean over ``rows`` rows at weights ``version``), as an
         actor call: see :meth:`_push`."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._push, stream, chunk, gradients, rows, version)
+        return await loop.run_in_executor(self._pool, self._push, stream, chunk, gradients, rows, version, token)
 
-    def _push_direct(self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int) -> tuple[Any, int, bool]:
+    def _push_direct(
+        self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int, token: int
+    ) -> tuple[Any, int, bool]:
         """A push that came over the direct channel."""
-        return self._push(stream, chunk, gradients, rows, version, direct=True)
+        return self._push(stream, chunk, gradients, rows, version, token, direct=True)
+
+    def _check_token(self, stream: int, token: int, generation: int) -> None:
+        if self._closed:
+            raise TrainingError("The parameter server is closed: the fit is over")
+        if self._generation != generation or self._tokens.get(stream) != int(token):
+            raise TrainingError(
+                f"Stream {stream}'s epoch task was superseded (rerun elsewhere, or a new epoch began); "
+                "its push is refused"
+            )
 
     def _push(
-        self, stream: int, chunk: int, gradients: Any, rows: int, version: int, direct: bool = False
+        self, stream: int, chunk: int, gradients: Any, rows: int, version: int, token: int, direct: bool = False
     ) -> tuple[Any, int, bool]:
         """``gradients`` may be packed (:func:`backend.pack`); the weights come back packed.
-        Returns the weights to use next, their version, and whether it was applied."""
+        Returns the weights to use next, their version, and whether it was applied.
+        A push from a superseded task (see :meth:`begin`) raises :class:`TrainingError`."""
         stream = int(stream)
         if isinstance(gradients, np.ndarray):
             if gradients.size != self._grad_size:
@@ -426,6 +473,8 @@ class ParamServerActor:
         else:
             gradients = backend.pack(list(gradients))  # every contribution alike (packed when float32)
         with self._cond:
+            generation = self._generation
+            self._check_token(stream, token, generation)
             self.stats["direct"] += bool(direct)
             if self.mode == "async":
                 self._next_chunk[stream] = chunk + 1
@@ -438,26 +487,34 @@ class ParamServerActor:
                 self.stats["staleness_max"] = max(self.stats["staleness_max"], stale)
                 return self._current_packed(), self.version, True
             # sync: a rerun task may push before the step holding its previous chunk is applied
-            self._wait_for(lambda: stream not in self._pending)
+            self._wait_for(lambda: stream not in self._pending, generation)
+            self._check_token(stream, token, generation)  # superseded while it waited?
             self._next_chunk[stream] = chunk + 1
             self._pending[stream] = (gradients, int(rows))
             start = self.version
             self._maybe_step()
-            self._wait_for(lambda: self.version != start)
+            self._wait_for(lambda: self.version != start, generation)
             return self._current_packed(), self.version, True
 
-    def _wait_for(self, predicate: Callable[[], bool]) -> None:
-        if not self._cond.wait_for(predicate, timeout=self.timeout):
+    def _wait_for(self, predicate: Callable[[], bool], generation: int) -> None:
+        """Wait (the lock released) until ``predicate``; a new epoch or a close ends the wait
+        with a TrainingError for the waiting push."""
+        if not self._cond.wait_for(lambda: predicate() or self._generation != generation, timeout=self.timeout):
             missing = sorted(self._active - set(self._pending))
             raise TrainingError(
                 f"The parameter server's sync barrier waited {self.timeout:.0f}s for stream(s) {missing}; "
                 "a worker may be lost without its task being rerun. Raise daskml_scale.training.ps-timeout "
                 "or use mode='async'."
             )
+        if self._generation != generation:
+            raise TrainingError("The parameter server started a new epoch or closed while this push waited")
 
-    def done(self, stream: int) -> None:
-        """A stream finished its epoch: the barrier no longer waits for it."""
+    def done(self, stream: int, token: int) -> None:
+        """A stream finished its epoch: the barrier no longer waits for it (unless the
+        task that says so was superseded)."""
         with self._cond:
+            if self._tokens.get(int(stream)) != int(token):
+                return
             self._active.discard(int(stream))
             if self.mode == "sync":
                 self._maybe_step()
@@ -503,7 +560,7 @@ def ps_epoch(
         pass  # not on a worker (a local test call)
     cached = model_for(fit_id, model_bytes)
     # weights and gradients stay packed (one float32 vector each way) when the server packs them
-    start, weights, version, address = server.begin(stream).result(timeout=timeout)
+    start, weights, version, address, token = server.begin(stream).result(timeout=timeout)
     link = ChannelClient.open(address, timeout)
     samples = 0
     metrics: list[list[np.ndarray]] | None = None
@@ -517,15 +574,15 @@ def ps_epoch(
                 grads, m = cached.grad_loop_fn(X, y, batch_size, weights)
             grads = grads if isinstance(grads, np.ndarray) else backend.pack(grads)
             if link is not None and isinstance(grads, np.ndarray):
-                weights, version, _ = link.push(stream, i, grads, len(X), version)
+                weights, version, _ = link.push(stream, i, grads, len(X), version, token)
             else:
-                weights, version, _ = server.push(stream, i, grads, len(X), version).result(timeout=timeout)
+                weights, version, _ = server.push(stream, i, grads, len(X), version, token).result(timeout=timeout + 30)
             samples += len(X)
             metrics = m if metrics is None else [[a + b for a, b in zip(ma, mb)] for ma, mb in zip(metrics, m)]
     finally:
         if link is not None:
             link.close()
-    server.done(stream).result(timeout=timeout)
+    server.done(stream, token).result(timeout=timeout)
     if metrics is None:
         return {"samples": 0}
     return {"samples": samples, "metrics": metrics}

@@ -20,7 +20,7 @@ class Owner:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int, int, int]] = []
 
-    def handle(self, stream, chunk, gradients, rows, version):
+    def handle(self, stream, chunk, gradients, rows, version, token=0):
         if rows < 0:
             raise ValueError("rows must not be negative")
         self.calls.append((stream, chunk, rows, version))
@@ -138,7 +138,7 @@ def test_a_stranger_is_hung_up_on_and_the_streams_go_on():
     owner = Owner()
     server = ChannelServer("127.0.0.1", owner, "handle", max_values=1000)
     with ChannelClient(server.address, timeout=10) as link:
-        for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 40, b"DKP1" + b"\xff" * 44):
+        for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 40, b"DKP2" + b"\xff" * 96):
             stranger = socket.create_connection(server.address, timeout=5)
             stranger.sendall(junk)
             try:
@@ -164,3 +164,102 @@ def test_large_messages_cross_whole():
         weights, _, _ = link.push(2, 0, big, 1, 0)
     np.testing.assert_array_equal(weights, big * 2 + 2)
     server.close()
+
+
+def test_a_cut_off_message_is_an_error_never_data():
+    """A pushing task killed between the header and the gradients: the server must not
+    take the uninitialised buffer as gradients; a task must not take half an answer as weights."""
+    import struct
+
+    owner = Owner()
+    server = ChannelServer("127.0.0.1", owner, "handle", max_values=10_000)
+    head = struct.pack("<4sqqqqqq", b"DKP2", 0, 0, 1, 0, 0, 1000)
+    for tail in (b"", b"\0" * 100):  # nothing, or part of the 4000 bytes announced
+        s = socket.create_connection(server.address, timeout=5)
+        s.sendall(head + tail)
+        s.close()
+    time.sleep(0.2)
+    assert owner.calls == []
+    server.close()
+
+    # a server that answers with a header only, then hangs up
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def half_answer() -> None:
+        conn, _ = listener.accept()
+        conn.recv(1 << 16)
+        conn.sendall(struct.pack("<qqqq", 0, 1, 1, 1000))
+        conn.close()
+
+    t = threading.Thread(target=half_answer)
+    t.start()
+    with ChannelClient(listener.getsockname(), timeout=10) as link:
+        with pytest.raises(ConnectionError, match="middle of a message"):
+            link.push(0, 0, np.zeros(4, np.float32), 1, 0)
+    t.join(5)
+    listener.close()
+
+
+def _actor(mode: str = "sync"):
+    """The real ParamServerActor, in this process (no worker: no channel)."""
+    from daskml_scale.training import backend
+    from daskml_scale.training.parameter_server import ParamServerActor
+    from tests.training.conftest import build_model
+
+    model = build_model(3)
+    X = np.ones((4, 3), np.float32)
+    backend.ensure_built(model, X, X[:, 0])
+    actor = ParamServerActor(backend.model_to_bytes(model), mode, None, 10.0, direct=False)
+    actor.load(backend.get_weights(model), None, [0, 1])
+    return actor
+
+
+def test_superseded_tasks_are_fenced_off():
+    """A stream's task rerun elsewhere gets a new token: the old task's pushes and its
+    done() are refused, so no chunk counts twice and the barrier keeps waiting for the stream."""
+    actor = _actor("sync")
+    n = actor._grad_size
+    _, _, _, _, old = actor.begin(0)
+    _, _, _, _, new = actor.begin(0)  # the rerun
+    _, _, _, _, other = actor.begin(1)
+    with pytest.raises(TrainingError, match="superseded"):
+        actor._push(0, 0, np.zeros(n, np.float32), 10, 0, old)
+    actor.done(0, old)  # ignored: stream 0 still takes part in the barrier
+    results: list = []
+    t = threading.Thread(target=lambda: results.append(actor._push(0, 0, np.ones(n, np.float32), 10, 0, new)))
+    t.start()
+    time.sleep(0.2)
+    assert not results and actor.version == 0  # waits for stream 1
+    _, version, applied = actor._push(1, 0, np.ones(n, np.float32), 10, 0, other)
+    t.join(5)
+    assert (version, applied) == (1, True) and results[0][1] == 1
+    assert actor.stats["applied"] == 1
+
+
+def test_a_new_epoch_or_close_releases_waiting_pushes():
+    actor = _actor("sync")
+    n = actor._grad_size
+    _, _, _, _, token = actor.begin(0)
+    errors: list = []
+
+    def push() -> None:
+        try:
+            actor._push(0, 0, np.ones(n, np.float32), 10, 0, token)
+        except TrainingError as exc:
+            errors.append(str(exc))
+
+    t = threading.Thread(target=push)
+    t.start()
+    time.sleep(0.2)
+    actor.load(actor._current(), None, [0, 1])  # a new epoch: the old push gives up
+    t.join(5)
+    assert not t.is_alive() and "new epoch" in errors[0]
+    _, _, _, _, token = actor.begin(0)
+    t = threading.Thread(target=push)
+    t.start()
+    time.sleep(0.2)
+    actor.close()
+    t.join(5)
+    assert not t.is_alive() and len(errors) == 2
+    with pytest.raises(TrainingError, match="closed"):
+        actor._push(0, 1, np.ones(n, np.float32), 10, 0, token)
