@@ -258,41 +258,61 @@ def make_gradient_loop_fn(
     metric_vars = [list(m.variables) for m in model.metrics]
     all_vars = list(model.weights)
 
-    @tf.function(reduce_retracing=True)
-    def run(X, y, batch_size, weights):
+    def start(weights):
         for v, w in zip(all_vars, weights):
             v.assign(w)
         for vs in metric_vars:
             for v in vs:
                 v.assign(tf.zeros_like(v))
-        tvars = model.trainable_variables
+
+    def batch_grads(xb, yb):
+        """Gradients of the batch's mean loss; the metrics take the batch in."""
+        with tf.GradientTape() as tape:
+            y_pred = model(xb, training=True)
+            loss = model._compute_loss(x=xb, y=yb, y_pred=y_pred, sample_weight=None, training=True)
+        grads = tape.gradient(loss, model.trainable_variables)
+        model._loss_tracker.update_state(loss, sample_weight=tf.shape(xb)[0])
+        model.compute_metrics(xb, yb, y_pred, sample_weight=None)
+        return grads
+
+    def metric_values():
+        return [[tf.identity(v) for v in vs] for vs in metric_vars]
+
+    @tf.function(reduce_retracing=True)
+    def run(X, y, batch_size, weights):
+        start(weights)
         n = tf.shape(X)[0]
         steps = (n + batch_size - 1) // batch_size
-        acc = [tf.zeros_like(v) for v in tvars]
+        acc = [tf.zeros_like(v) for v in model.trainable_variables]
         for i in tf.range(steps):
             lo = i * batch_size
             hi = tf.minimum(lo + batch_size, n)
-            xb, yb = X[lo:hi], y[lo:hi]
-            with tf.GradientTape() as tape:
-                y_pred = model(xb, training=True)
-                loss = model._compute_loss(x=xb, y=yb, y_pred=y_pred, sample_weight=None, training=True)
-            grads = tape.gradient(loss, tvars)
-            model._loss_tracker.update_state(loss, sample_weight=hi - lo)
-            model.compute_metrics(xb, yb, y_pred, sample_weight=None)
+            grads = batch_grads(X[lo:hi], y[lo:hi])
             acc = [a + tf.cast(hi - lo, a.dtype) * g for a, g in zip(acc, grads)]
         out = [a / tf.cast(n, a.dtype) for a in acc]
-        return out, [[tf.identity(v) for v in vs] for vs in metric_vars]
+        return out, metric_values()
 
     shapes = [tuple(v.shape) for v in all_vars]
     sizes = [int(np.prod(s)) for s in shapes]
     flat_ok = all(v.dtype == "float32" for v in all_vars)  # the trainable ones among them
 
+    def unpacked(packed):
+        return [tf.reshape(p, s) for p, s in zip(tf.split(packed, sizes), shapes)]
+
+    def packed_out(grads):
+        return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
+
     @tf.function(reduce_retracing=True)
     def run_packed(X, y, batch_size, packed):
         # one tensor in and one out: a call with lists of tensors pays per element
-        parts = tf.split(packed, sizes)
-        grads, metrics = run(X, y, batch_size, [tf.reshape(p, s) for p, s in zip(parts, shapes)])
-        return tf.concat([tf.reshape(g, [-1]) for g in grads], 0), metrics
+        grads, metrics = run(X, y, batch_size, unpacked(packed))
+        return packed_out(grads), metrics
+
+    @tf.function(reduce_retracing=True)
+    def run_one_packed(X, y, packed):
+        # rows that fit in one batch (push_every=1): no loop in the graph, ~0.1 ms less a call
+        start(unpacked(packed))
+        return packed_out(batch_grads(X, y)), metric_values()
 
     def call(
         X: np.ndarray, y: np.ndarray, batch_size: int, weights: Any
@@ -301,8 +321,11 @@ def make_gradient_loop_fn(
         if isinstance(weights, np.ndarray):
             if not flat_ok:
                 raise ValueError("Packed weights need a model whose weights are all float32")
-            g, m = run_packed(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32),
-                              tf.convert_to_tensor(weights))
+            if len(X) <= batch_size:
+                g, m = run_one_packed(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.convert_to_tensor(weights))
+            else:
+                g, m = run_packed(tf.convert_to_tensor(X), tf.convert_to_tensor(y), tf.constant(batch_size, tf.int32),
+                                  tf.convert_to_tensor(weights))
             return g.numpy(), [[v.numpy() for v in vs] for vs in m]
         if len(weights) != len(all_vars):
             raise ValueError(f"Expected {len(all_vars)} weight arrays. Received: {len(weights)}")

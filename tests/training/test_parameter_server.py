@@ -190,12 +190,13 @@ def test_packed_messages_match_lists():
         backend.unpack(packed[:-1], [w.shape for w in weights])
     assert isinstance(backend.pack([np.zeros(2, np.float64)]), list)  # other dtypes stay a list
     fn = backend.make_gradient_loop_fn(model)
-    g_list, m_list = fn(X, y, 128, weights)
-    g_packed, m_packed = fn(X, y, 128, packed)
-    np.testing.assert_allclose(g_packed, backend.pack(g_list), rtol=1e-6, atol=1e-7)
-    for a, b in zip(m_list, m_packed):
-        for u, v in zip(a, b):
-            np.testing.assert_allclose(u, v, rtol=1e-6)
+    for rows in (300, 100):  # several batches (a loop in the graph), and one batch (none)
+        g_list, m_list = fn(X[:rows], y[:rows], 128, weights)
+        g_packed, m_packed = fn(X[:rows], y[:rows], 128, packed)
+        np.testing.assert_allclose(g_packed, backend.pack(g_list), rtol=1e-6, atol=1e-7)
+        for a, b in zip(m_list, m_packed):
+            for u, v in zip(a, b):
+                np.testing.assert_allclose(u, v, rtol=1e-6)
 
 
 def test_weights_that_cannot_be_packed(diamond_data, fitted_pre, client):
