@@ -18,7 +18,6 @@ __all__ = [
     "model_from_bytes",
     "make_train_fn",
     "make_eval_fn",
-    "make_gradient_fn",
     "get_weights",
     "set_weights",
     "get_optimizer_state",
@@ -26,7 +25,6 @@ __all__ = [
     "metric_state",
     "metric_results",
     "reset_metrics",
-    "apply_gradients",
     "make_gradient_loop_fn",
     "make_apply_fn",
     "pack",
@@ -203,37 +201,6 @@ def make_train_fn(model: Any) -> Callable[[np.ndarray, np.ndarray, int], int]:
 def make_eval_fn(model: Any) -> Callable[[np.ndarray, np.ndarray, int], int]:
     """A compiled loop running ``model.test_step`` per batch (metrics accumulate)."""
     return _batch_loop(model.test_step)
-
-
-def make_gradient_fn(model: Any) -> Callable[[np.ndarray, np.ndarray], tuple[list[np.ndarray], float, int]]:
-    """``fn(X, y) -> (gradients, loss, n)``: gradients of the mean loss over the rows,
-    without touching the weights (the parameter server applies them)."""
-    import tensorflow as tf
-
-    @tf.function(reduce_retracing=True)
-    def grads(X, y):
-        with tf.GradientTape() as tape:
-            y_pred = model(X, training=True)
-            loss = model._compute_loss(x=X, y=y, y_pred=y_pred, sample_weight=None, training=True)
-        g = tape.gradient(loss, model.trainable_variables)
-        model._loss_tracker.update_state(loss, sample_weight=tf.shape(X)[0])
-        model.compute_metrics(X, y, y_pred, sample_weight=None)
-        return g, loss
-
-    def call(X: np.ndarray, y: np.ndarray) -> tuple[list[np.ndarray], float, int]:
-        g, loss = grads(tf.convert_to_tensor(X), tf.convert_to_tensor(y))
-        return [np.asarray(a) for a in g], float(loss), len(X)
-
-    return call
-
-
-def apply_gradients(model: Any, gradients: list[np.ndarray]) -> None:
-    """Apply gradients with the model's own optimizer (server side)."""
-    import tensorflow as tf
-
-    model.optimizer.apply_gradients(
-        zip([tf.convert_to_tensor(g) for g in gradients], model.trainable_variables)
-    )
 
 
 def make_gradient_loop_fn(

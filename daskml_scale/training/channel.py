@@ -12,6 +12,7 @@ cluster, and ``daskml_scale.training.ps-direct: false`` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import struct
@@ -95,22 +96,13 @@ class ChannelServer:
 
     def close(self) -> None:
         self._closed = True
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept (Linux)
-        except OSError:
-            pass
-        try:
-            self._sock.close()
-        except OSError:
-            pass
         with self._lock:
             conns, self._conns = list(self._conns), set()
-        for conn in conns:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-            except OSError:
-                pass
+        for sock in [self._sock, *conns]:  # shutdown wakes the threads blocked in accept / recv
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -160,10 +152,8 @@ class ChannelServer:
         finally:
             with self._lock:
                 self._conns.discard(conn)
-            try:
+            with contextlib.suppress(OSError):
                 conn.close()
-            except OSError:
-                pass
 
 
 class ChannelClient:
@@ -214,10 +204,8 @@ class ChannelClient:
         return weights, int(version), bool(applied)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self._conn.close()
-        except OSError:
-            pass
 
     def __enter__(self) -> "ChannelClient":
         return self

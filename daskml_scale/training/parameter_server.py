@@ -319,7 +319,8 @@ class ParamServerActor:
         self._closed = False
         self._cond = threading.Condition()
         # actor-call pushes wait at the sync barrier on these threads: one per stream at least
-        self._pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="daskml-ps-push")
+        self._pool_size = 64
+        self._pool = ThreadPoolExecutor(max_workers=self._pool_size, thread_name_prefix="daskml-ps-push")
         self._channel = self._open_channel() if direct else None
         self._reset_stats()
 
@@ -376,9 +377,10 @@ class ParamServerActor:
             self._generation += 1
             self._cond.notify_all()  # pushes still waiting from an earlier epoch give up
             self._reset_stats()
-            if self._pool._max_workers < 2 * len(self._active) + 8:
+            if self._pool_size < 2 * len(self._active) + 8:
+                self._pool_size = 2 * len(self._active) + 8
                 old, self._pool = self._pool, ThreadPoolExecutor(
-                    max_workers=2 * len(self._active) + 8, thread_name_prefix="daskml-ps-push")
+                    max_workers=self._pool_size, thread_name_prefix="daskml-ps-push")
                 old.shutdown(wait=False)
             return self.version
 

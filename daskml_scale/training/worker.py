@@ -75,13 +75,6 @@ class _CachedModel:
         self.lock = threading.Lock()
         self.train_fn = backend.make_train_fn(model)
         self.eval_fn = backend.make_eval_fn(model)
-        self._grad_fn: Any = None
-
-    @property
-    def grad_fn(self) -> Any:
-        if self._grad_fn is None:
-            self._grad_fn = backend.make_gradient_fn(self.model)
-        return self._grad_fn
 
     @property
     def grad_loop_fn(self) -> Any:

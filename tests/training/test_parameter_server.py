@@ -97,30 +97,34 @@ def test_staleness_bound_rejects_stale_pushes(diamond_data, fitted_pre, client):
     assert loose.history["ps_staleness_max"][0] <= 1
 
 
-def test_server_worker_killed_mid_fit_does_not_hang(diamond_data, fitted_pre, own_client):
+def _kill_mid_epoch(client, *, actor_host: bool):
+    """A callback that SIGKILLs, 0.05 s into the second epoch's tasks, the worker that hosts
+    the parameter server's actor (``actor_host=True``) or the other one; ``victim`` names it."""
     import keras
-
-    client = own_client
 
     def hosts_server(dask_worker):
         return any("daskml-ps-server" in str(k) for k in dask_worker.state.actors)
 
-    class KillServer(keras.callbacks.Callback):
+    class Kill(keras.callbacks.Callback):
         # on_train_batch_begin runs once the epoch's tasks were submitted: they are in flight
         victim = None
 
         def on_train_batch_begin(self, batch, logs=None):
-            if self.victim is None and self.params and len(self.model.history.history.get("loss", [])) == 1:
-                hosts = [w for w, yes in client.run(hosts_server).items() if yes]
-                pid = client.run(os.getpid, workers=hosts)[hosts[0]]
-                self.victim = hosts[0]
+            if self.victim is None and len(self.model.history.history.get("loss", [])) == 1:
+                chosen = [w for w, yes in client.run(hosts_server).items() if yes == actor_host]
+                pid = client.run(os.getpid, workers=chosen)[chosen[0]]
+                self.victim = chosen[0]
                 # soon after the tasks start: an epoch of ~90 pushes per worker lasts longer
                 threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
 
+    return Kill()
+
+
+def test_server_worker_killed_mid_fit_does_not_hang(diamond_data, fitted_pre, own_client):
     n = len(fitted_pre.feature_names_)
-    killer = KillServer()
+    killer = _kill_mid_epoch(own_client, actor_host=True)
     h = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=3, batch_size=BATCH,
-                         client=client, verbose=0, validation_data=diamond_data.val_ddf(), callbacks=[killer],
+                         client=own_client, verbose=0, validation_data=diamond_data.val_ddf(), callbacks=[killer],
                          strategy=daskml_scale.ParameterServer("async", push_every=1))
     assert killer.victim is not None
     assert len(h.history["val_loss"]) == 3
@@ -133,27 +137,10 @@ def test_other_worker_killed_mid_fit_sync_barrier_goes_on(diamond_data, fitted_p
     """The worker that does not host the actor dies mid-epoch in sync mode: its epoch task is
     rerun on the survivor, resumes after the last chunk the actor received, and the barrier
     (which waited for it) goes on; the server is not restarted."""
-    import keras
-
-    client = own_client
-
-    def hosts_server(dask_worker):
-        return any("daskml-ps-server" in str(k) for k in dask_worker.state.actors)
-
-    class KillOther(keras.callbacks.Callback):
-        victim = None
-
-        def on_train_batch_begin(self, batch, logs=None):
-            if self.victim is None and len(self.model.history.history.get("loss", [])) == 1:
-                others = [w for w, yes in client.run(hosts_server).items() if not yes]
-                pid = client.run(os.getpid, workers=others)[others[0]]
-                self.victim = others[0]
-                threading.Timer(0.05, os.kill, (pid, signal.SIGKILL)).start()
-
     n = len(fitted_pre.feature_names_)
-    killer = KillOther()
+    killer = _kill_mid_epoch(own_client, actor_host=False)
     h = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=3, batch_size=BATCH,
-                         client=client, verbose=0, validation_data=diamond_data.val_ddf(), callbacks=[killer],
+                         client=own_client, verbose=0, validation_data=diamond_data.val_ddf(), callbacks=[killer],
                          strategy=daskml_scale.ParameterServer("sync", push_every=1))
     assert killer.victim is not None
     assert killer.victim in h.daskml_summary["lost_workers"]
