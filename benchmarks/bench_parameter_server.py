@@ -57,7 +57,7 @@ def main() -> None:
 
     import daskml_scale
     from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamonds, diamonds_transform
-    from daskml_scale.training import backend
+    from daskml_scale import backend
 
     df = diamonds(copies=args.copies)
     pre = daskml_scale.Preprocessor(target="log_price", numeric=DIAMONDS_NUMERIC + ["volume"],

@@ -66,7 +66,7 @@ def main() -> None:
     import daskml_scale
     from daskml_scale import Preprocessor, load_bundle, predict, predict_files, save_bundle
     from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamonds, diamonds_transform
-    from daskml_scale.writers import frame_to_csv
+    from daskml_scale.io.writers import frame_to_csv
 
     keep_cols = ["id"] if args.keep == "id" else None  # None: every input column
     root = tempfile.mkdtemp(prefix="bench-predict-")

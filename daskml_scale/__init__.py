@@ -1,47 +1,23 @@
 """daskml_scale: train and serve pandas + Keras models at scale on Dask.
 
 Everything a user imports lives in this namespace; ``__all__`` is kept honest by
-``tests/test_api.py``.
+``tests/test_api.py``. This module only re-exports: the Keras backend default and
+the ``dask.config`` defaults are set by :mod:`daskml_scale.config`, imported first.
 """
 
 from __future__ import annotations
 
-import os as _os
-
-_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-_os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from daskml_scale import config  # noqa: E402  (registers the dask.config defaults)
-from daskml_scale.cluster import KerasWorkerPlugin, connect  # noqa: E402
-from daskml_scale.exceptions import (  # noqa: E402
-    BadRowError,
-    BundleError,
-    ClusterError,
-    DaskmlScaleError,
-    DaskmlScaleWarning,
-    DataError,
-    EmptyFileError,
-    GPUUnavailableError,
-    MissingColumnError,
-    NonFiniteValueError,
-    NotFittedError,
-    TrainingError,
-    UnsafeBundleError,
-    WorkersLostError,
-)
-
-from daskml_scale.io import bad_rows_report, read_csv, read_parquet  # noqa: E402
-from daskml_scale.preprocessing import Preprocessor  # noqa: E402
-
-# serving (imports starlette only when an app is built)
-from daskml_scale.serving import create_app, serve  # noqa: E402
-from daskml_scale.training import ModelAveraging, ParameterServer, fit  # noqa: E402
-
-# prediction
-from daskml_scale.bundle import Bundle, load_bundle, save_bundle  # noqa: E402
-from daskml_scale.predict import PredictReport, predict, predict_files  # noqa: E402
-
-__version__ = "0.1.0"
+from daskml_scale import config
+from daskml_scale import exceptions as _exceptions
+from daskml_scale._version import __version__
+from daskml_scale.bundle import Bundle, load_bundle, save_bundle
+from daskml_scale.cluster import KerasWorkerPlugin, connect
+from daskml_scale.exceptions import *  # noqa: F403  (the names of exceptions.__all__)
+from daskml_scale.io import bad_rows_report, read_csv, read_parquet
+from daskml_scale.predict import PredictReport, predict, predict_files
+from daskml_scale.preprocessing import Preprocessor
+from daskml_scale.serving import create_app, serve
+from daskml_scale.training import AllReduce, EpochRunner, ModelAveraging, ParameterServer, Strategy, fit
 
 __all__ = [
     "__version__",
@@ -53,11 +29,11 @@ __all__ = [
     "read_parquet",
     "bad_rows_report",
     "Preprocessor",
-    # serving
-    "create_app",
-    "serve",
     # training
     "fit",
+    "Strategy",
+    "EpochRunner",
+    "AllReduce",
     "ModelAveraging",
     "ParameterServer",
     # prediction
@@ -67,19 +43,9 @@ __all__ = [
     "predict",
     "predict_files",
     "PredictReport",
+    # serving
+    "create_app",
+    "serve",
     # errors
-    "DaskmlScaleError",
-    "DaskmlScaleWarning",
-    "ClusterError",
-    "GPUUnavailableError",
-    "DataError",
-    "MissingColumnError",
-    "BadRowError",
-    "EmptyFileError",
-    "NonFiniteValueError",
-    "NotFittedError",
-    "BundleError",
-    "UnsafeBundleError",
-    "TrainingError",
-    "WorkersLostError",
+    *_exceptions.__all__,
 ]

@@ -30,11 +30,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 import pandas as pd
 
-from daskml_scale import config
+from daskml_scale import backend, config
+from daskml_scale._version import __version__
 from daskml_scale.exceptions import BundleError, DataError, UnsafeBundleError
-from daskml_scale.training import backend
+from daskml_scale.io.writers import write_bytes_atomic
 from daskml_scale.preprocessing import Preprocessor
-from daskml_scale.writers import write_bytes_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import keras
@@ -48,18 +48,13 @@ _PARTS = (_MODEL, _PRE, _META)
 
 
 # --------------------------------------------------------------------------- helpers
-def _versions() -> dict[str, str]:
+def _versions() -> dict[str, str | None]:
     import keras
 
-    from daskml_scale import __version__
-
-    out = {"daskml_scale": __version__, "keras": keras.__version__, "keras_backend": keras.backend.backend()}
-    try:
-        import tensorflow as tf
-
-        out["tensorflow"] = tf.__version__
-    except ImportError:  # pragma: no cover - another backend
-        out["tensorflow"] = None  # type: ignore[assignment]
+    out: dict[str, str | None] = {
+        "daskml_scale": __version__, "keras": keras.__version__, "keras_backend": keras.backend.backend(),
+    }
+    out.update(backend.current().versions())
     return out
 
 
@@ -268,25 +263,9 @@ class Bundle:
 
 # --------------------------------------------------------------------- outputs
 def compiled_forward(model: "keras.Model") -> Callable[[np.ndarray], np.ndarray]:
-    """``x -> model(x, training=False)`` as NumPy in, NumPy out, compiled once.
-
-    The only backend-specific code of prediction: with TensorFlow, a ``tf.function``
-    with a ``(None, n_features)`` signature (one trace for every batch size); with
-    another backend, the eager call.
-    """
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        width = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
-        fn = tf.function(
-            lambda x: model(x, training=False),
-            input_signature=[tf.TensorSpec([None, width], tf.float32)],
-            reduce_retracing=True,
-        )
-        return lambda x: fn(tf.convert_to_tensor(x, dtype=tf.float32)).numpy()
-    return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
+    """``x -> model(x, training=False)`` as NumPy in, NumPy out, compiled once by the
+    Keras backend (:meth:`daskml_scale.backend.Backend.compiled_forward`)."""
+    return backend.compiled_forward(model)
 
 
 def _batched(fn: Callable[[np.ndarray], np.ndarray], X: np.ndarray, batch_size: int) -> np.ndarray:

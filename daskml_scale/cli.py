@@ -26,6 +26,9 @@ import time
 import traceback
 from typing import Any, Callable, Iterator, Sequence
 
+from daskml_scale._utils.jsonable import jsonable as _jsonable
+from daskml_scale.io.writers import FORMATS
+
 __all__ = ["main", "build_parser", "parse_storage_options", "load_callable"]
 
 PROG = "daskml-scale"
@@ -106,6 +109,8 @@ examples:
 EPILOG_SERVE = """\
 Endpoints: POST /predict (JSON records or CSV), GET /info, GET /health, GET /metrics,
 POST /jobs (predict_files in the background; needs --scheduler or --workers).
+
+The same command runs as 'python -m daskml_scale.serving BUNDLE_URL [options]'.
 
 examples:
   daskml-scale serve model.bundle --port 8000
@@ -203,11 +208,11 @@ def _is_parquet(url: str) -> bool:
 
 
 def _read(url: str, storage_options: dict[str, Any], fmt: str) -> Any:
-    import daskml_scale
+    from daskml_scale.io import read_csv, read_parquet
 
     if fmt == "parquet" or (fmt == "auto" and _is_parquet(url)):
-        return daskml_scale.read_parquet(url, storage_options=storage_options or None)
-    return daskml_scale.read_csv(url, storage_options=storage_options or None)
+        return read_parquet(url, storage_options=storage_options or None)
+    return read_csv(url, storage_options=storage_options or None)
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
@@ -219,16 +224,16 @@ def _say(args: argparse.Namespace, message: str) -> None:
 @contextlib.contextmanager
 def _cluster(args: argparse.Namespace) -> Iterator[Any]:
     """A client on ``--scheduler``, or on a local cluster started for this command."""
-    import daskml_scale
+    from daskml_scale.cluster import connect
 
     if args.scheduler:
         if args.workers is not None or args.threads_per_worker is not None:
             raise CLIError("Expected either --scheduler or --workers/--threads-per-worker (a local cluster), not both")
         _say(args, f"connecting to the scheduler at {args.scheduler} ...")
-        client = daskml_scale.connect(args.scheduler, timeout=args.timeout)
+        client = connect(args.scheduler, timeout=args.timeout)
     else:
         _say(args, "starting a local Dask cluster ...")
-        client = daskml_scale.connect(n_workers=args.workers, threads_per_worker=args.threads_per_worker)
+        client = connect(n_workers=args.workers, threads_per_worker=args.threads_per_worker)
     try:
         workers = client.scheduler_info().get("workers", {})
         if args.scheduler and not workers:
@@ -266,7 +271,7 @@ def _load_model(spec: str, n_features: int, storage_options: dict[str, Any]) -> 
 
 
 def _strategy(args: argparse.Namespace) -> Any:
-    import daskml_scale
+    from daskml_scale.training import ModelAveraging, ParameterServer
 
     if args.strategy == "averaging":
         if args.max_staleness is not None:
@@ -277,31 +282,16 @@ def _strategy(args: argparse.Namespace) -> Any:
                 outer_lr = float(outer_lr)
             except ValueError:
                 raise CLIError(f"Expected --outer-lr to be a number or 'workers'. Received: {args.outer_lr!r}") from None
-        return daskml_scale.ModelAveraging(sync_every=args.sync_every, outer_lr=outer_lr)
-    ps = getattr(daskml_scale, "ParameterServer", None)
-    if ps is None:
-        raise CLIError(
-            f"--strategy {args.strategy} needs daskml_scale.ParameterServer, which this version of "
-            "daskml_scale does not have yet; use --strategy averaging"
-        )
-    return ps(mode=args.strategy.split("-", 1)[1], push_every=args.sync_every or 1, max_staleness=args.max_staleness)
-
-
-def _jsonable(value: Any) -> Any:
-    """Numbers and containers from NumPy / Keras as plain JSON types."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "item") and getattr(value, "shape", None) == ():
-        return value.item()
-    return value
+        return ModelAveraging(sync_every=args.sync_every, outer_lr=outer_lr)
+    return ParameterServer(mode=args.strategy.split("-", 1)[1], push_every=args.sync_every or 1, max_staleness=args.max_staleness)
 
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     """``daskml-scale train``: read, fit the preprocessor, train, save the bundle."""
-    import daskml_scale
+    from daskml_scale.bundle import save_bundle
+    from daskml_scale.preprocessing import Preprocessor
+    from daskml_scale.training import fit
 
     so = args.storage_options
     if not args.numeric and not args.categorical:
@@ -315,7 +305,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     # reading plans the partitions and infers the schema here, before any cluster starts
     data = _read(args.data, so, args.data_format)
     validation = _read(args.validation, so, args.data_format) if args.validation else None
-    pre = daskml_scale.Preprocessor(
+    pre = Preprocessor(
         target=args.target, numeric=args.numeric or (), categorical=args.categorical or (), transform=transform
     )
     with _cluster(args) as client:
@@ -326,14 +316,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         model = _load_model(args.model, pre.n_features_, so)
         described = strategy.describe() if hasattr(strategy, "describe") else {"strategy": str(strategy)}
         _say(args, "training: " + ", ".join(f"{k} {v}" for k, v in described.items()) + f", {args.epochs} epochs ...")
-        history = daskml_scale.fit(
+        history = fit(
             model, data, preprocessor=pre, strategy=strategy, epochs=args.epochs, batch_size=args.batch_size,
             validation_data=validation, validation_fraction=args.validation_fraction, checkpoint=args.checkpoint,
             resume=args.resume, client=client, seed=args.seed, verbose=0 if args.quiet else 1,
             storage_options=so or None,
         )
         summary = _jsonable({**history.daskml_summary, "history": history.history})
-        daskml_scale.save_bundle(model, pre, args.out, storage_options=so or None, training_summary=summary)
+        save_bundle(model, pre, args.out, storage_options=so or None, training_summary=summary)
         final = summary.get("final", {})
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, (int, float)))
         _say(args, f"trained {summary.get('epochs_run')} epochs in {time.perf_counter() - t0:.1f}s: {metrics}")
@@ -345,10 +335,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_bundle(args: argparse.Namespace) -> Any:
-    import daskml_scale
+    from daskml_scale.bundle import load_bundle
 
     transform = load_callable(args.transform, "--transform") if args.transform else None
-    bundle = daskml_scale.load_bundle(args.bundle, storage_options=args.storage_options or None, transform=transform)
+    bundle = load_bundle(args.bundle, storage_options=args.storage_options or None, transform=transform)
     described = bundle.preprocessor.to_dict().get("transform") or {}
     if transform is None and described.get("name") and not described.get("ref"):
         raise CLIError(
@@ -360,7 +350,7 @@ def _load_bundle(args: argparse.Namespace) -> Any:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     """``daskml-scale predict``: predict_files, then the per-file report."""
-    import daskml_scale
+    from daskml_scale.predict import predict_files
 
     keep: Any = None
     if args.keep:
@@ -370,7 +360,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with _cluster(args) as client:
         t0 = time.perf_counter()
         _say(args, f"predicting {args.input} -> {args.output} ({args.format}) ...")
-        report = daskml_scale.predict_files(
+        report = predict_files(
             bundle, args.input, args.output, format=args.format, keep=keep,
             storage_options=args.storage_options or None, client=client, overwrite=args.overwrite,
         )
@@ -446,8 +436,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """``daskml-scale serve``: the REST server (blocks until stopped)."""
-    import daskml_scale
+    """``daskml-scale serve`` (also ``python -m daskml_scale.serving``): the REST server,
+    blocks until stopped."""
+    from daskml_scale.serving import serve
 
     bundle = _load_bundle(args)  # fail here, in one line, rather than in the server's background
     scheduler = args.scheduler
@@ -456,12 +447,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
             client = stack.enter_context(_cluster(args))
             scheduler = client.scheduler.address
         _say(args, f"serving {args.bundle} on http://{args.host}:{args.port} (POST /predict, GET /info); Ctrl-C stops")
-        daskml_scale.serve(
+        serve(
             bundle, host=args.host, port=args.port, scheduler=scheduler,
-            storage_options=args.storage_options or None, log_level="info" if args.verbose else "warning",
+            storage_options=args.storage_options or None,
+            log_level=args.log_level or ("info" if args.verbose else "warning"),
             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
             micro_batching=not args.no_micro_batching, max_body_bytes=args.max_body_bytes,
-            id_column=args.id_column,
+            id_column=args.id_column, tf_threads=args.tf_threads, freeze_gc=not args.no_gc_freeze,
         )
     return 0
 
@@ -490,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, formatter_class=fmt, epilog=EPILOG_MAIN,
         description="Train and serve pandas + Keras models at scale on Dask: train, predict, info, serve.",
     )
-    from daskml_scale import __version__
+    from daskml_scale._version import __version__
 
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -536,7 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, metavar="URL", help="the bundle written by 'train'")
     p.add_argument("--input", required=True, metavar="URL", help="CSV/Parquet files: file, glob or folder")
     p.add_argument("--output", required=True, metavar="URL", help="output folder")
-    p.add_argument("--format", choices=["csv", "parquet"], default="csv", help="output format (default csv)")
+    p.add_argument("--format", choices=list(FORMATS), default="csv", help="output format (default csv)")
     p.add_argument("--keep", metavar="COLS", help="input columns to copy before the predictions, comma-separated, or 'all'")
     p.add_argument("--overwrite", action="store_true", help="redo files whose output already exists")
     p.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
@@ -562,6 +554,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-micro-batching", action="store_true", help="one model call per request")
     s.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request body (config serve.max-body-bytes)")
     s.add_argument("--id-column", metavar="COL", help="column passed through next to the predictions")
+    s.add_argument("--tf-threads", type=int, metavar="N", help="TensorFlow threads in the server process")
+    s.add_argument("--no-gc-freeze", action="store_true",
+                   help="keep the garbage collector walking every object (default: gc.freeze() after loading)")
+    s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level (default warning, info with --verbose)")
     _common(s)
     s.set_defaults(func=cmd_serve)
     return parser

@@ -16,8 +16,8 @@ import dask.config
 from distributed import Client, LocalCluster, WorkerPlugin
 from distributed.security import Security
 
-from daskml_scale import config
-from daskml_scale.exceptions import ClusterError, GPUUnavailableError
+from daskml_scale import backend, config
+from daskml_scale.exceptions import ArgumentError, ClusterError, GPUUnavailableError
 
 __all__ = ["connect", "KerasWorkerPlugin", "local_cores"]
 
@@ -29,20 +29,9 @@ def local_cores() -> int:
     return int(dask.system.CPU_COUNT)
 
 
-def _tensorflow_env(threads: int) -> dict[str, str]:
-    """Environment that sizes TensorFlow's thread pools before it starts."""
-    level = str(config.get("worker.tensorflow-log-level", 2))
-    env = {
-        "TF_CPP_MIN_LOG_LEVEL": level,
-        "TF_NUM_INTRAOP_THREADS": str(threads),
-        "TF_NUM_INTEROP_THREADS": str(max(1, min(2, threads))),
-        "KERAS_BACKEND": os.environ.get("KERAS_BACKEND", "tensorflow"),
-    }
-    # oneDNN's kernels are ~3x faster for Dense layers on x86 and TensorFlow's default;
-    # workers follow the driver's choice (TF_ENABLE_ONEDNN_OPTS=0 gives bit-stable numbers)
-    if "TF_ENABLE_ONEDNN_OPTS" in os.environ:
-        env["TF_ENABLE_ONEDNN_OPTS"] = os.environ["TF_ENABLE_ONEDNN_OPTS"]
-    return env
+def _worker_env(threads: int) -> dict[str, str]:
+    """Environment that sizes the Keras backend's thread pools before it starts."""
+    return backend.current().worker_environ(threads, int(config.get("worker.tensorflow-log-level", 2)))
 
 
 def _spawn_environ() -> dict[str, Any]:
@@ -93,29 +82,10 @@ class KerasWorkerPlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         threads = int(self.threads or worker.state.nthreads or 1)
-        env = _tensorflow_env(threads)
+        env = _worker_env(threads)
         env["TF_CPP_MIN_LOG_LEVEL"] = str(self.log_level)
         os.environ.update(env)
-        settings: dict[str, Any] = {"intra_op": threads, "inter_op": int(env["TF_NUM_INTEROP_THREADS"])}
-
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(settings["intra_op"])
-            tf.config.threading.set_inter_op_parallelism_threads(settings["inter_op"])
-        except RuntimeError:
-            # TensorFlow was already initialised in this process (e.g. by a task that
-            # ran before the plugin): its pools keep the environment's sizes.
-            settings["intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
-            settings["inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus and self.gpu_memory_growth:
-            for gpu in gpus:
-                try:
-                    tf.config.experimental.set_memory_growth(gpu, True)
-                except RuntimeError:
-                    pass
-        settings["gpus"] = [g.name for g in gpus]
+        settings = backend.current().configure_threads(threads, gpu_memory_growth=bool(self.gpu_memory_growth))
         settings["log_level"] = int(self.log_level)
         worker._daskml_scale_tf = settings  # read back by worker_tensorflow_settings()
 
@@ -125,16 +95,15 @@ def worker_tensorflow_settings(dask_worker: Any = None) -> dict[str, Any]:
 
     Call it in a task, or with ``client.run(worker_tensorflow_settings)``.
     """
-    import tensorflow as tf
-
     if dask_worker is None:
         from distributed import get_worker
 
         dask_worker = get_worker()
     worker = dask_worker
     applied = dict(getattr(worker, "_daskml_scale_tf", {}))
-    applied["effective_intra_op"] = tf.config.threading.get_intra_op_parallelism_threads()
-    applied["effective_inter_op"] = tf.config.threading.get_inter_op_parallelism_threads()
+    effective = backend.current().effective_threads()
+    applied["effective_intra_op"] = effective["intra_op"]
+    applied["effective_inter_op"] = effective["inter_op"]
     applied["nthreads"] = worker.state.nthreads
     return applied
 
@@ -282,7 +251,7 @@ def connect(
 
     if address is not None:
         if gpus is not None or n_workers is not None or cluster_kwargs:
-            raise ValueError(
+            raise ArgumentError(
                 "Expected either a scheduler address or local cluster options "
                 f"(n_workers, gpus, ...), not both. Received: address={address!r}, "
                 f"n_workers={n_workers!r}, gpus={gpus!r}, other={sorted(cluster_kwargs)}"
@@ -306,7 +275,7 @@ def connect(
         if n_workers is None:
             n_workers = max(1, local_cores() // threads)
         cluster_kwargs.setdefault("dashboard_address", ":8787")
-        env = {**_tensorflow_env(threads), **cluster_kwargs.pop("env", {})}
+        env = {**_worker_env(threads), **cluster_kwargs.pop("env", {})}
         if security is not None:
             cluster_kwargs.setdefault("security", security)
         with dask.config.set(_spawn_environ()):

@@ -10,8 +10,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import dask.config
-import yaml
+# Keras reads its backend when it is first imported: the package's default (and quiet
+# TensorFlow C++ logs) are set here, before any module of the package imports Keras.
+# A user's own KERAS_BACKEND / TF_CPP_MIN_LOG_LEVEL wins.
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import dask.config  # noqa: E402
+import yaml  # noqa: E402
 
 _fn = os.path.join(os.path.dirname(__file__), "daskml_scale.yaml")
 with open(_fn) as _f:

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from daskml_scale.exceptions import ArgumentError
+
 __all__ = [
     "diamonds", "write_csv_shards", "diamonds_transform", "DIAMONDS_NUMERIC", "DIAMONDS_CATEGORICAL",
     "flights", "flights_transform", "FLIGHTS_NUMERIC", "FLIGHTS_CATEGORICAL",
@@ -82,6 +84,8 @@ def flights_transform(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_csv_shards(df: pd.DataFrame, directory: str, n: int, *, storage_options: dict[str, Any] | None = None) -> list[str]:
     """Write ``df`` as ``n`` CSV files ``part-000.csv ...`` in ``directory`` (any fsspec URL)."""
+    if n < 1:
+        raise ArgumentError(f"Expected n to be a positive number of files. Received: n={n!r}")
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(directory, **(storage_options or {}))

@@ -11,7 +11,9 @@ from __future__ import annotations
 __all__ = [
     "DaskmlScaleError",
     "DaskmlScaleWarning",
+    "ArgumentError",
     "ClusterError",
+    "NoClusterError",
     "GPUUnavailableError",
     "DataError",
     "MissingColumnError",
@@ -34,9 +36,19 @@ class DaskmlScaleWarning(UserWarning):
     """Base class of every warning issued by daskml_scale (the tests make it an error)."""
 
 
+class ArgumentError(DaskmlScaleError, ValueError):
+    """An argument has a value the function cannot use (the message names it and the
+    values it accepts)."""
+
+
 # --------------------------------------------------------------------------- cluster
 class ClusterError(DaskmlScaleError, RuntimeError):
     """The cluster could not be started, reached or used."""
+
+
+class NoClusterError(ClusterError, ValueError):
+    """A call needs a Dask cluster and there is no current client (a ``ValueError`` too,
+    as ``distributed.get_client()`` raises)."""
 
 
 class GPUUnavailableError(ClusterError):

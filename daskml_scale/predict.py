@@ -16,10 +16,7 @@ The model runs on large batches through a compiled function (see
 
 from __future__ import annotations
 
-import copy
-import glob
 import os
-import posixpath
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,13 +26,24 @@ import dask.dataframe as dd
 import fsspec
 import numpy as np
 import pandas as pd
-from fsspec.utils import infer_compression
 
-from daskml_scale import io as _io
 from daskml_scale.bundle import Bundle, bundle_bytes, read_bundle_bytes
 from daskml_scale.exceptions import BundleError, DataError
+from daskml_scale.io.bad_rows import check_on_bad_rows
+from daskml_scale.io.csv import LINE_COLUMN, PATH_COLUMN, CsvReader, plan_csv
+from daskml_scale.io.parquet import read_parquet_file
+from daskml_scale.io.paths import (
+    INPUT_SUFFIXES,
+    FilePiece,
+    display_name,
+    expand_paths,
+    files_under,
+    is_local,
+    is_parquet,
+    output_paths,
+)
+from daskml_scale.io.writers import check_format, remove_stale_temps, write_frame_atomic
 from daskml_scale.preprocessing import Preprocessor
-from daskml_scale.writers import FORMATS, is_local, write_frame_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import dask.array as da
@@ -179,7 +187,7 @@ def _keep_columns(keep: None | str | Sequence[str], columns: Sequence[str], outp
     if keep is None:
         cols: list[str] = []
     elif keep == "all":
-        cols = [c for c in columns if c not in (_io.PATH_COLUMN, _io.LINE_COLUMN)]
+        cols = [c for c in columns if c not in (PATH_COLUMN, LINE_COLUMN)]
     elif isinstance(keep, str):
         cols = [keep]
     else:
@@ -360,46 +368,15 @@ class PredictReport:
         return text
 
 
-_INPUT_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq")
-
-
-def _output_name(rel: str, format: str) -> str:
-    comp = infer_compression(rel)
-    if comp:
-        rel = rel.rsplit(".", 1)[0]
-    base, ext = posixpath.splitext(rel)
-    if ext.lower() not in _INPUT_SUFFIXES:
-        base = rel
-    return f"{base}.{format}"
-
-
-def _plan_outputs(fs: fsspec.AbstractFileSystem, paths: list[str], output_dir: str, format: str) -> list[str]:
-    """``output_dir/<path relative to the inputs' common folder, suffix changed>``."""
-    parents = [posixpath.dirname(p) for p in paths]
-    try:
-        common = posixpath.commonpath(parents)
-    except ValueError:  # absolute and relative paths mixed
-        common = ""
-    outs = []
-    for p in paths:
-        rel = posixpath.relpath(p, common) if common else posixpath.basename(p)
-        outs.append(f"{output_dir.rstrip('/')}/{_output_name(rel, format)}")
-    if len(set(outs)) != len(outs):
-        raise ValueError(f"Two input files map to the same output name under {output_dir!r}; rename the inputs")
-    return outs
-
-
-def _read_input(reader: Any, piece: Any) -> pd.DataFrame:
-    if piece.path.endswith((".parquet", ".pq")):
-        import pyarrow.parquet as pq
-
-        with reader.fs.open(piece.path, "rb") as f:
-            return _io._arrow_to_pandas(pq.read_table(f))
+def _read_input(reader: CsvReader, piece: FilePiece) -> pd.DataFrame:
+    """One input file as pandas: a Parquet file whole, a CSV file through the plan's reader."""
+    if is_parquet(piece.path):
+        return read_parquet_file(reader.fs, piece.path)
     return reader(piece)
 
 
 def _predict_file(
-    data: bytes, source: _Source, reader: Any, piece: Any, out_path: str, out_display: str,
+    data: bytes, source: _Source, reader: CsvReader, piece: FilePiece, out_path: str, out_display: str,
     out_fs: fsspec.AbstractFileSystem, format: str, keep: None | str | list[str], batch_size: int | None,
 ) -> dict[str, Any]:
     """One input file -> one output file, written atomically. Errors are returned, not raised."""
@@ -413,9 +390,7 @@ def _predict_file(
         except DataError:
             # read without provenance columns (faster); on a bad value, read again with
             # them so that the error names the file and line
-            located = copy.copy(reader)
-            located.provenance = True
-            bundle.predict_frame(_read_input(located, piece), batch_size=batch_size)
+            bundle.predict_frame(_read_input(reader.with_provenance(), piece), batch_size=batch_size)
             raise
         write_frame_atomic(_assemble(df, keep_cols, pred), out_path, format=format, fs=out_fs)
         entry["rows"] = int(len(df))
@@ -486,47 +461,46 @@ def predict_files(
     """
     from distributed import as_completed
 
-    from daskml_scale import config
     from daskml_scale.exceptions import ClusterError
 
-    if format not in FORMATS:
-        raise ValueError(f"Expected format to be one of {list(FORMATS)}. Received: format={format!r}")
-    on_bad_rows = on_bad_rows or config.get("io.on-bad-rows", "error")
-    if on_bad_rows not in ("error", "skip"):
-        raise ValueError(f"Expected on_bad_rows to be 'error' or 'skip'. Received: on_bad_rows={on_bad_rows!r}")
+    check_format(format)
+    on_bad_rows = check_on_bad_rows(on_bad_rows)
     client = _get_client(client)
     if client is None:
         raise ClusterError("predict_files needs a Dask client: call daskml_scale.connect() first or pass client=")
     b, ship = _as_bundle(bundle, None, storage_options)
     keep_arg = None if keep is None else (keep if isinstance(keep, str) else list(keep))
 
-    fs, paths = _io.expand_paths(input_urlpath, storage_options, suffixes=_io._CSV_SUFFIXES + (".parquet", ".pq"))
+    fs, paths = expand_paths(input_urlpath, storage_options, suffixes=INPUT_SUFFIXES)
     out_fs, out_root = fsspec.core.url_to_fs(output_dir, **(output_storage_options or storage_options or {}))
-    outs = _plan_outputs(fs, paths, out_root, format)
-    out_display = [o if is_local(out_fs) else out_fs.unstrip_protocol(o) for o in outs]
+    outs = output_paths(paths, out_root, format)
+    out_display = [display_name(out_fs, o) for o in outs]
 
     report = PredictReport()
     todo: list[int] = []
-    existing = _existing_files(out_fs, out_root) if not overwrite else set()
+    existing = files_under(out_fs, out_root) if not overwrite else set()
     for i, o in enumerate(outs):
         if not overwrite and o in existing:
-            report.skipped.append({"input": _io._display(fs, paths[i]), "output": out_display[i], "rows": None, "error": None})
+            report.skipped.append({"input": display_name(fs, paths[i]), "output": out_display[i], "rows": None, "error": None})
         else:
             todo.append(i)
     if not todo:
         return report
 
     # the schema comes from the whole input set (as read_csv infers it), whichever files are left to do
-    csv_paths = [p for p in paths if not p.endswith((".parquet", ".pq"))]
-    reader = _io._BlockReader(fs, _csv_schema(fs, csv_paths), None, on_bad_rows, False, ",")
-    pieces = {p.path: p for p in _io._plan_pieces(fs, [paths[i] for i in todo], None, "infer")}
+    # (a file whose first rows cannot be read is left out of the sample and fails alone)
+    plan = plan_csv(
+        [p for p in paths if not is_parquet(p)], fs=fs, blocksize=None, on_bad_rows=on_bad_rows, skip_unreadable=True
+    )
+    csv_pieces = {p.path: p for p in plan.pieces}
+    pieces = {paths[i]: csv_pieces.get(paths[i]) or FilePiece.whole(fs, paths[i]) for i in todo}
 
     data = _place_bytes(b, client)
     source = _Source(b.content_hash, b._safe_mode, ship)
     futures = {}
     for i in todo:
         fut = client.submit(
-            _predict_file, data, source, reader, pieces[paths[i]], outs[i], out_display[i], out_fs, format,
+            _predict_file, data, source, plan.reader, pieces[paths[i]], outs[i], out_display[i], out_fs, format,
             keep_arg, batch_size, pure=False, key=f"daskml-predict-file-{i}-{os.urandom(4).hex()}",
         )
         futures[fut] = i
@@ -537,54 +511,12 @@ def predict_files(
             results[i] = fut.result()
         except Exception as exc:  # noqa: BLE001  (e.g. KilledWorker after repeated worker loss)
             results[i] = {
-                "input": _io._display(fs, paths[i]), "output": out_display[i], "rows": None,
+                "input": display_name(fs, paths[i]), "output": out_display[i], "rows": None,
                 "error": f"{type(exc).__name__}: {exc}",
             }
     for i in todo:
         entry = results[i]
         (report.failed if entry["error"] else report.done).append(entry)
     if is_local(out_fs):
-        _remove_stale_temps([outs[i] for i in todo])
+        remove_stale_temps([outs[i] for i in todo])
     return report
-
-
-def _csv_schema(fs: fsspec.AbstractFileSystem, paths: list[str]) -> Any:
-    """One schema for every file, inferred as :func:`daskml_scale.read_csv` does.
-
-    A sampled file whose first rows cannot be read (empty, broken header) is left out
-    of the sample: it fails in its own task, with its own error, and the others go on.
-    """
-    if not paths:
-        return None
-    order = sorted({0, len(paths) // 2, len(paths) - 1}) + list(range(len(paths)))
-    schemas, tried = [], set()
-    for i in order:
-        if i in tried or len(schemas) == 3:
-            continue
-        tried.add(i)
-        try:
-            schemas.append(
-                _io._infer_schema(fs, paths[i], _io._display(fs, paths[i]), infer_compression(paths[i]), None, 1 << 20)
-            )
-        except DataError:
-            continue
-    return _io._merge_schemas(schemas, None) if schemas else None
-
-
-def _existing_files(fs: fsspec.AbstractFileSystem, root: str) -> set[str]:
-    """Every file under ``root`` (one listing, not one request per output)."""
-    try:
-        return {fs._strip_protocol(p) for p in fs.find(root)}
-    except FileNotFoundError:
-        return set()
-
-
-def _remove_stale_temps(outputs: list[str]) -> None:
-    """Temporary files a killed worker left behind (hidden names, never read as outputs)."""
-    for out in outputs:
-        head, tail = os.path.split(out)
-        for tmp in glob.glob(os.path.join(head, f".{glob.escape(tail)}.tmp-*")):
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass

@@ -27,7 +27,13 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from daskml_scale.exceptions import DataError, MissingColumnError, NonFiniteValueError, NotFittedError
+from daskml_scale.exceptions import (
+    ArgumentError,
+    DataError,
+    MissingColumnError,
+    NonFiniteValueError,
+    NotFittedError,
+)
 from daskml_scale.io import LINE_COLUMN, PATH_COLUMN
 
 __all__ = ["Preprocessor"]
@@ -253,12 +259,12 @@ class Preprocessor:
         self.missing = missing
         self.max_categories = max_categories
         if missing not in ("impute", "error"):
-            raise ValueError(f"Expected missing to be 'impute' or 'error'. Received: missing={missing!r}")
+            raise ArgumentError(f"Expected missing to be 'impute' or 'error'. Received: missing={missing!r}")
         overlap = set(self.numeric) & set(self.categorical)
         if overlap:
-            raise ValueError(f"Columns cannot be both numeric and categorical. Received: {sorted(overlap)}")
+            raise ArgumentError(f"Columns cannot be both numeric and categorical. Received: {sorted(overlap)}")
         if target is not None and target in set(self.numeric) | set(self.categorical):
-            raise ValueError(f"The target {target!r} cannot also be a feature")
+            raise ArgumentError(f"The target {target!r} cannot also be a feature")
 
     # -- helpers ----------------------------------------------------------------
     def _apply_user_transform(self, df: pd.DataFrame) -> pd.DataFrame:

@@ -19,12 +19,21 @@ def test_all_is_honest():
 
 
 def test_every_error_is_also_a_builtin():
+    # the roots: the error derives from Exception alone, the warning from UserWarning
+    assert exc.DaskmlScaleError.__bases__ == (Exception,)
+    assert issubclass(exc.DaskmlScaleWarning, UserWarning)
+    assert not issubclass(exc.DaskmlScaleWarning, exc.DaskmlScaleError)
+    defined = {
+        n for n, v in vars(exc).items()
+        if inspect.isclass(v) and issubclass(v, BaseException) and v.__module__ == exc.__name__ and not n.startswith("_")
+    }
+    assert set(exc.__all__) == defined, "exceptions.__all__ lists every error class it defines"
+    assert set(exc.__all__) <= set(daskml_scale.__all__), "every error is exported by the package"
     for name in exc.__all__:
         cls = getattr(exc, name)
-        if name in ("DaskmlScaleWarning", "DaskmlScaleError"):  # the roots
-            assert issubclass(cls, (UserWarning, Exception))
+        if name in ("DaskmlScaleWarning", "DaskmlScaleError"):
             continue
-        assert issubclass(cls, exc.DaskmlScaleError)
+        assert issubclass(cls, exc.DaskmlScaleError) and not issubclass(cls, Warning), name
         builtins = [b for b in cls.__mro__ if b.__module__ == "builtins" and b not in (object, Exception, BaseException)]
         assert builtins, f"{name} is not also a built-in exception"
 

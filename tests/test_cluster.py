@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import urllib.request
 
 import dask
 import pandas as pd
@@ -8,8 +9,8 @@ import pytest
 from distributed.security import Security
 
 import daskml_scale
-from daskml_scale.cluster import worker_tensorflow_settings
-from daskml_scale.exceptions import ClusterError, GPUUnavailableError
+from daskml_scale.cluster import KerasWorkerPlugin, worker_tensorflow_settings
+from daskml_scale.exceptions import ArgumentError, ClusterError, GPUUnavailableError
 
 
 def _whereami():
@@ -24,19 +25,39 @@ def test_local_cluster_has_two_worker_processes(client):
     pids = client.run(os.getpid)
     assert len(set(pids.values())) == 2
     assert os.getpid() not in pids.values()
-    assert client.dashboard_link  # the dashboard is reachable from the client
+    # the dashboard is reachable from the client
+    with urllib.request.urlopen(client.dashboard_link, timeout=30) as response:
+        assert response.status == 200
+
+
+def _tensorflow_on_this_worker() -> dict:
+    """What TensorFlow itself reports in the worker process (not the plugin's record)."""
+    import tensorflow as tf
+
+    return {
+        "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+        "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL"),
+    }
 
 
 def test_worker_plugin_sizes_tensorflow_to_worker_threads(client):
+    # TensorFlow reports 0 ("its own choice") for a pool nobody sized
+    reported = client.run(_tensorflow_on_this_worker)
+    assert len(reported) == 2
+    assert [(r["intra_op"], r["inter_op"]) for r in reported.values()] == [(1, 1)] * 2  # 1 thread per worker
     settings = client.run(worker_tensorflow_settings)
-    assert len(settings) == 2
-    for s in settings.values():
-        assert s["nthreads"] == 1
-        assert s["effective_intra_op"] == 1
-        assert s["inter_op"] == 1
-        assert s["log_level"] == 2
-    envs = client.run(lambda: os.environ.get("TF_CPP_MIN_LOG_LEVEL"))
-    assert set(envs.values()) == {"2"}
+    assert all(s["nthreads"] == 1 and s["effective_intra_op"] == 1 for s in settings.values())
+
+
+def test_worker_plugin_applies_its_own_settings():
+    """A worker with 2 threads and a plugin asking for log level 1: the suite's and
+    connect()'s environment say TF_CPP_MIN_LOG_LEVEL=2 and nobody else sizes the pools."""
+    with daskml_scale.connect(n_workers=1, threads_per_worker=2, dashboard_address=None, plugin=False) as c:
+        assert set(c.run(lambda: os.environ.get("TF_CPP_MIN_LOG_LEVEL")).values()) == {"2"}
+        c.register_plugin(KerasWorkerPlugin(log_level=1))
+        (reported,) = c.run(_tensorflow_on_this_worker).values()
+    assert reported == {"intra_op": 2, "inter_op": 2, "TF_CPP_MIN_LOG_LEVEL": "1"}
 
 
 def test_connect_sizes_local_cluster_to_machine():
@@ -72,8 +93,9 @@ def test_connect_unreachable_scheduler_is_clear():
 
 
 def test_connect_rejects_address_plus_local_options():
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ArgumentError, match="not both") as err:
         daskml_scale.connect("tcp://127.0.0.1:1", n_workers=2)
+    assert isinstance(err.value, ValueError)
 
 
 def test_connect_gpus_without_gpu_is_clear(monkeypatch):
@@ -120,7 +142,7 @@ def test_connect_tls_scheduler_process(tls_cluster):
         assert c.scheduler.address.startswith("tls://")
         assert c.submit(lambda x: x * 2, 21).result() == 42
     # without the certificates the TLS scheduler cannot be used
-    with pytest.raises((ClusterError, Exception)):
+    with pytest.raises(ClusterError, match="Could not reach the Dask scheduler"):
         daskml_scale.connect(tls_cluster.address.replace("tls://", "tcp://"), timeout="3s", plugin=False)
 
 

@@ -17,7 +17,7 @@ import daskml_scale
 from daskml_scale import DataError, PredictReport, load_bundle, predict, predict_files, save_bundle
 from daskml_scale.datasets import diamonds_transform, write_csv_shards
 from daskml_scale.predict import cache_info
-from daskml_scale.writers import frame_to_csv, write_bytes_atomic, write_frame_atomic
+from daskml_scale.io.writers import frame_to_csv, write_bytes_atomic, write_frame_atomic
 from tests.test_bundle import reference, train_classifier, train_regressor
 
 N_SHARDS = 6

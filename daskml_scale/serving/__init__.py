@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
+from daskml_scale.serving.options import ServeOptions
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
     from distributed import Client
@@ -28,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from daskml_scale.bundle import Bundle
 
-__all__ = ["create_app", "serve"]
+__all__ = ["create_app", "serve", "ServeOptions"]
 
 
 def create_app(
@@ -94,14 +96,14 @@ def create_app(
     >>> app = create_app("s3://models/price.bundle", scheduler="tcp://scheduler:8786")  # doctest: +SKIP
     >>> # uvicorn module:app --host 0.0.0.0 --port 8000
     """
-    from daskml_scale.serving.app import create_app as _create_app
+    from daskml_scale.serving import app
 
-    return _create_app(
-        bundle_or_url, client=client, scheduler=scheduler, storage_options=storage_options,
-        max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, micro_batching=micro_batching,
-        max_body_bytes=max_body_bytes, id_column=id_column, transform=transform, safe_mode=safe_mode,
-        warmup=warmup, freeze_gc=freeze_gc,
+    options = ServeOptions.from_config(
+        scheduler=scheduler, storage_options=storage_options, max_batch_rows=max_batch_rows,
+        max_wait_ms=max_wait_ms, micro_batching=micro_batching, max_body_bytes=max_body_bytes,
+        id_column=id_column, transform=transform, safe_mode=safe_mode, warmup=warmup, freeze_gc=freeze_gc,
     )
+    return app.create_app(bundle_or_url, options, client=client)
 
 
 def serve(
@@ -156,21 +158,21 @@ def serve(
         import uvicorn
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError("serve() needs uvicorn and starlette: pip install 'daskml_scale[serve]'") from exc
-    if tf_threads is not None:
-        _set_tf_threads(int(tf_threads))
-    app = create_app(
-        bundle_url, scheduler=scheduler, storage_options=storage_options, max_batch_rows=max_batch_rows,
+    options = ServeOptions.from_config(
+        scheduler=scheduler, storage_options=storage_options, max_batch_rows=max_batch_rows,
         max_wait_ms=max_wait_ms, micro_batching=micro_batching, max_body_bytes=max_body_bytes,
         id_column=id_column, transform=transform, safe_mode=safe_mode, freeze_gc=freeze_gc,
     )
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on")
+    if tf_threads is not None:
+        _set_tf_threads(int(tf_threads))
+    from daskml_scale.serving import app
+
+    application = app.create_app(bundle_url, options)
+    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on")
 
 
 def _set_tf_threads(n: int) -> None:
-    import keras
+    """Both of the Keras backend's thread pools get ``n`` threads (the server's own process)."""
+    from daskml_scale import backend
 
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(n)
-        tf.config.threading.set_inter_op_parallelism_threads(n)
+    backend.current().configure_threads(n, inter_op=n)

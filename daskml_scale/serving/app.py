@@ -23,13 +23,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from daskml_scale import config
+from daskml_scale._version import __version__
 from daskml_scale.exceptions import DataError
 from daskml_scale.serving.batcher import Block, MicroBatcher
-from daskml_scale.serving.inputs import InputSpec, RequestError, dumps, loads, output_csv, output_records
+from daskml_scale.serving.errors import RequestError, ServiceUnavailableError, ServingError
+from daskml_scale.serving.inputs import InputSpec, dumps, loads, output_csv, output_records
 from daskml_scale.serving.jobs import JobManager
 from daskml_scale.serving.metrics import CONTENT_TYPE, Registry
 from daskml_scale.serving.openapi import openapi_document
+from daskml_scale.serving.options import ServeOptions
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -50,71 +52,63 @@ class _Json(Response):
         return dumps(content)
 
 
-def _problem(err: RequestError) -> Response:
+def _problem(err: ServingError) -> Response:
     return _Json(err.to_dict(), status_code=err.status)
 
 
 # ---------------------------------------------------------------------------- state
 class ServingState:
-    """The loaded bundle, the batcher and the job manager of one app."""
+    """The loaded bundle, the batcher and the job manager of one app.
 
-    def __init__(
-        self,
-        bundle_or_url: "Bundle | str",
-        *,
-        client: "Client | None",
-        scheduler: str | None,
-        storage_options: dict[str, Any] | None,
-        max_batch_rows: int,
-        max_wait_ms: float,
-        micro_batching: bool,
-        max_body_bytes: int,
-        id_column: str | None,
-        transform: Any,
-        safe_mode: bool,
-        warmup: bool,
-        freeze_gc: bool = False,
-    ) -> None:
+    Parameters
+    ----------
+    bundle_or_url : Bundle or str
+        The bundle, or its URL (loaded by :meth:`load`).
+    options : ServeOptions
+        The app's settings.
+    client : distributed.Client, optional
+        The cluster for ``POST /jobs``.
+    """
+
+    def __init__(self, bundle_or_url: "Bundle | str", options: ServeOptions, *, client: "Client | None" = None) -> None:
         self.url = bundle_or_url if isinstance(bundle_or_url, str) else None
         self.bundle: "Bundle | None" = None if isinstance(bundle_or_url, str) else bundle_or_url
-        self.storage_options = storage_options
-        self.max_body_bytes = int(max_body_bytes)
-        self.id_column = id_column
-        self.transform = transform
-        self.safe_mode = safe_mode
-        self.warmup = warmup
-        self.freeze_gc = freeze_gc
+        self.options = options
+        self.max_body_bytes = options.max_body_bytes
+        self.id_column = options.id_column
         self.metrics = Registry()
         self.spec: InputSpec | None = None
         self.preprocessor: Any = None
         self.load_error: str | None = None
         self.ready = threading.Event()
         self.batcher = MicroBatcher(
-            self._predict, self._build_frame, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms,
-            enabled=micro_batching, metrics=self.metrics,
+            self._predict, self._build_frame, max_batch_rows=options.max_batch_rows,
+            max_wait_ms=options.max_wait_ms, enabled=options.micro_batching, metrics=self.metrics,
         )
         self.jobs = JobManager(
-            client=client, scheduler=scheduler, storage_options=storage_options, metrics=self.metrics
+            client=client, scheduler=options.scheduler, storage_options=options.storage_options, metrics=self.metrics
         )
 
     # -- loading (in the model thread) ------------------------------------------------
     def load(self) -> None:
+        """Load the bundle and the model (in the model thread); ``ready`` is set once done."""
+        o = self.options
         try:
             if self.bundle is None:
                 from daskml_scale.bundle import load_bundle
 
                 assert self.url is not None
                 self.bundle = load_bundle(
-                    self.url, storage_options=self.storage_options, safe_mode=self.safe_mode, transform=self.transform
+                    self.url, storage_options=o.storage_options, safe_mode=o.safe_mode, transform=o.transform
                 )
             b = self.bundle
             pre = b.preprocessor
             self.spec = InputSpec(b.input_schema, [*pre.numeric, *pre.categorical], target=pre.target)
             self.preprocessor = pre
             b.model  # noqa: B018  (load the model now, not on the first request)
-            if self.warmup:
+            if o.warmup:
                 self._warm_up()
-            if self.freeze_gc:
+            if o.freeze_gc:
                 # TensorFlow and Keras leave ~400,000 long-lived objects: without this, every
                 # full collection walks them all (~0.2 s) and stalls the requests in flight
                 gc.collect()
@@ -172,7 +166,7 @@ class ServingState:
                     "serving needs a row-wise transform"
                 )
             return b.outputs_to_frame(b.predict_array(X, batch_size=max(len(X), 1)), frame.index)
-        except RequestError:
+        except ServingError:
             raise
         except DataError as exc:  # a value the preprocessor refuses: the client's fault
             raise RequestError(422, f"The model's preprocessor refused the input: {exc}", field=exc.column) from exc
@@ -195,8 +189,8 @@ def _state(request: Request) -> ServingState:
 def _require_ready(state: ServingState) -> None:
     if not state.ready.is_set():
         if state.load_error:
-            raise RequestError(503, f"The model failed to load: {state.load_error}")
-        raise RequestError(503, "The model is still loading; retry when GET /health says ready")
+            raise ServiceUnavailableError(f"The model failed to load: {state.load_error}")
+        raise ServiceUnavailableError("The model is still loading; retry when GET /health says ready")
 
 
 class PredictEndpoint:
@@ -211,7 +205,7 @@ class PredictEndpoint:
         state: ServingState = scope["app"].state.serving
         try:
             status, ctype, body = await self._handle(state, scope, receive)
-        except RequestError as err:
+        except ServingError as err:
             status, ctype, body = err.status, b"application/json", dumps(err.to_dict())
         await send({
             "type": "http.response.start",
@@ -295,7 +289,7 @@ async def info(request: Request) -> Response:
     state = _state(request)
     try:
         _require_ready(state)
-    except RequestError as err:
+    except ServingError as err:
         return _problem(err)
     assert state.bundle is not None
     body = state.bundle.info()
@@ -328,7 +322,7 @@ async def submit_job(request: Request) -> Response:
         except (ValueError, TypeError) as exc:
             raise RequestError(400, f"Malformed JSON: {exc}") from None
         job = state.jobs.submit(state.bundle, state.jobs.parse_request(spec))  # type: ignore[arg-type]
-    except RequestError as err:
+    except ServingError as err:
         return _problem(err)
     return _Json(job, status_code=202, headers={"Location": f"/jobs/{job['id']}"})
 
@@ -336,7 +330,7 @@ async def submit_job(request: Request) -> Response:
 async def get_job(request: Request) -> Response:
     try:
         return _Json(_state(request).jobs.describe(request.path_params["job_id"]))
-    except RequestError as err:
+    except ServingError as err:
         return _problem(err)
 
 
@@ -345,7 +339,12 @@ async def list_jobs(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    return _Json(openapi_document(_state(request)))
+    state = _state(request)
+    return _Json(openapi_document(
+        record_schema=state.spec.json_schema() if state.spec is not None else None,
+        output_names=state.bundle.output_names if state.bundle is not None else (),
+        version=__version__,
+    ))
 
 
 # ------------------------------------------------------------------- metrics middleware
@@ -382,38 +381,26 @@ class MetricsMiddleware:
 
 
 # ----------------------------------------------------------------------------- factory
-def create_app(
-    bundle_or_url: "Bundle | str",
-    *,
-    client: "Client | None" = None,
-    scheduler: str | None = None,
-    storage_options: dict[str, Any] | None = None,
-    max_batch_rows: int | None = None,
-    max_wait_ms: float | None = None,
-    micro_batching: bool = True,
-    max_body_bytes: int | None = None,
-    id_column: str | None = None,
-    transform: Any = None,
-    safe_mode: bool = True,
-    warmup: bool = True,
-    freeze_gc: bool = False,
-) -> Starlette:
-    """See :func:`daskml_scale.serving.create_app`."""
-    state = ServingState(
-        bundle_or_url,
-        client=client,
-        scheduler=scheduler,
-        storage_options=storage_options,
-        max_batch_rows=int(max_batch_rows if max_batch_rows is not None else config.get("serve.max-batch-rows", 2048)),
-        max_wait_ms=float(max_wait_ms if max_wait_ms is not None else config.get("serve.max-wait-ms", 2)),
-        micro_batching=micro_batching,
-        max_body_bytes=int(max_body_bytes if max_body_bytes is not None else config.get("serve.max-body-bytes", 10 * 2**20)),
-        id_column=id_column if id_column is not None else config.get("serve.id-column", None),
-        transform=transform,
-        safe_mode=safe_mode,
-        warmup=warmup,
-        freeze_gc=freeze_gc,
-    )
+def create_app(bundle_or_url: "Bundle | str", options: ServeOptions, *, client: "Client | None" = None) -> Starlette:
+    """The application serving a bundle with these options.
+
+    The public entry, with the options as keyword arguments and their defaults from
+    :mod:`dask.config`, is :func:`daskml_scale.serving.create_app`.
+
+    Parameters
+    ----------
+    bundle_or_url : Bundle or str
+        The bundle, or its URL (loaded in the background when the app starts).
+    options : ServeOptions
+        The app's settings.
+    client : distributed.Client, optional
+        The cluster for ``POST /jobs``.
+
+    Returns
+    -------
+    starlette.applications.Starlette
+    """
+    state = ServingState(bundle_or_url, options, client=client)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
+from daskml_scale.exceptions import ArgumentError
 from daskml_scale.serving.metrics import Registry
 
 __all__ = ["Block", "Columns", "MicroBatcher"]
@@ -74,9 +75,9 @@ class MicroBatcher:
         metrics: Registry | None = None,
     ) -> None:
         if max_batch_rows < 1:
-            raise ValueError(f"Expected max_batch_rows >= 1. Received: max_batch_rows={max_batch_rows}")
+            raise ArgumentError(f"Expected max_batch_rows >= 1. Received: max_batch_rows={max_batch_rows}")
         if max_wait_ms < 0:
-            raise ValueError(f"Expected max_wait_ms >= 0. Received: max_wait_ms={max_wait_ms}")
+            raise ArgumentError(f"Expected max_wait_ms >= 0. Received: max_wait_ms={max_wait_ms}")
         self.predict = predict
         self.build_frame = build_frame
         self.max_batch_rows = int(max_batch_rows)

@@ -1,8 +1,8 @@
 """Request bodies in, prediction bodies out: parsing and checks against the bundle.
 
-Every check answers with a :class:`RequestError` that carries an HTTP status and
-a message naming what was wrong (the record or line, the field, what was expected
-and what was received). Bodies are parsed as JSON or CSV text only: nothing
+Every check answers with a :class:`~daskml_scale.serving.errors.RequestError` that
+carries an HTTP status and a message naming what was wrong (the record or line, the
+field, what was expected and what was received). Bodies are parsed as JSON or CSV text only: nothing
 received is ever unpickled or evaluated.
 """
 
@@ -16,47 +16,15 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from daskml_scale.exceptions import DataError
+from daskml_scale._utils.jsonable import json_default
+from daskml_scale.serving.errors import RequestError
 
 try:  # optional speed-up; the standard library is the fallback
     import orjson as _orjson
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
-__all__ = ["RequestError", "InputSpec", "loads", "dumps"]
-
-
-class RequestError(DataError):
-    """A request the server refuses, with the HTTP status to answer.
-
-    Attributes
-    ----------
-    status : int
-        400 malformed or empty body, 413 too large, 415 unsupported content type,
-        422 well-formed but not what the model needs, 404/409/503 for jobs and readiness.
-    field : str or None
-        The field (column) concerned, when there is one.
-    """
-
-    def __init__(self, status: int, message: str, *, field: str | None = None, line: int | None = None) -> None:
-        super().__init__(message, column=field, line=line)
-        self.status = status
-        self.field = field
-
-    def __reduce__(self):
-        return (_rebuild, (self.status, str(self), self.field, self.line))
-
-    def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"error": str(self), "status": self.status}
-        if self.field is not None:
-            d["field"] = self.field
-        if self.line is not None:
-            d["line"] = self.line
-        return d
-
-
-def _rebuild(status: int, message: str, field: str | None, line: int | None) -> RequestError:
-    return RequestError(status, message, field=field, line=line)
+__all__ = ["RequestError", "InputSpec", "loads", "dumps"]  # RequestError: re-exported from errors
 
 
 def loads(body: bytes) -> Any:
@@ -70,13 +38,7 @@ def dumps(obj: Any) -> bytes:
     """JSON bytes; NaN and infinities become ``null``."""
     if _orjson is not None:
         return _orjson.dumps(obj, option=_orjson.OPT_SERIALIZE_NUMPY)
-    return json.dumps(obj, allow_nan=False, default=_json_default).encode()
-
-
-def _json_default(o: Any) -> Any:  # pragma: no cover - only without orjson
-    if isinstance(o, np.generic):
-        return o.item()
-    raise TypeError(f"cannot encode {type(o).__name__}")
+    return json.dumps(obj, allow_nan=False, default=json_default).encode()
 
 
 class _Absent:
@@ -141,6 +103,14 @@ class InputSpec:
             )
         self.by_name = {c.name: c for c in self.columns}
         self.required = [c.name for c in self.columns if c.required]
+
+    def json_schema(self) -> dict[str, Any]:
+        """The JSON schema of one record: every schema column, nullable, and the required ones."""
+        props: dict[str, Any] = {}
+        for c in self.columns:
+            t = "boolean" if c.boolean else ("number" if c.numeric else "string")
+            props[c.name] = {"type": [t, "null"], "description": f"dtype {c.dtype}"}
+        return {"type": "object", "properties": props, "required": list(self.required)}
 
     # -- JSON ---------------------------------------------------------------------
     def parse_json(self, body: bytes, id_column: str | None = None) -> tuple[dict[str, list[Any]], int, list[Any] | None]:

@@ -16,7 +16,9 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from daskml_scale.serving.inputs import RequestError
+from daskml_scale._utils.jsonable import jsonable
+from daskml_scale.io.writers import FORMATS as _FORMATS
+from daskml_scale.serving.errors import NotFoundError, RequestError, ServiceUnavailableError
 from daskml_scale.serving.metrics import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -26,28 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["JobManager"]
 
-_FORMATS = ("csv", "parquet")
 _KEYS = {"input", "output", "format", "keep", "overwrite", "on_bad_rows"}
-
-
-def _jsonable(obj: Any) -> Any:
-    """A report as plain JSON values (dataclasses, paths, numbers, exceptions)."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if obj is None or isinstance(obj, (str, bool, int, float)):
-        return obj
-    if isinstance(obj, BaseException):
-        return f"{type(obj).__name__}: {obj}"
-    if hasattr(obj, "item"):  # numpy scalars
-        try:
-            return obj.item()
-        except (TypeError, ValueError):
-            pass
-    return str(obj)
 
 
 class JobManager:
@@ -143,8 +124,8 @@ class JobManager:
     def submit(self, bundle: "Bundle", spec: dict[str, Any]) -> dict[str, Any]:
         """Start a job in the background; returns its description (state ``queued``)."""
         if not self.configured:
-            raise RequestError(
-                503, "This server has no Dask cluster for batch jobs: start it with scheduler=ADDRESS "
+            raise ServiceUnavailableError(
+                "This server has no Dask cluster for batch jobs: start it with scheduler=ADDRESS "
                 "(daskml-scale serve BUNDLE --scheduler ADDRESS) or create_app(..., client=client)",
             )
         job_id = uuid.uuid4().hex
@@ -166,8 +147,8 @@ class JobManager:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
-                raise RequestError(404, f"No job with id {job_id!r} (jobs are kept in memory, newest {self.max_jobs})")
-            return _jsonable(dict(job))
+                raise NotFoundError(f"No job with id {job_id!r} (jobs are kept in memory, newest {self.max_jobs})")
+            return jsonable(dict(job))  # a copy: the job thread goes on writing to the job
 
     def list(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -193,7 +174,7 @@ class JobManager:
             job["traceback"] = traceback.format_exc(limit=5)
             job["state"] = "failed"
         else:
-            job["report"] = _jsonable(report)
+            job["report"] = jsonable(dataclasses.asdict(report))
             failed = getattr(report, "failed", None)
             job["state"] = "failed" if failed else "done"
         job["finished"] = time.time()

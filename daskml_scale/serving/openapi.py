@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Mapping, Sequence
 
-if TYPE_CHECKING:  # pragma: no cover
-    from daskml_scale.serving.app import ServingState
+from daskml_scale.io.writers import FORMATS
 
 __all__ = ["openapi_document"]
 
 
-def openapi_document(state: "ServingState") -> dict[str, Any]:
-    """An OpenAPI 3.1 description, with the request schema taken from the bundle."""
-    props: dict[str, Any] = {}
-    required: list[str] = []
-    outputs: dict[str, Any] = {}
-    if state.spec is not None:
-        for c in state.spec.columns:
-            t = "boolean" if c.boolean else ("number" if c.numeric else "string")
-            props[c.name] = {"type": [t, "null"], "description": f"dtype {c.dtype}"}
-        required = list(state.spec.required)
-    if state.bundle is not None:
-        for name in state.bundle.output_names:
-            outputs[name] = {"type": "string"} if name == "label" else {"type": "number"}
+def openapi_document(
+    *, record_schema: Mapping[str, Any] | None, output_names: Sequence[str], version: str
+) -> dict[str, Any]:
+    """An OpenAPI 3.1 description of the server's endpoints.
+
+    Parameters
+    ----------
+    record_schema : mapping or None
+        The JSON schema of one input record (``InputSpec.json_schema()``); ``None``
+        before the bundle is loaded (an object with no properties).
+    output_names : sequence of str
+        The prediction's columns (``Bundle.output_names``); ``label`` is a string,
+        the others numbers.
+    version : str
+        The version of daskml_scale, for ``info.version``.
+
+    Returns
+    -------
+    dict
+        The document, ready for JSON.
+    """
+    record = dict(record_schema) if record_schema is not None else {"type": "object", "properties": {}, "required": []}
+    outputs = {name: {"type": "string"} if name == "label" else {"type": "number"} for name in output_names}
     error = {"$ref": "#/components/schemas/Error"}
 
     def problem(desc: str) -> dict[str, Any]:
@@ -30,7 +39,7 @@ def openapi_document(state: "ServingState") -> dict[str, Any]:
 
     return {
         "openapi": "3.1.0",
-        "info": {"title": "daskml_scale model server", "version": _version()},
+        "info": {"title": "daskml_scale model server", "version": version},
         "paths": {
             "/predict": {
                 "post": {
@@ -71,7 +80,7 @@ def openapi_document(state: "ServingState") -> dict[str, Any]:
                         "type": "object", "required": ["input", "output"], "properties": {
                             "input": {"type": "string", "description": "input URL path or glob"},
                             "output": {"type": "string", "description": "output directory URL"},
-                            "format": {"enum": ["csv", "parquet"]},
+                            "format": {"enum": list(FORMATS)},
                             "keep": {"type": "array", "items": {"type": "string"}},
                         }}}}},
                     "responses": {"202": {"description": "Accepted; poll GET /jobs/{id}"},
@@ -86,7 +95,7 @@ def openapi_document(state: "ServingState") -> dict[str, Any]:
             }},
         },
         "components": {"schemas": {
-            "Record": {"type": "object", "properties": props, "required": required},
+            "Record": record,
             "Prediction": {"type": "object", "properties": outputs},
             "Error": {"type": "object", "properties": {
                 "error": {"type": "string"}, "status": {"type": "integer"}, "field": {"type": "string"},
@@ -94,8 +103,3 @@ def openapi_document(state: "ServingState") -> dict[str, Any]:
         }},
     }
 
-
-def _version() -> str:
-    from daskml_scale import __version__
-
-    return __version__

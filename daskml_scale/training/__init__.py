@@ -7,24 +7,15 @@ from typing import Any, Sequence
 import pandas as pd
 
 from daskml_scale import config
-from daskml_scale.exceptions import DataError, MissingColumnError
+from daskml_scale._utils.client import default_client
+from daskml_scale.exceptions import ArgumentError, DataError, MissingColumnError
+from daskml_scale.training.allreduce import AllReduce
 from daskml_scale.training.averaging import ModelAveraging
 from daskml_scale.training.parameter_server import ParameterServer
+from daskml_scale.training.runner import EpochRunner
+from daskml_scale.training.strategy import Strategy
 
-__all__ = ["fit", "ModelAveraging", "ParameterServer"]
-
-
-def _client(client: Any) -> Any:
-    if client is not None:
-        return client
-    from distributed import get_client
-
-    try:
-        return get_client()
-    except ValueError as exc:
-        raise ValueError(
-            "fit() needs a Dask cluster: pass client=daskml_scale.connect(...) or create a Client first"
-        ) from exc
+__all__ = ["fit", "Strategy", "EpochRunner", "AllReduce", "ModelAveraging", "ParameterServer"]
 
 
 def fit(
@@ -105,25 +96,30 @@ def fit(
     from daskml_scale.training.driver import Fit
 
     if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", True):
-        raise ValueError(
+        raise ArgumentError(
             "Expected a compiled Keras model. Received: a model without an optimizer; "
             "call model.compile(optimizer=..., loss=...) before fit()"
         )
     if preprocessor is None:
-        raise ValueError("Expected a Preprocessor (preprocessor=Preprocessor(target=..., numeric=[...], ...))")
+        raise ArgumentError("Expected a Preprocessor (preprocessor=Preprocessor(target=..., numeric=[...], ...))")
     if preprocessor.target is None:
-        raise ValueError("Expected a Preprocessor with a target column to train on. Received: target=None")
+        raise ArgumentError("Expected a Preprocessor with a target column to train on. Received: target=None")
     if epochs < 1:
-        raise ValueError(f"Expected epochs >= 1. Received: epochs={epochs}")
+        raise ArgumentError(f"Expected epochs >= 1. Received: epochs={epochs}")
     strategy = strategy if strategy is not None else ModelAveraging()
+    if not isinstance(strategy, Strategy):
+        raise ArgumentError(
+            "Expected strategy to be a daskml_scale.Strategy (ModelAveraging(), ParameterServer(...), or a "
+            f"subclass of your own). Received: strategy={strategy!r}"
+        )
     batch_size = int(batch_size or config.get("training.batch-size", 256))
     seed = int(seed if seed is not None else config.get("training.seed", 0))
     validation_fraction = float(validation_fraction or 0.0)
     if not 0.0 <= validation_fraction < 1.0:
-        raise ValueError(f"Expected 0 <= validation_fraction < 1. Received: {validation_fraction}")
+        raise ArgumentError(f"Expected 0 <= validation_fraction < 1. Received: {validation_fraction}")
     if resume and not checkpoint:
-        raise ValueError("resume=True needs checkpoint=URL")
-    client = _client(client)
+        raise ArgumentError("resume=True needs checkpoint=URL")
+    client = default_client(client, purpose="fit()")
 
     if isinstance(data, pd.DataFrame):
         data = dd.from_pandas(data, npartitions=max(1, len(client.nthreads())))

@@ -7,8 +7,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from daskml_scale.training.driver import EpochRunner
+from daskml_scale.exceptions import ArgumentError
+from daskml_scale.training.strategy import Strategy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from daskml_scale.training.runner import EpochRunner
 
 __all__ = ["ModelAveraging", "weighted_average"]
 
@@ -30,8 +33,15 @@ def weighted_average(arrays: list[list[np.ndarray]], weights: list[float]) -> li
     return out
 
 
+class _AveragingState:
+    """Per fit: the outer step's velocity (``outer_momentum > 0``)."""
+
+    def __init__(self) -> None:
+        self.velocity: list[np.ndarray] | None = None
+
+
 @dataclass
-class ModelAveraging:
+class ModelAveraging(Strategy):
     """Every worker trains a copy of the model on the partitions it holds for
     ``sync_every`` local steps (``None``: one local epoch); the driver then averages
     the weights, weighted by the samples each worker saw, and starts the next round
@@ -70,17 +80,23 @@ class ModelAveraging:
 
     def __post_init__(self) -> None:
         if self.sync_every is not None and int(self.sync_every) < 1:
-            raise ValueError(f"Expected sync_every to be a positive integer or None. Received: {self.sync_every!r}")
+            raise ArgumentError(f"Expected sync_every to be a positive integer or None. Received: {self.sync_every!r}")
         if self.optimizer_state not in ("average", "reset"):
-            raise ValueError(
+            raise ArgumentError(
                 f"Expected optimizer_state to be 'average' or 'reset'. Received: {self.optimizer_state!r}"
             )
         if self.outer_lr != "workers" and not (isinstance(self.outer_lr, (int, float)) and self.outer_lr > 0):
-            raise ValueError(f"Expected outer_lr to be a positive number or 'workers'. Received: {self.outer_lr!r}")
+            raise ArgumentError(f"Expected outer_lr to be a positive number or 'workers'. Received: {self.outer_lr!r}")
         if not 0.0 <= self.outer_momentum < 1.0:
-            raise ValueError(f"Expected 0 <= outer_momentum < 1. Received: {self.outer_momentum!r}")
+            raise ArgumentError(f"Expected 0 <= outer_momentum < 1. Received: {self.outer_momentum!r}")
 
     name = "averaging"
+
+    def steps_per_round(self) -> int | None:
+        return self.sync_every
+
+    def create_state(self) -> _AveragingState:
+        return _AveragingState()
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -90,7 +106,7 @@ class ModelAveraging:
         }
 
     def run_epoch(self, runner: "EpochRunner") -> None:
-        velocity = runner.scratch.setdefault("velocity", None)
+        velocity = runner.state.velocity
         for round_slices in runner.rounds(self.sync_every):
             keep = self.optimizer_state == "average"
             state = {
@@ -116,7 +132,7 @@ class ModelAveraging:
                     velocity = delta if velocity is None else [
                         self.outer_momentum * v + d for v, d in zip(velocity, delta)
                     ]
-                    runner.scratch["velocity"] = velocity
+                    runner.state.velocity = velocity
                     delta = velocity
                 avg = [(w + d).astype(np.asarray(w).dtype) for w, d in zip(runner.weights, delta)]
             runner.weights = avg

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 # request: magic, stream, chunk, rows, version, task token, number of float32 values that follow
 _MAGIC = b"DKP2"
+_MAGIC_DELTA = b"DKD2"  # the same request carrying a change of the weights (local steps)
 _REQUEST = struct.Struct("<4sqqqqqq")
 # answer: status (0 ok, 1 error), version, applied, number of float32 values (or message bytes)
 _ANSWER = struct.Struct("<qqqq")
@@ -129,7 +130,7 @@ class ChannelServer:
                 if not _recv_into(conn, memoryview(head), first=True):
                     return
                 magic, stream, chunk, rows, version, token, n = _REQUEST.unpack(head)
-                if magic != _MAGIC or not 0 <= n <= self._max_values:
+                if magic not in (_MAGIC, _MAGIC_DELTA) or not 0 <= n <= self._max_values:
                     logger.warning("daskml_scale: closed a connection to the parameter server's channel "
                                    "that does not speak its protocol")
                     return
@@ -139,7 +140,10 @@ class ChannelServer:
                 if owner is None:
                     return
                 try:
-                    weights, version, applied = getattr(owner, self._method)(stream, chunk, grads, rows, version, token)
+                    extra = {"delta": True} if magic == _MAGIC_DELTA else {}
+                    weights, version, applied = getattr(owner, self._method)(
+                        stream, chunk, grads, rows, version, token, **extra
+                    )
                 except Exception as exc:  # reported to the pushing task, which raises it
                     message = f"{type(exc).__name__}: {exc}".encode()
                     conn.sendall(_ANSWER.pack(1, 0, 0, len(message)) + message)
@@ -185,11 +189,13 @@ class ChannelClient:
             return None
 
     def push(
-        self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int, token: int = 0
+        self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int, token: int = 0,
+        delta: bool = False,
     ) -> tuple[np.ndarray, int, bool]:
         conn = self._conn
         try:
-            header = _REQUEST.pack(_MAGIC, int(stream), int(chunk), int(rows), int(version), int(token), np.size(gradients))
+            magic = _MAGIC_DELTA if delta else _MAGIC
+            header = _REQUEST.pack(magic, int(stream), int(chunk), int(rows), int(version), int(token), np.size(gradients))
             _send(conn, header, gradients)
             _recv_into(conn, memoryview(self._head))  # a close before the answer is an error
             status, version, applied, n = _ANSWER.unpack(self._head)

@@ -15,7 +15,7 @@ import fsspec
 import numpy as np
 
 from daskml_scale.exceptions import TrainingError
-from daskml_scale.writers import write_bytes_atomic
+from daskml_scale.io.writers import write_bytes_atomic
 
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "checkpoint_file"]
 

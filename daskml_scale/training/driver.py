@@ -1,46 +1,40 @@
-"""The driver side of ``fit``: planning, rounds, validation, callbacks, checkpoints.
+"""The driver side of ``fit``: planning, the epoch loop, validation, callbacks, checkpoints.
 
 The driver holds the master state (weights, optimizer slots, history). Workers get
 pure tasks of (state, partition slices); when a worker dies Dask reruns its task on
-another worker, and partitions it held are recomputed from their source.
+another worker, and partitions it held are recomputed from their source. Strategies
+drive each epoch through :class:`~daskml_scale.training.runner.EpochRunner`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import uuid
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import dask
 import numpy as np
 
-from daskml_scale import config
+from daskml_scale import backend, config
 from daskml_scale.exceptions import DataError, TrainingError, WorkersLostError
-from daskml_scale.training import backend
 from daskml_scale.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from daskml_scale.training.worker import Lazy, PartSlice, StreamRange, evaluate_parts, partition_sizes, prepare_partition, train_round
+from daskml_scale.training.runner import EpochRunner, sum_states
+from daskml_scale.training.strategy import Strategy
+from daskml_scale.training.worker import Lazy, evaluate_parts, partition_sizes, prepare_partition, sample_rows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Fit", "EpochRunner"]
-
-
-def _sum_states(states: Sequence[list[list[np.ndarray]]]) -> list[list[np.ndarray]]:
-    total = [[np.array(v, dtype=np.float64) for v in m] for m in states[0]]
-    for s in states[1:]:
-        for tm, sm in zip(total, s):
-            for i, v in enumerate(sm):
-                tm[i] = tm[i] + np.asarray(v, dtype=np.float64)
-    return total
+__all__ = ["Fit", "EpochRunner", "wait_done"]
 
 
 class Fit:
     """One call of :func:`daskml_scale.fit`, from planning to the last epoch."""
 
     def __init__(
-        self, *, client: Any, model: Any, data: Any, preprocessor: Any, strategy: Any, epochs: int,
+        self, *, client: Any, model: Any, data: Any, preprocessor: Any, strategy: Strategy, epochs: int,
         batch_size: int, validation_data: Any, validation_fraction: float, callbacks: list[Any],
         checkpoint: str | None, resume: bool, seed: int, verbose: Any, cache: Any,
         storage_options: dict[str, Any] | None, shuffle: bool,
@@ -63,8 +57,157 @@ class Fit:
         self.storage_options = storage_options
         self.shuffle = shuffle
         self.fit_id = f"fit-{uuid.uuid4().hex[:8]}"
-        self.scratch: dict[str, Any] = {}
+        self.strategy_state: Any = strategy.create_state()
+        # the cluster
+        self.workers: list[str] = []
+        self.homes: list[str] = []
         self.lost_workers: set[str] = set()
+        self._live: list[str] = []
+        self._known: set[str] = set()
+        # the plan (set by _plan)
+        self.sources: list[Any] = []
+        self.cached = False
+        self.train_sizes: list[int] = []
+        self.val_sizes: list[int] = []
+        self.streams: list[list[int]] = []
+        self.val_sources: list[Any] | None = None
+        self.val_streams: list[list[int]] = []
+        # the model and the master state (set by _ship_model)
+        self.model_bytes: Any = None
+        self.weights: list[np.ndarray] = []
+        self.optimizer_state: list[np.ndarray] = []
+        self.initial_optimizer_state: list[np.ndarray] = []
+        self.trainable_mask: list[bool] = []
+        self.callbacks: Any = None
+        # where the time before the first step goes (history.daskml_summary["timings"])
+        self.timings: dict[str, float] = {}
+        self._worker_timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ running
+    def run(self) -> Any:
+        """Train; whatever happens, release what the fit put in the cluster."""
+        try:
+            return self._run()
+        finally:
+            self._release()
+
+    def _run(self) -> Any:
+        t0 = time.perf_counter()
+        self._plan()
+        self.timings["plan_s"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self._ship_model()
+        self.timings["model_s"] = time.perf_counter() - t1
+        start_epoch, restored = self._restore()
+        history = self._start_callbacks(start_epoch, restored)
+        self.timings["before_first_epoch_s"] = time.perf_counter() - t0
+        logs = self._train_epochs(start_epoch, history, t0)
+        if self.optimizer_state:  # the driver's model leaves with the trained optimizer too
+            backend.set_optimizer_state(self.model, self.optimizer_state)
+        self.callbacks.on_train_end(logs)
+        history.daskml_summary = self.summary(history)
+        return history
+
+    def _plan(self) -> None:
+        """Workers, prepared partitions (training and validation), their sizes, the streams."""
+        workers = self.live_workers()
+        if not workers:
+            raise WorkersLostError("The cluster has no workers: start some, or call daskml_scale.connect()")
+        self.workers = workers
+        self.homes = list(workers)
+        self.sources, self.cached = self._sources(self.data, self.validation_fraction, "train", workers)
+        sizes = self._sizes(self.sources, self.cached, workers)
+        self.train_sizes = [s[0] for s in sizes]
+        self.val_sizes = [s[1] for s in sizes]
+        if sum(self.train_sizes) == 0:
+            raise DataError("Expected training rows. Received: 0 rows after reading and preprocessing the data")
+        self.streams = self._assign(self.train_sizes, len(workers))
+        if self.validation_data is not None:
+            self.val_sources, _ = self._sources(self.validation_data, 0.0, "val", workers)
+            self.val_streams = [list(range(i, len(self.val_sources), len(workers))) for i in range(len(workers))]
+        elif self.validation_fraction > 0:
+            self.val_streams = self.streams
+
+    def _ship_model(self) -> None:
+        """Build the driver's model on sample rows, put its bytes in the cluster once, and
+        take the master state from it."""
+        biggest = self.sources[int(np.argmax(self.train_sizes))]
+        X, y = self.gather([self.client.submit(sample_rows, biggest, pure=False)])[0]
+        backend.ensure_built(self.model, X, y)
+        self.model_bytes = self.put(backend.model_to_bytes(self.model), "model")
+        self.weights = backend.get_weights(self.model)
+        trainable = {id(v) for v in self.model.trainable_weights}
+        self.trainable_mask = [id(v) in trainable for v in self.model.weights]
+        self.optimizer_state = backend.get_optimizer_state(self.model)
+        self.initial_optimizer_state = self.optimizer_state
+
+    def _restore(self) -> tuple[int, Checkpoint | None]:
+        if not (self.checkpoint and self.resume):
+            return 0, None
+        restored = load_checkpoint(self.checkpoint, self.storage_options)
+        if restored is None:
+            return 0, None
+        self._check_restorable(restored)
+        self.weights = restored.weights
+        if restored.optimizer is not None:
+            self.optimizer_state = restored.optimizer
+        return restored.epoch + 1, restored
+
+    def _start_callbacks(self, start_epoch: int, restored: Checkpoint | None) -> Any:
+        import keras
+
+        progbar = self._progbar()
+        self.callbacks = keras.callbacks.CallbackList(
+            self.user_callbacks, add_history=True, add_progbar=progbar, model=self.model,
+            verbose=1 if progbar else 0, epochs=self.epochs, steps=self.rounds_per_epoch(),
+        )
+        self.model.stop_training = False
+        self.callbacks.on_train_begin()
+        history = self.model.history
+        if restored is not None:
+            history.history = {k: list(v) for k, v in restored.history.items()}
+            history.epoch = list(range(start_epoch))
+        return history
+
+    def _train_epochs(self, start_epoch: int, history: Any, t0: float) -> dict[str, float]:
+        logs: dict[str, float] = {}
+        for epoch in range(start_epoch, self.epochs):
+            self.callbacks.on_epoch_begin(epoch)
+            runner = EpochRunner(self, epoch)
+            self.strategy.run_epoch(runner)
+            if epoch == start_epoch:
+                self.timings["first_epoch_end_s"] = time.perf_counter() - t0
+            logs = runner.train_logs()
+            logs.update(self.strategy.epoch_logs(runner))
+            backend.set_weights(self.model, self.weights)
+            self.live_workers()  # notes workers lost during the epoch
+            if self.val_sources is not None or self.validation_fraction > 0:
+                logs.update(self.validate(epoch))
+            self.callbacks.on_epoch_end(epoch, logs)
+            if self.checkpoint:
+                save_checkpoint(
+                    self.checkpoint,
+                    Checkpoint(epoch, self.weights, self.optimizer_state, dict(history.history),
+                               info={"fit": self.describe()}),
+                    self.storage_options,
+                )
+            if self.model.stop_training:
+                break
+        return logs
+
+    def _release(self) -> None:
+        try:
+            self.strategy.release(self.strategy_state)
+        except Exception:  # pragma: no cover - releasing must not hide the fit's own error
+            logger.exception("daskml_scale.fit: the strategy could not release its state")
+        futures = [s for s in self.sources if not isinstance(s, Lazy)]
+        futures += [s for s in (self.val_sources or []) if not isinstance(s, Lazy)]
+        for f in futures + [self.model_bytes]:
+            try:
+                if f is not None and hasattr(f, "release"):
+                    f.release()
+            except Exception:
+                pass
 
     # ------------------------------------------------------------------ planning
     def _sources(self, ddf: Any, val_fraction: float, tag: str, workers: list[str]) -> tuple[list[Any], bool]:
@@ -110,7 +253,7 @@ class Fit:
                 self.client.submit(partition_sizes, s, pure=False, workers=[workers[i % len(workers)]], allow_other_workers=True)
                 for i, s in enumerate(sources)
             ]
-        return [tuple(x) for x in self._gather(futs)]
+        return [tuple(x) for x in self.gather(futs)]
 
     @staticmethod
     def _assign(sizes: list[int], n: int) -> list[list[int]]:
@@ -118,13 +261,11 @@ class Fit:
         ``p % n``, where ``_sources`` placed it, then moves to balance the rows. A function
         of the sizes alone, so that a fit is reproducible on the same number of workers."""
         streams: list[list[int]] = [list(range(w, len(sizes), n)) for w in range(n)]
-        # balance: move partitions from the heaviest to the lightest stream while it helps
         load = [sum(sizes[p] for p in s) for s in streams]
         for _ in range(len(sizes)):
             hi, lo = int(np.argmax(load)), int(np.argmin(load))
-            movable = sorted(streams[hi], key=lambda p: sizes[p])
             moved = False
-            for p in movable:
+            for p in sorted(streams[hi], key=lambda p: sizes[p]):
                 if 0 < sizes[p] and load[hi] - load[lo] >= 2 * sizes[p]:  # the move narrows the gap
                     streams[hi].remove(p)
                     streams[lo].append(p)
@@ -136,36 +277,45 @@ class Fit:
                 break
         return [sorted(s) for s in streams]
 
+    def rounds_per_epoch(self) -> int:
+        sync = self.strategy.steps_per_round()
+        if sync is None:
+            return 1
+        rows = max(sum(self.train_sizes[p] for p in s) for s in self.streams)
+        return max(1, math.ceil(rows / (sync * self.batch_size)))
+
+    # ------------------------------------------------------------------ the cluster
     def live_workers(self) -> list[str]:
         """Ask the scheduler (an RPC): called at start and while waiting, not per task."""
         self._live = sorted(self.client.nthreads())
-        known = getattr(self, "_known", set())
-        lost = known - set(self._live)
+        lost = self._known - set(self._live)
         if lost - self.lost_workers:
             logger.warning("daskml_scale.fit: lost worker(s) %s; their tasks are rerun elsewhere", sorted(lost - self.lost_workers))
         self.lost_workers |= lost
-        self._known = known | set(self._live)
+        self._known |= set(self._live)
         return self._live
 
     def worker_for(self, stream: int) -> str | None:
-        live = getattr(self, "_live", None) or self.live_workers()
+        live = self._live or self.live_workers()
         if not live:
             return None
-        home = self.homes[stream]
+        home = self.homes[stream % len(self.homes)]
         if home in live:
             return home
         return live[stream % len(live)]
 
-    # ------------------------------------------------------------------ waiting
-    def _gather(self, futures: list[Any]) -> list[Any]:
+    def checkpoint_hint(self) -> str:
+        """The end of an error message about a stopped fit."""
+        if self.checkpoint:
+            return f". The last checkpoint is at {self.checkpoint}; rerun with resume=True."
+        return "."
+
+    def gather(self, futures: list[Any]) -> list[Any]:
         """Gather, failing fast with names when every worker is gone (never hang)."""
         timeout = float(config.get("training.no-worker-timeout", 60))
         gone_since: float | None = None
-        while True:
-            if wait_done(futures, 0.5):
-                break
-            live = set(self.live_workers())
-            if live:
+        while not wait_done(futures, 0.5):
+            if self.live_workers():
                 gone_since = None
                 continue
             gone_since = gone_since or time.monotonic()
@@ -174,8 +324,7 @@ class Fit:
                     f.cancel()
                 raise WorkersLostError(
                     f"Every worker is gone ({sorted(self.lost_workers)} lost) and none came "
-                    f"back within {timeout:.0f}s; training stopped"
-                    + (f". The last checkpoint is at {self.checkpoint}; rerun with resume=True." if self.checkpoint else "."),
+                    f"back within {timeout:.0f}s; training stopped" + self.checkpoint_hint(),
                     workers=sorted(self.lost_workers),
                 )
         try:
@@ -185,124 +334,64 @@ class Fit:
 
             if isinstance(exc, KilledWorker):
                 raise WorkersLostError(
-                    f"A training task killed the workers that ran it ({exc}); training stopped"
-                    + (f". The last checkpoint is at {self.checkpoint}." if self.checkpoint else "."),
+                    f"A training task killed the workers that ran it ({exc}); training stopped" + self.checkpoint_hint(),
                     workers=sorted(self.lost_workers),
                 ) from exc
             raise
 
-    # ------------------------------------------------------------------ running
-    def run(self) -> Any:
-        """Train; whatever happens, release what the fit put in the cluster."""
-        try:
-            return self._run()
-        finally:
-            self._release()
+    def ship_state(self, state: dict[str, Any]) -> Any:
+        """Large states travel once to the cluster (a task), small ones inside the task."""
+        nbytes = sum(np.asarray(a).nbytes for v in state.values() if v is not None for a in v)
+        if nbytes > (1 << 20):
+            return self.put(state, "state")
+        return state
 
-    def _run(self) -> Any:
-        import keras
+    def _ship(self, value: Any) -> Any:
+        nbytes = sum(np.asarray(a).nbytes for a in value) if isinstance(value, list) else 0
+        if nbytes > (1 << 20):
+            return self.put(value, "weights")
+        return value
 
-        client = self.client
-        workers = self.live_workers()
-        if not workers:
-            raise WorkersLostError("The cluster has no workers: start some, or call daskml_scale.connect()")
-        self.workers = workers
-        # sources: training (with a held-out split) and validation
-        self.sources, self.cached = self._sources(self.data, self.validation_fraction, "train", workers)
-        sizes = self._sizes(self.sources, self.cached, workers)
-        self.train_sizes = [s[0] for s in sizes]
-        self.val_sizes = [s[1] for s in sizes]
-        if sum(self.train_sizes) == 0:
-            raise DataError("Expected training rows. Received: 0 rows after reading and preprocessing the data")
-        self.streams = self._assign(self.train_sizes, len(workers))
-        self.homes = list(workers)
-        self.val_sources = None
-        if self.validation_data is not None:
-            self.val_sources, _ = self._sources(self.validation_data, 0.0, "val", workers)
-            self.val_streams = [list(range(i, len(self.val_sources), len(workers))) for i in range(len(workers))]
-        elif self.validation_fraction > 0:
-            self.val_streams = self.streams
+    def put(self, value: Any, name: str) -> Any:
+        """Put a value in the cluster once, as a task (not a scatter) so that the
+        scheduler can recompute it if every worker that held it dies."""
+        return self.client.submit(_identity, value, pure=False, key=f"daskml-{name}-{self.fit_id}-{uuid.uuid4().hex[:6]}")
 
-        # the model: bytes to the workers once, master state on the driver
-        sample = self._gather([client.submit(_sample_rows, self.sources[int(np.argmax(self.train_sizes))], pure=False)])[0]
-        backend.ensure_built(self.model, sample[0], sample[1])
-        self.model_bytes = self._put(backend.model_to_bytes(self.model), "model")
-        self.weights = backend.get_weights(self.model)
-        trainable = {id(v) for v in self.model.trainable_weights}
-        self.trainable_mask = [id(v) in trainable for v in self.model.weights]
-        self.optimizer_state = backend.get_optimizer_state(self.model)
-        self.initial_optimizer_state = self.optimizer_state
+    def note_worker_timings(self, results: list[dict[str, Any]]) -> None:
+        """Keep the largest of each worker-side timing (model build, first trace) of the fit."""
+        for r in results:
+            for k, v in (r.get("timings") or {}).items():
+                self._worker_timings[k] = max(self._worker_timings.get(k, 0.0), float(v))
 
-        start_epoch = 0
-        restored: Checkpoint | None = None
-        if self.checkpoint and self.resume:
-            restored = load_checkpoint(self.checkpoint, self.storage_options)
-            if restored is not None:
-                self._check_restorable(restored)
-                self.weights = restored.weights
-                if restored.optimizer is not None:
-                    self.optimizer_state = restored.optimizer
-                start_epoch = restored.epoch + 1
-        rounds_per_epoch = self.rounds_per_epoch()
-        cb = keras.callbacks.CallbackList(
-            self.user_callbacks, add_history=True, add_progbar=self._progbar(), model=self.model,
-            verbose=1 if self._progbar() else 0, epochs=self.epochs, steps=rounds_per_epoch,
-        )
-        self.callbacks = cb
-        self.model.stop_training = False
-        cb.on_train_begin()
-        history = self.model.history
-        if restored is not None:
-            history.history = {k: list(v) for k, v in restored.history.items()}
-            history.epoch = list(range(start_epoch))
-        logs: dict[str, float] = {}
-        for epoch in range(start_epoch, self.epochs):
-            cb.on_epoch_begin(epoch)
-            runner = EpochRunner(self, epoch)
-            self.strategy.run_epoch(runner)
-            logs = runner.train_logs()
-            logs.update(self.strategy_logs(runner))
-            backend.set_weights(self.model, self.weights)
-            self.live_workers()  # notes workers lost during the epoch
-            if self.val_sources is not None or self.validation_fraction > 0:
-                logs.update(self.validate())
-            cb.on_epoch_end(epoch, logs)
-            if self.checkpoint:
-                save_checkpoint(
-                    self.checkpoint,
-                    Checkpoint(epoch, self.weights, self.optimizer_state, dict(history.history),
-                               info={"fit": self.describe()}),
-                    self.storage_options,
+    # ------------------------------------------------------------------ validation
+    def validate(self, epoch: int) -> dict[str, float]:
+        if self.val_sources is not None:
+            sources, streams, rows = self.val_sources, self.val_streams, "all"
+        else:
+            sources, streams, rows = self.sources, self.streams, "held-out"
+        weights = self._ship(self.weights)
+        futs = []
+        for s, parts in enumerate(streams):
+            if not parts:
+                continue
+            addr = self.worker_for(s)
+            futs.append(
+                self.client.submit(
+                    evaluate_parts, self.fit_id, self.model_bytes, weights, parts, {p: sources[p] for p in parts},
+                    batch_size=max(self.batch_size, 1024), rows=rows, pure=False,
+                    workers=[addr] if addr else None, allow_other_workers=True,
+                    key=(f"daskml-validate-{self.fit_id}", epoch, uuid.uuid4().hex[:8], s),
                 )
-            if self.model.stop_training:
-                break
-        if self.optimizer_state:  # the driver's model leaves with the trained optimizer too
-            backend.set_optimizer_state(self.model, self.optimizer_state)
-        cb.on_train_end(logs)
-        history.daskml_summary = self.summary(history)
-        return history
+            )
+        results = [r for r in self.gather(futs) if r.get("samples", 0) > 0]
+        if not results:
+            return {}
+        logs = backend.metric_results(self.model, sum_states([r["metrics"] for r in results]))
+        return {f"val_{k}": v for k, v in logs.items()}
 
-    def _release(self) -> None:
-        release = getattr(getattr(self, "strategy", None), "release", None)
-        if release is not None:
-            release(self.scratch)
-        futures = [s for s in getattr(self, "sources", []) if not isinstance(s, Lazy)]
-        if getattr(self, "val_sources", None):
-            futures += [s for s in self.val_sources if not isinstance(s, Lazy)]
-        # and what a strategy kept for the fit (e.g. the parameter server's actor future)
-        futures += [v for v in self.scratch.values() if hasattr(v, "release") and hasattr(v, "key")]
-        for f in futures + [getattr(self, "model_bytes", None)]:
-            try:
-                if f is not None:
-                    f.release()
-            except Exception:
-                pass
-        self.scratch.clear()
-
+    # ------------------------------------------------------------------ reporting
     def _progbar(self) -> bool:
         if self.verbose == "auto":
-            import sys
-
             return sys.stdout.isatty() or "ipykernel" in sys.modules
         return bool(self.verbose)
 
@@ -320,17 +409,6 @@ class Fit:
                 f"({len(ckpt.optimizer)} variables, this model's has {len(self.optimizer_state)})."
             )
 
-    def rounds_per_epoch(self) -> int:
-        sync = getattr(self.strategy, "steps_per_round", lambda: getattr(self.strategy, "sync_every", None))()
-        if sync is None:
-            return 1
-        rows = max(sum(self.train_sizes[p] for p in s) for s in self.streams)
-        return max(1, math.ceil(rows / (sync * self.batch_size)))
-
-    def strategy_logs(self, runner: "EpochRunner") -> dict[str, float]:
-        hook = getattr(self.strategy, "epoch_logs", None)
-        return hook(runner) if hook else {}
-
     def describe(self) -> dict[str, Any]:
         return {
             **self.strategy.describe(), "epochs": self.epochs, "batch_size": self.batch_size,
@@ -342,51 +420,9 @@ class Fit:
     def summary(self, history: Any) -> dict[str, Any]:
         last = {k: v[-1] for k, v in history.history.items() if v}
         return {**self.describe(), "epochs_run": len(history.history.get("loss", [])), "final": last,
-                "lost_workers": sorted(self.lost_workers)}
-
-    # ------------------------------------------------------------------ validation
-    def validate(self) -> dict[str, float]:
-        if self.val_sources is not None:
-            sources, streams, which = self.val_sources, self.val_streams, "train"
-        else:
-            sources, streams, which = self.sources, self.streams, "val"
-        weights = self._ship(self.weights)
-        futs = []
-        for s, parts in enumerate(streams):
-            if not parts:
-                continue
-            addr = self.worker_for(s % len(self.homes))
-            futs.append(
-                self.client.submit(
-                    evaluate_parts, self.fit_id, self.model_bytes, weights, parts, {p: sources[p] for p in parts},
-                    batch_size=max(self.batch_size, 1024), which=which, pure=False,
-                    workers=[addr] if addr else None, allow_other_workers=True,
-                    key=(f"daskml-validate-{self.fit_id}", uuid.uuid4().hex[:8], s),
-                )
-            )
-        results = [r for r in self._gather(futs) if r.get("samples", 0) > 0]
-        if not results:
-            return {}
-        logs = backend.metric_results(self.model, _sum_states([r["metrics"] for r in results]))
-        return {f"val_{k}": v for k, v in logs.items()}
-
-    def _ship_state(self, state: dict[str, Any]) -> Any:
-        """Large states travel once to the cluster (scatter), small ones inside the task."""
-        nbytes = sum(np.asarray(a).nbytes for v in state.values() if v is not None for a in v)
-        if nbytes > (1 << 20):
-            return self._put(state, "state")
-        return state
-
-    def _ship(self, value: Any) -> Any:
-        nbytes = sum(np.asarray(a).nbytes for a in value) if isinstance(value, list) else 0
-        if nbytes > (1 << 20):
-            return self._put(value, "weights")
-        return value
-
-    def _put(self, value: Any, name: str) -> Any:
-        """Put a value in the cluster once, as a task (not a scatter) so that the
-        scheduler can recompute it if every worker that held it dies."""
-        return self.client.submit(_identity, value, pure=False, key=f"daskml-{name}-{self.fit_id}-{uuid.uuid4().hex[:6]}")
+                "lost_workers": sorted(self.lost_workers),
+                "timings": {**{k: round(v, 4) for k, v in self.timings.items()},
+                            **{f"worker_{k}": round(v, 4) for k, v in self._worker_timings.items()}}}
 
 
 def wait_done(futures: list[Any], timeout: float) -> bool:
@@ -408,135 +444,3 @@ def wait_done(futures: list[Any], timeout: float) -> bool:
 
 def _identity(value: Any) -> Any:
     return value
-
-
-def _sample_rows(arrays: Any) -> tuple[np.ndarray, np.ndarray]:
-    from daskml_scale.training.worker import _materialize
-
-    a = _materialize(arrays)
-    return a["X"][:2], a["y"][:2]
-
-
-class EpochRunner:
-    """What a strategy sees of one epoch: the rounds to run and the shared state."""
-
-    def __init__(self, fit: Fit, epoch: int) -> None:
-        self.fit = fit
-        self.epoch = epoch
-        self._metric_sum: list[list[np.ndarray]] | None = None
-        self._samples = 0
-        self._round = 0
-        self.scratch = fit.scratch
-
-    @property
-    def weights(self) -> list[np.ndarray]:
-        return self.fit.weights
-
-    @weights.setter
-    def weights(self, value: list[np.ndarray]) -> None:
-        self.fit.weights = value
-
-    @property
-    def optimizer_state(self) -> list[np.ndarray]:
-        return self.fit.optimizer_state
-
-    @optimizer_state.setter
-    def optimizer_state(self, value: list[np.ndarray]) -> None:
-        self.fit.optimizer_state = value
-
-    @property
-    def trainable_mask(self) -> list[bool]:
-        return self.fit.trainable_mask
-
-    def stream_order(self, stream: int) -> list[int]:
-        parts = list(self.fit.streams[stream])
-        if self.fit.shuffle:
-            rng = np.random.default_rng([self.fit.seed, self.epoch, 104729, stream])
-            parts = [parts[i] for i in rng.permutation(len(parts))]
-        return parts
-
-    def rounds(self, steps_per_round: int | None) -> Iterator[list[list[PartSlice | StreamRange]]]:
-        """Per round, per stream, the rows to train on (an empty list: the stream is done).
-
-        Cached data is shuffled across all of a worker's partitions (:class:`StreamRange`);
-        streamed data partition by partition, in a shuffled partition order (a worker
-        then holds one partition at a time).
-        """
-        fit = self.fit
-        room = None if steps_per_round is None else steps_per_round * fit.batch_size
-        per_stream: list[list[list[PartSlice | StreamRange]]] = []
-        for s in range(len(fit.streams)):
-            if fit.cached and fit.shuffle:
-                parts = tuple(fit.streams[s])
-                total = sum(fit.train_sizes[p] for p in parts)
-                step = total if room is None else room
-                per_stream.append(
-                    [[StreamRange(parts, a, min(a + step, total), s)] for a in range(0, total, step)] if total else []
-                )
-                continue
-            chunks: list[list[PartSlice | StreamRange]] = []
-            current: list[PartSlice | StreamRange] = []
-            filled = 0
-            for p in self.stream_order(s):
-                n = fit.train_sizes[p]
-                start = 0
-                while start < n:
-                    take = n - start if room is None else min(n - start, room - filled)
-                    current.append(PartSlice(p, start, start + take))
-                    start += take
-                    filled += take
-                    if room is not None and filled >= room:
-                        chunks.append(current)
-                        current, filled = [], 0
-            if current:
-                chunks.append(current)
-            per_stream.append(chunks)
-        n_rounds = max((len(c) for c in per_stream), default=0)
-        for r in range(n_rounds):
-            yield [c[r] if r < len(c) else [] for c in per_stream]
-
-    @property
-    def initial_optimizer_state(self) -> list[np.ndarray]:
-        return self.fit.initial_optimizer_state
-
-    def run_round(self, state: dict[str, Any], round_slices: list[list[PartSlice]]) -> list[dict[str, Any]]:
-        fit = self.fit
-        state = fit._ship_state(state)
-        futs = []
-        for s, slices in enumerate(round_slices):
-            if not slices:
-                continue
-            addr = fit.worker_for(s)
-            parts = sorted({p for sl in slices for p in sl.parts})
-            futs.append(
-                fit.client.submit(
-                    train_round, fit.fit_id, fit.model_bytes, state, slices, {p: fit.sources[p] for p in parts},
-                    batch_size=fit.batch_size, seed=fit.seed, epoch=self.epoch, shuffle=fit.shuffle,
-                    pure=False, workers=[addr] if addr else None,
-                    # tuple keys: the dashboard groups every round of the fit as "daskml-train"
-                    allow_other_workers=True, key=(f"daskml-train-{fit.fit_id}", self.epoch, self._round, s),
-                )
-            )
-        self.fit.callbacks.on_train_batch_begin(self._round)
-        return fit._gather(futs)
-
-    def add_train_metrics(self, states: list[list[list[np.ndarray]]], samples: int) -> None:
-        summed = _sum_states(states)
-        self._metric_sum = summed if self._metric_sum is None else _sum_states([self._metric_sum, summed])
-        self._samples += samples
-
-    def round_end(self) -> bool:
-        """Report the round to the callbacks (as a Keras batch); True when they ask to stop."""
-        logs = {}
-        if self._metric_sum:
-            # the first metric is Keras's loss tracker, a Mean: (total, count)
-            total, count = (float(np.asarray(v)) for v in self._metric_sum[0][:2])
-            logs["loss"] = total / count if count else float("nan")
-        self.fit.callbacks.on_train_batch_end(self._round, logs)
-        self._round += 1
-        return bool(self.fit.model.stop_training)
-
-    def train_logs(self) -> dict[str, float]:
-        if self._metric_sum is None:
-            return {}
-        return backend.metric_results(self.fit.model, self._metric_sum)

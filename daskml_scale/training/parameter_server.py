@@ -28,6 +28,7 @@ resumes after the last chunk the actor received from that stream.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -37,14 +38,16 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
-from daskml_scale import config
-from daskml_scale.exceptions import TrainingError, WorkersLostError
-from daskml_scale.training import backend
+from daskml_scale import backend, config
+from daskml_scale._utils.client import is_actor_lost
+from daskml_scale.exceptions import ArgumentError, TrainingError, WorkersLostError
 from daskml_scale.training.channel import ChannelClient, ChannelServer, channel_host
 from daskml_scale.training.worker import PartSlice, gather_rows, model_for
 
-if TYPE_CHECKING:
-    from daskml_scale.training.driver import EpochRunner
+from daskml_scale.training.strategy import Strategy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from daskml_scale.training.runner import EpochRunner
 
 __all__ = ["ParameterServer", "ParamServerActor", "ps_epoch"]
 
@@ -52,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class ParameterServer:
+class ParameterServer(Strategy):
     """Train with a parameter server: a Dask actor on one worker holds the weights and
     the optimizer state and applies the workers' gradients with the model's optimizer.
 
@@ -65,6 +68,14 @@ class ParameterServer:
         Batches per push. A worker averages the gradients of ``push_every`` batches,
         all taken at the weights it last received, and pushes that mean: one round
         trip and one optimizer step per ``push_every`` batches (fewer, larger steps).
+    local_steps : bool or None
+        Async mode (Downpour): between pushes a worker applies its ``push_every`` steps
+        to its own copy with its own optimizer, then pushes the accumulated change of
+        the weights, which the server adds to its own. An epoch then makes as many
+        updates as it has batches, whatever ``push_every``. ``None`` (default): on in
+        async mode with ``push_every > 1`` (and float32 weights); ``False``: push the
+        mean gradient of the ``push_every`` batches, applied with the server's optimizer.
+        The workers' optimizer slots are averaged at the end of the epoch.
     max_staleness : int or None
         Async mode: a gradient computed on weights more than ``max_staleness``
         versions older than the server's is rejected (not applied, not down-weighted)
@@ -93,24 +104,30 @@ class ParameterServer:
     push_every: int = 1
     max_staleness: int | None = None
     timeout: float | None = None
+    local_steps: bool | None = None
 
     name = "parameter_server"
 
     def __post_init__(self) -> None:
         if self.mode not in ("sync", "async"):
-            raise ValueError(f"Expected mode to be 'sync' or 'async'. Received: mode={self.mode!r}")
+            raise ArgumentError(f"Expected mode to be 'sync' or 'async'. Received: mode={self.mode!r}")
         if not isinstance(self.push_every, (int, np.integer)) or self.push_every < 1:
-            raise ValueError(f"Expected push_every to be a positive integer. Received: push_every={self.push_every!r}")
+            raise ArgumentError(f"Expected push_every to be a positive integer. Received: push_every={self.push_every!r}")
         if self.max_staleness is not None and (
             not isinstance(self.max_staleness, (int, np.integer)) or self.max_staleness < 0
         ):
-            raise ValueError(
+            raise ArgumentError(
                 f"Expected max_staleness to be a non-negative integer or None. Received: max_staleness={self.max_staleness!r}"
             )
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "mode": self.mode, "push_every": int(self.push_every),
-                "max_staleness": self.max_staleness}
+                "max_staleness": self.max_staleness, "local_steps": self._local_steps()}
+
+    def _local_steps(self) -> bool:
+        if self.mode != "async":
+            return False
+        return bool(self.push_every > 1 if self.local_steps is None else self.local_steps)
 
     def steps_per_round(self) -> None:
         """The driver sees one round per epoch (the pushes happen between workers and the actor)."""
@@ -119,42 +136,43 @@ class ParameterServer:
     def _timeout(self) -> float:
         return float(self.timeout if self.timeout is not None else config.get("training.ps-timeout", 120))
 
+    def create_state(self) -> "_ServerState":
+        return _ServerState()
+
     # ------------------------------------------------------------------ the epoch
     def run_epoch(self, runner: "EpochRunner") -> None:
-        fit = runner.fit
-        chunks: list[list[list[PartSlice]]] = [[] for _ in fit.streams]
-        for round_slices in runner.rounds(int(self.push_every)):
-            for s, slices in enumerate(round_slices):
-                if slices:
-                    chunks[s].append(slices)
+        st: _ServerState = runner.state
+        chunks = runner.chunks(int(self.push_every))
         streams = [s for s, c in enumerate(chunks) if c]
         restarts = int(config.get("training.ps-restarts", 3))
+        causes: list[BaseException] = []
         for attempt in range(restarts + 1):
-            server, host = self._server(runner, exclude=runner.scratch.get("ps_lost", set()))
+            server, host = self._server(runner, st)
             server.load(runner.weights, runner.optimizer_state, streams).result(timeout=self._timeout())
             futs = [
-                fit.client.submit(
-                    ps_epoch, server, fit.fit_id, fit.model_bytes, s, chunks[s],
-                    {p: fit.sources[p] for p in sorted({q for c in chunks[s] for sl in c for q in sl.parts})},
-                    batch_size=fit.batch_size, seed=fit.seed, epoch=runner.epoch, shuffle=fit.shuffle,
-                    timeout=self._timeout(), pure=False, workers=[fit.worker_for(s)] if fit.worker_for(s) else None,
-                    allow_other_workers=True, key=f"daskml-ps-e{runner.epoch}-a{attempt}-s{s}-{uuid.uuid4().hex[:6]}",
+                runner.submit(
+                    ps_epoch, server, runner.fit_id, runner.model_bytes, s, chunks[s], runner.sources(runner.parts_of(chunks[s])),
+                    batch_size=runner.batch_size, seed=runner.seed, epoch=runner.epoch, shuffle=runner.shuffle,
+                    timeout=self._timeout(),
+                    optimizer=runner.optimizer_state if self._local_steps() else None,
+                    stream=s, name=f"daskml-ps-a{attempt}",
                 )
                 for s in streams
             ]
-            fit.callbacks.on_train_batch_begin(0)
+            runner.round_begin()
             try:
                 results = self._wait(runner, futs, server, host)
                 try:
                     weights, optimizer, stats = server.state().result(timeout=self._timeout())
                 except (OSError, TimeoutError) as exc:  # the host died after the last push
-                    raise _ServerLost(str(exc)) from exc
-            except _ServerLost:
-                runner.scratch["ps_restarts_epoch"] = (runner.epoch, attempt + 1)
-                fit.client.cancel(futs)
-                runner.scratch.setdefault("ps_lost", set()).add(host)
+                    raise _ServerLost(host) from exc
+            except _ServerLost as lost:
+                causes.append(lost.__cause__ or lost)
+                st.restarts_epoch = (runner.epoch, attempt + 1)
+                runner.client.cancel(futs)
+                st.lost_hosts.add(host)
                 # should the "lost" actor still run (a missed heartbeat), it stops listening and goes
-                _drop_server(runner.scratch, wait=False)
+                st.drop(wait=False)
                 logger.warning(
                     "daskml_scale.fit: the parameter server's worker %s was lost in epoch %d; "
                     "restarting the epoch from the driver's copy on another worker", host, runner.epoch,
@@ -164,111 +182,123 @@ class ParameterServer:
         else:
             raise TrainingError(
                 f"The parameter server was lost {restarts + 1} times in epoch {runner.epoch}; training stopped"
-                + (f". The last checkpoint is at {fit.checkpoint}; rerun with resume=True." if fit.checkpoint else ".")
-            )
-        runner.weights = weights
-        runner.optimizer_state = optimizer
-        runner.scratch["ps_stats"] = stats
+                + runner.checkpoint_hint()
+            ) from (causes[0] if causes else None)
         results = [r for r in results if r.get("samples", 0) > 0]
+        runner.weights = weights
+        local = [r for r in results if r.get("optimizer") is not None]
+        if local:  # local steps: the workers' own optimizers moved, the server's did not
+            from daskml_scale.training.averaging import weighted_average
+
+            optimizer = weighted_average([r["optimizer"] for r in local], [r["samples"] for r in local])
+        runner.optimizer_state = optimizer
+        st.stats = stats
         if results:
             runner.add_train_metrics([r["metrics"] for r in results], sum(r["samples"] for r in results))
         runner.round_end()
 
-    def release(self, scratch: dict[str, Any]) -> None:
+    def release(self, state: "_ServerState") -> None:
         """The fit is over: close the actor and let its worker drop it now."""
-        _drop_server(scratch, wait=True)
+        state.drop(wait=True)
 
     def epoch_logs(self, runner: "EpochRunner") -> dict[str, float]:
-        stats = runner.scratch.get("ps_stats") or {}
-        logs = {f"ps_{k}": float(v) for k, v in stats.items()}
-        epoch, restarts = runner.scratch.get("ps_restarts_epoch", (None, 0))
+        st: _ServerState = runner.state
+        logs = {f"ps_{k}": float(v) for k, v in (st.stats or {}).items()}
+        epoch, restarts = st.restarts_epoch
         logs["ps_restarts"] = float(restarts if epoch == runner.epoch else 0)
         return logs
 
     # ------------------------------------------------------------------ the server
-    def _server(self, runner: "EpochRunner", exclude: set[str]) -> tuple[Any, str]:
+    def _server(self, runner: "EpochRunner", st: "_ServerState") -> tuple[Any, str]:
         """The fit's actor (made on first use, or again after its worker was lost)."""
-        have = runner.scratch.get("ps_server")
-        if have is not None:
-            return have
-        fit = runner.fit
+        if st.server is not None:
+            return st.server
         deadline = time.monotonic() + float(config.get("training.no-worker-timeout", 60))
         while True:
-            live = [w for w in fit.live_workers() if w not in exclude] or fit.live_workers()
+            live = [w for w in runner.live_workers() if w not in st.lost_hosts] or runner.live_workers()
             if live:
                 break
             if time.monotonic() > deadline:
                 raise WorkersLostError(
-                    f"Every worker is gone ({sorted(fit.lost_workers)} lost); the parameter server cannot be restarted"
-                    + (f". The last checkpoint is at {fit.checkpoint}; rerun with resume=True." if fit.checkpoint else "."),
-                    workers=sorted(fit.lost_workers),
+                    f"Every worker is gone ({sorted(runner.lost_workers)} lost); the parameter server cannot be "
+                    "restarted" + runner.checkpoint_hint(),
+                    workers=sorted(runner.lost_workers),
                 )
             time.sleep(0.5)
         host = live[-1]
-        future = fit.client.submit(
-            ParamServerActor, fit.model_bytes, self.mode, self.max_staleness, self._timeout(),
+        future = runner.client.submit(
+            ParamServerActor, runner.model_bytes, self.mode, self.max_staleness, self._timeout(),
             bool(config.get("training.ps-direct", True)), actor=True, workers=[host], allow_other_workers=False,
-            key=f"daskml-ps-server-{fit.fit_id}-{uuid.uuid4().hex[:6]}",
+            key=f"daskml-ps-server-{runner.fit_id}-{uuid.uuid4().hex[:6]}",
         )
         actor = future.result(timeout=self._timeout())
-        runner.scratch["ps_server"] = (actor, host)
-        runner.scratch["ps_server_future"] = future  # keeps the actor alive for the fit
+        st.server = (actor, host)
+        st.future = future  # keeps the actor alive for the fit
         return actor, host
 
     def _wait(self, runner: "EpochRunner", futs: list[Any], server: Any, host: str) -> list[dict[str, Any]]:
-        from daskml_scale.training.driver import wait_done
-
-        fit = runner.fit
-        while not wait_done(futs, 0.5):
-            if host not in fit.live_workers():
+        while not runner.wait(futs, 0.5):
+            if host not in runner.live_workers():
                 raise _ServerLost(host)
         failed = [f for f in futs if f.status != "finished"]
         if failed:
+            errors = [_task_error(f) for f in failed]
             # the scheduler fails the tasks that hold the actor when its worker is lost
-            if host not in fit.live_workers() or any(_lost_actor(f) for f in failed) or not _alive(server):
-                raise _ServerLost(host)
+            if host not in runner.live_workers() or any(is_actor_lost(e) for e in errors) or not _alive(server):
+                raise _ServerLost(host) from next((e for e in errors if e is not None), None)
         try:
-            return fit._gather(futs)
+            return runner.gather(futs)
         except RuntimeError as exc:
-            if "Actor" in str(exc) and "lost" in str(exc):
+            if is_actor_lost(exc):
                 raise _ServerLost(host) from exc
             raise
 
 
-def _drop_server(scratch: dict[str, Any], *, wait: bool) -> None:
-    """Close the fit's actor (it refuses pushes, wakes the waiting ones, stops listening)
-    and cancel its key for every holder.
+class _ServerState:
+    """Per fit: the actor, the hosts it was lost on, the last epoch's push statistics."""
 
-    Every actor call leaves its handle in a reference cycle (the call's closure refers to
-    itself), so the handles, which keep the actor's key wanted, would live until the
-    garbage collector runs. ``wait=False`` does not wait for the close (its worker may
-    be gone).
-    """
-    have, future = scratch.pop("ps_server", None), scratch.pop("ps_server_future", None)
-    if have is not None:
-        try:
-            closing = have[0].close()
-            if wait:
-                closing.result(timeout=5)
-        except Exception:
-            pass  # its worker is gone, and the actor with it
-    if future is not None:
-        try:
-            future.client.cancel([future], force=True)
-        except Exception:
-            pass  # the client is closing
+    def __init__(self) -> None:
+        self.server: tuple[Any, str] | None = None
+        self.future: Any = None
+        self.lost_hosts: set[str] = set()
+        self.stats: dict[str, float] | None = None
+        self.restarts_epoch: tuple[int | None, int] = (None, 0)
+
+    def drop(self, *, wait: bool) -> None:
+        """Close the fit's actor (it refuses pushes, wakes the waiting ones, stops listening)
+        and cancel its key for every holder.
+
+        Every actor call leaves its handle in a reference cycle (the call's closure refers
+        to itself), so the handles, which keep the actor's key wanted, would live until the
+        garbage collector runs. ``wait=False`` does not wait for the close (its worker may
+        be gone).
+        """
+        have, future = self.server, self.future
+        self.server, self.future = None, None
+        if have is not None:
+            try:
+                closing = have[0].close()
+                if wait:
+                    closing.result(timeout=5)
+            except Exception:
+                pass  # its worker is gone, and the actor with it
+        if future is not None:
+            try:
+                future.client.cancel([future], force=True)
+            except Exception:
+                pass  # the client is closing
 
 
 class _ServerLost(Exception):
     """The worker that hosts the actor is gone (internal: the driver restarts the epoch)."""
 
 
-def _lost_actor(future: Any) -> bool:
+def _task_error(future: Any) -> BaseException | None:
+    """The error a failed task raised (None when it cannot be fetched in time: a lost worker)."""
     try:
-        exc = future.exception(timeout=5)
-    except Exception:
-        return True
-    return "Actor" in str(exc) and "lost" in str(exc)
+        return future.exception(timeout=5)
+    except Exception as exc:
+        return exc
 
 
 def _alive(server: Any) -> bool:
@@ -301,6 +331,7 @@ class ParamServerActor:
         self._grad_shapes = [tuple(v.shape) for v in self.model.trainable_weights]
         self._grad_size = sum(int(np.prod(sh)) for sh in self._grad_shapes)
         self._shapes = [tuple(v.shape) for v in self.model.weights]
+        self._weights_size = sum(int(np.prod(sh)) for sh in self._shapes)
         self._packed: Any = None  # the current weights, packed once per version
         self.mode = mode
         self.max_staleness = max_staleness
@@ -334,7 +365,7 @@ class ParamServerActor:
         if host is None:
             return None
         try:
-            return ChannelServer(host, self, "_push_direct", max_values=self._grad_size)
+            return ChannelServer(host, self, "_push_direct", max_values=max(self._grad_size, self._weights_size))
         except OSError as exc:
             logger.warning("daskml_scale: the parameter server's direct channel could not listen on %s (%s); "
                            "pushes go through actor calls", host, exc)
@@ -440,18 +471,28 @@ class ParamServerActor:
         self._cond.notify_all()
 
     async def push(
-        self, stream: int, chunk: int, gradients: Any, rows: int, version: int, token: int
+        self, stream: int, chunk: int, gradients: Any, rows: int, version: int, token: int, delta: bool = False
     ) -> tuple[Any, int, bool]:
-        """A stream's gradient (mean over ``rows`` rows at weights ``version``), as an
-        actor call: see :meth:`_push`."""
+        """A stream's gradient (mean over ``rows`` rows at weights ``version``), or with
+        ``delta`` the change its local steps made, as an actor call: see :meth:`_push`."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._push, stream, chunk, gradients, rows, version, token)
+        return await loop.run_in_executor(
+            self._pool, functools.partial(self._push, stream, chunk, gradients, rows, version, token, delta=delta)
+        )
 
     def _push_direct(
-        self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int, token: int
+        self, stream: int, chunk: int, gradients: np.ndarray, rows: int, version: int, token: int, delta: bool = False
     ) -> tuple[Any, int, bool]:
         """A push that came over the direct channel."""
-        return self._push(stream, chunk, gradients, rows, version, token, direct=True)
+        return self._push(stream, chunk, gradients, rows, version, token, direct=True, delta=delta)
+
+    def _add_delta(self, delta: np.ndarray) -> None:
+        """Local steps (Downpour): the server's weights move by a worker's change."""
+        self._packed = self._current_packed() + delta
+        self._weights = None
+        backend.set_weights(self.model, backend.unpack(self._packed, self._shapes))
+        self.version += 1
+        self.stats["applied"] += 1
 
     def _check_token(self, stream: int, token: int, generation: int) -> None:
         if self._closed:
@@ -463,15 +504,24 @@ class ParamServerActor:
             )
 
     def _push(
-        self, stream: int, chunk: int, gradients: Any, rows: int, version: int, token: int, direct: bool = False
+        self, stream: int, chunk: int, gradients: Any, rows: int, version: int, token: int,
+        direct: bool = False, delta: bool = False,
     ) -> tuple[Any, int, bool]:
         """``gradients`` may be packed (:func:`backend.pack`); the weights come back packed.
-        Returns the weights to use next, their version, and whether it was applied.
-        A push from a superseded task (see :meth:`begin`) raises :class:`TrainingError`."""
+        With ``delta`` (async mode only) they are a packed change of every weight, added
+        to the server's. Returns the weights to use next, their version, and whether it
+        was applied. A push from a superseded task (see :meth:`begin`) raises
+        :class:`TrainingError`."""
         stream = int(stream)
-        if isinstance(gradients, np.ndarray):
+        if delta:
+            if self.mode != "async" or not isinstance(gradients, np.ndarray) or gradients.size != self._weights_size:
+                raise ArgumentError(
+                    f"Expected a packed change of {self._weights_size} weights in async mode. "
+                    f"Received: {np.size(gradients)} values in {self.mode} mode"
+                )
+        elif isinstance(gradients, np.ndarray):
             if gradients.size != self._grad_size:
-                raise ValueError(f"Expected packed gradients for shapes {self._grad_shapes}. Received: {gradients.size} values")
+                raise ArgumentError(f"Expected packed gradients for shapes {self._grad_shapes}. Received: {gradients.size} values")
         else:
             gradients = backend.pack(list(gradients))  # every contribution alike (packed when float32)
         with self._cond:
@@ -484,7 +534,10 @@ class ParamServerActor:
                 if self.max_staleness is not None and stale > self.max_staleness:
                     self.stats["rejected"] += 1
                     return self._current_packed(), self.version, False
-                self._step(gradients)
+                if delta:
+                    self._add_delta(gradients)
+                else:
+                    self._step(gradients)
                 self.stats["staleness_sum"] += stale
                 self.stats["staleness_max"] = max(self.stats["staleness_max"], stale)
                 return self._current_packed(), self.version, True
@@ -547,12 +600,18 @@ def ps_epoch(
     epoch: int,
     shuffle: bool,
     timeout: float,
+    optimizer: list[np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """One stream's epoch against the parameter server: pull, gradients, push, repeat.
 
+    With ``optimizer`` given (local steps, async mode), each chunk's batches are applied
+    to the worker's own copy with its own optimizer (starting from those slots) and the
+    change of the weights is pushed instead of a gradient.
+
     The task leaves the worker's thread pool (``secede``) while it runs, so a rerun of
     another stream's task can start on this worker while this one waits at a barrier.
-    Returns the rows trained on and the summed metric state.
+    Returns the rows trained on, the summed metric state and, with local steps, the
+    worker's optimizer slots.
     """
     from distributed import secede
 
@@ -563,28 +622,49 @@ def ps_epoch(
     cached = model_for(fit_id, model_bytes)
     # weights and gradients stay packed (one float32 vector each way) when the server packs them
     start, weights, version, address, token = server.begin(stream).result(timeout=timeout)
+    local = optimizer is not None and isinstance(weights, np.ndarray)
     link = ChannelClient.open(address, timeout)
     samples = 0
     metrics: list[list[np.ndarray]] | None = None
+    primed = False
     try:
         for i in range(start, len(chunks)):
             X, y = gather_rows(chunks[i], sources, seed, epoch, shuffle)
             if len(X) == 0:
                 continue
             with cached.lock:
-                backend.ensure_built(cached.model, X, y)
-                grads, m = cached.grad_loop_fn(X, y, batch_size, weights)
-            grads = grads if isinstance(grads, np.ndarray) else backend.pack(grads)
-            if link is not None and isinstance(grads, np.ndarray):
-                weights, version, _ = link.push(stream, i, grads, len(X), version, token)
+                model = cached.model
+                backend.ensure_built(model, X, y)
+                if local:
+                    if not primed:
+                        backend.set_optimizer_state(model, optimizer)
+                        backend.reset_metrics(model)
+                        primed = True
+                    shapes = [tuple(v.shape) for v in model.weights]
+                    backend.set_weights(model, backend.unpack(weights, shapes))
+                    cached.train(X, y, batch_size)
+                    values = backend.pack(backend.get_weights(model)) - weights
+                else:
+                    values, m = cached.grad_loop_fn(X, y, batch_size, weights)
+                    values = values if isinstance(values, np.ndarray) else backend.pack(values)
+            if link is not None and isinstance(values, np.ndarray):
+                weights, version, _ = link.push(stream, i, values, len(X), version, token, delta=local)
             else:
-                weights, version, _ = server.push(stream, i, grads, len(X), version, token).result(timeout=timeout + 30)
+                weights, version, _ = server.push(
+                    stream, i, values, len(X), version, token, delta=local
+                ).result(timeout=timeout + 30)
             samples += len(X)
-            metrics = m if metrics is None else [[a + b for a, b in zip(ma, mb)] for ma, mb in zip(metrics, m)]
+            if not local:
+                metrics = m if metrics is None else [[a + b for a, b in zip(ma, mb)] for ma, mb in zip(metrics, m)]
+        out_optimizer = None
+        if local and primed:
+            with cached.lock:
+                metrics = backend.metric_state(cached.model)
+                out_optimizer = backend.get_optimizer_state(cached.model)
     finally:
         if link is not None:
             link.close()
     server.done(stream, token).result(timeout=timeout)
     if metrics is None:
         return {"samples": 0}
-    return {"samples": samples, "metrics": metrics}
+    return {"samples": samples, "metrics": metrics, "optimizer": out_optimizer}

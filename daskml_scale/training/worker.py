@@ -13,15 +13,20 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections import OrderedDict
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from daskml_scale.training import backend
+from daskml_scale import backend
+from daskml_scale._utils.lru import LRUCache
+from daskml_scale.exceptions import MissingColumnError
 
-__all__ = ["PartSlice", "StreamRange", "Lazy", "prepare_partition", "train_round", "evaluate_parts", "model_for"]
+__all__ = [
+    "PartSlice", "StreamRange", "Lazy", "prepare_partition", "train_round", "evaluate_parts", "model_for",
+    "gather_rows", "sample_rows", "partition_sizes",
+]
 
 
 @dataclass(frozen=True)
@@ -70,11 +75,24 @@ class Lazy:
 
 # ------------------------------------------------------------------------ the model
 class _CachedModel:
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, build_s: float = 0.0) -> None:
         self.model = model
         self.lock = threading.Lock()
         self.train_fn = backend.make_train_fn(model)
         self.eval_fn = backend.make_eval_fn(model)
+        # seconds spent building the model from bytes, and in the first (tracing) train call
+        self.timings: dict[str, float] = {"model_build_s": build_s}
+        # what a strategy compiles once per fit on this worker (e.g. AllReduce's fused step)
+        self.extra: dict[str, Any] = {}
+
+    def train(self, X: np.ndarray, y: np.ndarray, batch_size: int) -> int:
+        """``train_fn``, timing the first call (the trace) once."""
+        if "first_train_call_s" in self.timings:
+            return self.train_fn(X, y, batch_size)
+        t = time.perf_counter()
+        steps = self.train_fn(X, y, batch_size)
+        self.timings["first_train_call_s"] = time.perf_counter() - t
+        return steps
 
     @property
     def grad_loop_fn(self) -> Any:
@@ -85,27 +103,20 @@ class _CachedModel:
         return fn
 
 
-_MODELS: "OrderedDict[str, _CachedModel]" = OrderedDict()
-_MODELS_LOCK = threading.Lock()
-_MAX_MODELS = 2
+_MODELS: LRUCache[str, _CachedModel] = LRUCache(2)
 _BUILT_COUNT = [0]
 
 
 def model_for(fit_id: str, model_bytes: bytes) -> _CachedModel:
     """The worker's compiled copy of the fit's model, built on first use."""
-    with _MODELS_LOCK:
-        cached = _MODELS.get(fit_id)
-        if cached is not None:
-            _MODELS.move_to_end(fit_id)
-            return cached
-    model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes made by our own driver
-    cached = _CachedModel(model)
-    _BUILT_COUNT[0] += 1
-    with _MODELS_LOCK:
-        _MODELS[fit_id] = cached
-        while len(_MODELS) > _MAX_MODELS:
-            _MODELS.popitem(last=False)
-    return cached
+
+    def build() -> _CachedModel:
+        t = time.perf_counter()
+        model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes made by our own driver
+        _BUILT_COUNT[0] += 1
+        return _CachedModel(model, time.perf_counter() - t)
+
+    return _MODELS.get_or_create(fit_id, build)
 
 
 def models_built() -> int:
@@ -118,8 +129,6 @@ def prepare_partition(df: Any, preprocessor: Any, val_fraction: float, seed: int
     """A raw partition -> training and held-out arrays (split deterministically)."""
     X, y = preprocessor.transform(df)
     if y is None:
-        from daskml_scale.exceptions import MissingColumnError
-
         raise MissingColumnError(
             f"The target column {preprocessor.target!r} is missing from the training data",
             column=preprocessor.target,
@@ -130,25 +139,13 @@ def prepare_partition(df: Any, preprocessor: Any, val_fraction: float, seed: int
     return {"X": X, "y": y, "Xv": X[:0], "yv": y[:0]}
 
 
-_PARTS: "OrderedDict[str, dict[str, np.ndarray]]" = OrderedDict()
-_PARTS_LOCK = threading.Lock()
-_MAX_PARTS = 2
+_PARTS: LRUCache[str, dict[str, np.ndarray]] = LRUCache(2)
 
 
 def _materialize(source: Any) -> dict[str, np.ndarray]:
     if not isinstance(source, Lazy):
         return source  # already arrays (cached mode: Dask passed the persisted result)
-    with _PARTS_LOCK:
-        hit = _PARTS.get(source.key)
-        if hit is not None:
-            _PARTS.move_to_end(source.key)
-            return hit
-    value = source.compute()
-    with _PARTS_LOCK:
-        _PARTS[source.key] = value
-        while len(_PARTS) > _MAX_PARTS:
-            _PARTS.popitem(last=False)
-    return value
+    return _PARTS.get_or_create(source.key, source.compute)
 
 
 @functools.lru_cache(maxsize=4)
@@ -236,7 +233,7 @@ def train_round(
         if state.get("optimizer") is not None:
             backend.set_optimizer_state(model, state["optimizer"])
         backend.reset_metrics(model)
-        steps = cached.train_fn(X, y, batch_size)
+        steps = cached.train(X, y, batch_size)
         return {
             "samples": int(len(X)),
             "steps": steps,
@@ -244,6 +241,7 @@ def train_round(
             "optimizer": backend.get_optimizer_state(model),
             "metrics": backend.metric_state(model),
             "worker": _worker_address(),
+            "timings": cached.timings,
         }
 
 
@@ -255,10 +253,12 @@ def evaluate_parts(
     sources: dict[int, Any],
     *,
     batch_size: int,
-    which: str = "val",
+    rows: str = "held-out",
 ) -> dict[str, Any]:
-    """Metric state (sums) of the model at ``weights`` over the held-out rows of ``parts``."""
-    kx, ky = ("Xv", "yv") if which == "val" else ("X", "y")
+    """Metric state (sums) of the model at ``weights`` over rows of ``parts``: the rows
+    held out of training (``rows="held-out"``), or all of them (``"all"``: partitions of
+    separate validation data, prepared with nothing held out)."""
+    kx, ky = ("Xv", "yv") if rows == "held-out" else ("X", "y")
     cached = model_for(fit_id, model_bytes)
     samples = 0
     with cached.lock:
@@ -280,6 +280,12 @@ def evaluate_parts(
         if first:
             return {"samples": 0}
         return {"samples": samples, "metrics": backend.metric_state(model)}
+
+
+def sample_rows(source: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Two training rows of a prepared partition (the driver builds its model on them)."""
+    a = _materialize(source)
+    return a["X"][:2], a["y"][:2]
 
 
 def partition_sizes(source: Any) -> tuple[int, int]:

@@ -71,13 +71,21 @@ def test_two_workers_reach_single_process_quality(flights_data, client):
 
 
 def test_training_rows_stay_on_their_workers(diamond_data, fitted_pre, client):
+    import uuid
+
     def incoming_keys(dask_worker):
-        return [str(k) for entry in dask_worker.transfer_incoming_log for k in entry.get("keys", {})]
+        return [str(k) for entry in dask_worker.transfer_incoming_log for k in entry["keys"]]
 
     client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
     model = build_model(len(fitted_pre.feature_names_))
     fit_averaging(model, diamond_data, fitted_pre, client, epochs=1)
-    moved = [k for keys in client.run(incoming_keys).values() for k in keys if "train-prep" in k]
+    # one transfer made on purpose, so that reading nothing cannot pass
+    a, b = sorted(client.scheduler_info()["workers"])
+    probe = client.submit(bytes, 1000, key=f"transfer-probe-{uuid.uuid4().hex}", workers=[a])
+    assert client.submit(len, probe, workers=[b], pure=False).result() == 1000
+    incoming = [k for keys in client.run(incoming_keys).values() for k in keys]
+    assert str(probe.key) in incoming, incoming
+    moved = [k for k in incoming if "train-prep" in k]
     assert len(moved) <= 1  # at most the one partition the balancer may move
 
 

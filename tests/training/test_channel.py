@@ -202,7 +202,7 @@ def test_a_cut_off_message_is_an_error_never_data():
 
 def _actor(mode: str = "sync"):
     """The real ParamServerActor, in this process (no worker: no channel)."""
-    from daskml_scale.training import backend
+    from daskml_scale import backend
     from daskml_scale.training.parameter_server import ParamServerActor
     from tests.training.conftest import build_model
 

@@ -162,7 +162,7 @@ def test_bad_arguments_are_clear():
 
 def test_packed_messages_match_lists():
     """Gradients and weights travel packed (one float32 vector): same numbers as the lists."""
-    from daskml_scale.training import backend
+    from daskml_scale import backend
 
     model = build_model(5)
     X = np.random.default_rng(0).random((300, 5)).astype(np.float32)

@@ -11,10 +11,13 @@
   float64 values (float32 columns: the same float32 values); missing values (NaN,
   ``<NA>`` in ``Int64``, missing strings) are empty fields; text is quoted when needed.
   Columns pyarrow cannot convert fall back to ``DataFrame.to_csv``.
+* :data:`FORMATS` is the one list of output formats (the CLI, ``predict_files`` and
+  the jobs of the REST server take theirs from it).
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import os
 import uuid
@@ -26,13 +29,17 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from daskml_scale.exceptions import ArgumentError
+from daskml_scale.io.paths import is_local, protocol
+
 __all__ = [
     "write_bytes_atomic",
     "write_frame_atomic",
     "frame_to_table",
     "frame_to_csv",
     "frame_to_parquet",
-    "is_local",
+    "remove_stale_temps",
+    "check_format",
     "FORMATS",
 ]
 
@@ -41,19 +48,22 @@ FORMATS = ("csv", "parquet")
 _ATOMIC_PUT = {"s3", "s3a", "gs", "gcs", "abfs", "abfss", "az", "adl", "memory"}
 
 
-def _protocol(fs: fsspec.AbstractFileSystem) -> str:
-    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-
-
-def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    """Whether ``fs`` is the local filesystem."""
-    return _protocol(fs) in ("file", "local")
-
-
 def _tmp_name(path: str) -> str:
+    """A hidden name next to ``path`` (never read as an output; see :func:`remove_stale_temps`)."""
     head, tail = path.rsplit("/", 1) if "/" in path else ("", path)
     name = f".{tail}.tmp-{uuid.uuid4().hex[:12]}"
     return f"{head}/{name}" if head else name
+
+
+def remove_stale_temps(outputs: list[str]) -> None:
+    """Remove the temporary files that a killed writer left next to local ``outputs``."""
+    for out in outputs:
+        head, tail = os.path.split(out)
+        for tmp in glob.glob(os.path.join(head, f".{glob.escape(tail)}.tmp-*")):
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
 
 
 # ------------------------------------------------------------------------- frames
@@ -90,9 +100,16 @@ def frame_to_parquet(df: pd.DataFrame, sink: Any) -> None:
 _WRITERS = {"csv": frame_to_csv, "parquet": frame_to_parquet}
 
 
-def _check_format(format: str) -> None:
+def check_format(format: str) -> None:
+    """Raise unless ``format`` is one of :data:`FORMATS`.
+
+    Raises
+    ------
+    ArgumentError
+        ``format`` is not an output format.
+    """
     if format not in FORMATS:
-        raise ValueError(f"Expected format to be one of {list(FORMATS)}. Received: format={format!r}")
+        raise ArgumentError(f"Expected format to be one of {list(FORMATS)}. Received: format={format!r}")
 
 
 # ------------------------------------------------------------------------- atomic
@@ -139,10 +156,16 @@ def write_frame_atomic(
     url : str
         Local path or fsspec URL.
     format : {"csv", "parquet"}
+        One of :data:`FORMATS`.
     storage_options : dict, optional
     fs : fsspec.AbstractFileSystem, optional
+
+    Raises
+    ------
+    ArgumentError
+        ``format`` is not one of :data:`FORMATS`.
     """
-    _check_format(format)
+    check_format(format)
     writer = _WRITERS[format]
     if fs is None:
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
@@ -157,9 +180,8 @@ def write_frame_atomic(
 
 
 def _atomic(fs: fsspec.AbstractFileSystem, path: str, write: Any, data: bytes | None) -> int:
-    protocol = _protocol(fs)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if protocol in ("file", "local"):
+    if is_local(fs):
         if parent:
             os.makedirs(parent, exist_ok=True)
         tmp = _tmp_name(path)
@@ -181,7 +203,7 @@ def _atomic(fs: fsspec.AbstractFileSystem, path: str, write: Any, data: bytes | 
         buf = io.BytesIO()
         write(buf)
         data = buf.getvalue()
-    if protocol in _ATOMIC_PUT:
+    if protocol(fs) in _ATOMIC_PUT:
         fs.pipe_file(path, data)
         return len(data)
     if parent:

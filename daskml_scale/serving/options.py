@@ -1,0 +1,106 @@
+"""The settings of one served application, in one frozen value.
+
+:func:`~daskml_scale.serving.create_app` and :func:`~daskml_scale.serving.serve` take
+them as keyword arguments (their public signatures), build one :class:`ServeOptions`
+with :meth:`ServeOptions.from_config` and pass it down to the application.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from daskml_scale.config import get as _config_get
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = ["ServeOptions"]
+
+# option -> (dask.config key under daskml_scale, fallback when the key is unset)
+_CONFIG_DEFAULTS: dict[str, tuple[str, Any]] = {
+    "max_batch_rows": ("serve.max-batch-rows", 2048),
+    "max_wait_ms": ("serve.max-wait-ms", 2),
+    "max_body_bytes": ("serve.max-body-bytes", 10 * 2**20),
+    "id_column": ("serve.id-column", None),
+}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How an application serves a bundle (see :func:`daskml_scale.serving.create_app`).
+
+    Attributes
+    ----------
+    scheduler : str or None
+        Dask scheduler address for ``POST /jobs`` (connected on the first job).
+    storage_options : dict or None
+        fsspec options for the bundle URL and the jobs' URLs.
+    max_batch_rows : int
+        Most rows in one coalesced model call (``serve.max-batch-rows``).
+    max_wait_ms : float
+        Longest wait to fill a batch (``serve.max-wait-ms``).
+    micro_batching : bool
+        ``False``: one model call per request.
+    max_body_bytes : int
+        Larger request bodies are refused with 413 (``serve.max-body-bytes``).
+    id_column : str or None
+        A field copied from each input row to its prediction (``serve.id-column``).
+    transform : callable or None
+        The preprocessor's transform when the bundle cannot import it by name.
+    safe_mode : bool
+        Keras safe loading.
+    warmup : bool
+        One prediction on a made-up row after loading.
+    freeze_gc : bool
+        ``gc.freeze()`` after loading.
+    """
+
+    scheduler: str | None = None
+    storage_options: dict[str, Any] | None = None
+    max_batch_rows: int = 2048
+    max_wait_ms: float = 2.0
+    micro_batching: bool = True
+    max_body_bytes: int = 10 * 2**20
+    id_column: str | None = None
+    transform: "Callable[[pd.DataFrame], pd.DataFrame] | None" = None
+    safe_mode: bool = True
+    warmup: bool = True
+    freeze_gc: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_batch_rows", int(self.max_batch_rows))
+        object.__setattr__(self, "max_wait_ms", float(self.max_wait_ms))
+        object.__setattr__(self, "max_body_bytes", int(self.max_body_bytes))
+
+    @classmethod
+    def from_config(cls, **options: Any) -> ServeOptions:
+        """Options from keyword arguments; those given as ``None`` or not at all take the
+        ``daskml_scale.serve.*`` defaults of :mod:`dask.config`, read now.
+
+        Parameters
+        ----------
+        **options :
+            Any field of :class:`ServeOptions`.
+
+        Returns
+        -------
+        ServeOptions
+
+        Raises
+        ------
+        TypeError
+            An option that is not a field.
+
+        Examples
+        --------
+        >>> import dask.config
+        >>> with dask.config.set({"daskml_scale.serve.max-wait-ms": 5}):
+        ...     ServeOptions.from_config(max_batch_rows=512).max_wait_ms
+        5.0
+        """
+        values = dict(options)
+        for name, (key, fallback) in _CONFIG_DEFAULTS.items():
+            if values.get(name) is None:
+                values[name] = _config_get(key, fallback)
+        return cls(**values)

@@ -1,0 +1,298 @@
+"""AllReduce: synchronous data parallelism with no driver and no server in the data path.
+
+Every epoch, each worker runs one long task (:func:`allreduce_epoch`) that keeps its
+model for the whole epoch. The workers form a ring of direct connections
+(:mod:`daskml_scale.training.ring`) and reduce among themselves:
+
+* ``every=1``: each worker computes the gradient of its batch, the ring sums the
+  row-weighted gradients, and every worker applies the same mean with its own copy of
+  the optimizer: exactly single-process SGD on the union of the workers' batches (one
+  global batch of ``workers x batch_size`` rows per step). One graph call per step
+  applies the last mean and computes the next gradient.
+* ``every=k``: each worker takes ``k`` local steps with its own optimizer, then the
+  ring averages the weights (local SGD, with no round trip to the driver).
+
+Each reduce sends ``2 (N - 1) / N`` times the model's size per worker, whatever the
+number of workers ``N``. The driver takes part at epoch boundaries only (validation,
+callbacks, checkpoints). When a worker is lost, or a member stops answering, every wait
+ends within ``timeout`` and the epoch restarts from the driver's copy of the state on
+the workers that are left.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from daskml_scale import backend, config
+from daskml_scale.exceptions import ArgumentError, TrainingError, WorkersLostError
+from daskml_scale.training.averaging import weighted_average
+from daskml_scale.training.ring import Ring, RingError, close_port, open_port
+from daskml_scale.training.strategy import Strategy
+from daskml_scale.training.worker import gather_rows, model_for
+
+if TYPE_CHECKING:  # pragma: no cover
+    from daskml_scale.training.runner import EpochRunner
+
+__all__ = ["AllReduce", "allreduce_epoch"]
+
+logger = logging.getLogger(__name__)
+
+#: a worker gathers the rows of this many reduce steps at once (then slices them)
+_STEPS_PER_BLOCK = 64
+
+
+class _RingState:
+    """Per fit: the secret of its connections and the last epoch's statistics."""
+
+    def __init__(self) -> None:
+        self.secret = secrets.token_bytes(32)
+        self.rings: list[str] = []
+        self.stats: dict[str, float] = {}
+        self.restarts: tuple[int | None, int] = (None, 0)
+
+
+@dataclass
+class AllReduce(Strategy):
+    """Synchronous data parallelism: the workers reduce among themselves, directly.
+
+    Parameters
+    ----------
+    every : int
+        ``1``: gradients are all-reduced every step (single-process SGD on the global
+        batch of ``workers x batch_size`` rows). ``k > 1``: weights are all-reduced
+        (averaged) every ``k`` local steps.
+    timeout : float or None
+        Seconds any wait of a worker may take (connecting, a neighbour's message);
+        default ``daskml_scale.training.ps-timeout``.
+
+    Notes
+    -----
+    The History gets, per epoch, ``allreduce_steps`` (reduces per worker),
+    ``allreduce_mb_sent`` (megabytes each worker sent) and ``allreduce_restarts``.
+    Connections carry a per-fit secret in their handshake; on a ``tls://`` cluster they
+    use TLS with the workers' certificates.
+
+    Examples
+    --------
+    >>> daskml_scale.fit(model, ddf, preprocessor=pre, strategy=daskml_scale.AllReduce(every=1))
+    """
+
+    every: int = 1
+    timeout: float | None = None
+
+    name = "allreduce"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, (int, np.integer)) or self.every < 1:
+            raise ArgumentError(f"Expected every to be a positive integer. Received: every={self.every!r}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "every": int(self.every)}
+
+    def create_state(self) -> _RingState:
+        return _RingState()
+
+    def _timeout(self) -> float:
+        return float(self.timeout if self.timeout is not None else config.get("training.ps-timeout", 120))
+
+    # ------------------------------------------------------------------ the epoch
+    def run_epoch(self, runner: "EpochRunner") -> None:
+        st: _RingState = runner.state
+        every = int(self.every)
+        blocks = runner.chunks(every * max(1, _STEPS_PER_BLOCK // every))
+        restarts = int(config.get("training.ps-restarts", 3))
+        causes: list[BaseException] = []
+        for attempt in range(restarts + 1):
+            workers = runner.live_workers()
+            if not workers:
+                raise WorkersLostError("Every worker is gone; AllReduce cannot go on" + runner.checkpoint_hint(),
+                                       workers=sorted(runner.lost_workers))
+            try:
+                results = self._attempt(runner, st, blocks, workers, attempt)
+            except (RingError, _MemberLost) as exc:
+                causes.append(exc)
+                st.restarts = (runner.epoch, attempt + 1)
+                logger.warning("daskml_scale.fit: AllReduce epoch %d attempt %d failed (%s); restarting the epoch "
+                               "from the driver's copy on the live workers", runner.epoch, attempt, exc)
+                continue
+            break
+        else:
+            raise TrainingError(
+                f"AllReduce failed {restarts + 1} times in epoch {runner.epoch}; training stopped" + runner.checkpoint_hint()
+            ) from causes[-1]
+        done = [r for r in results if r.get("samples", 0) > 0]
+        if not done:
+            return
+        runner.weights = next(r["weights"] for r in results if r.get("weights") is not None)
+        samples = [r["samples"] for r in done]
+        runner.optimizer_state = weighted_average([r["optimizer"] for r in done], samples)
+        runner.add_train_metrics([r["metrics"] for r in done], sum(samples))
+        st.stats = {"steps": float(max(r["steps"] for r in results)),
+                    "mb_sent": float(max(r["bytes_sent"] for r in results)) / 1e6}
+        runner.round_end()
+
+    def _attempt(self, runner: "EpochRunner", st: _RingState, blocks: list[list[Any]], workers: list[str],
+                 attempt: int) -> list[dict[str, Any]]:
+        """One try at the epoch on ``workers``: streams go to ranks round-robin."""
+        n = len(workers)
+        per_rank: list[list[Any]] = [[] for _ in range(n)]
+        for s, b in enumerate(blocks):
+            per_rank[s % n].extend(b)
+        rows_per_step = int(self.every) * runner.batch_size
+        steps = [sum(-(-_rows(b) // rows_per_step) for b in bl) for bl in per_rank]
+        ring_id = f"{runner.fit_id}-e{runner.epoch}-a{attempt}-{uuid.uuid4().hex[:4]}"
+        st.rings.append(ring_id)
+        client = runner.client
+        ports = [
+            client.submit(open_port, ring_id, r, pure=False, workers=[w], allow_other_workers=False,
+                          key=f"daskml-ring-port-{ring_id}-{r}")
+            for r, w in enumerate(workers)
+        ]
+        opened = self._wait(runner, ports, workers)
+        addresses = [(h, p) for _, h, p in opened]
+        state = runner.put({"weights": runner.weights, "optimizer": runner.optimizer_state}, "allreduce-state")
+        futs = [
+            client.submit(
+                allreduce_epoch, ring_id, r, addresses, st.secret, attempt, runner.fit_id, runner.model_bytes, state,
+                per_rank[r], max(steps), runner.sources(runner.parts_of(per_rank[r])),
+                batch_size=runner.batch_size, seed=runner.seed, epoch=runner.epoch, shuffle=runner.shuffle,
+                every=int(self.every), timeout=self._timeout(), pure=False, workers=[w], allow_other_workers=False,
+                key=(f"daskml-allreduce-{runner.fit_id}", runner.epoch, attempt, r),
+            )
+            for r, w in enumerate(workers)
+        ]
+        runner.round_begin()
+        try:
+            return self._wait(runner, futs, workers)
+        finally:
+            client.cancel(futs + ports + [state])
+            try:
+                client.run(close_port, ring_id, workers=[w for w in workers if w in runner.live_workers()])
+            except Exception:  # pragma: no cover - a worker went away meanwhile
+                pass
+
+    def _wait(self, runner: "EpochRunner", futs: list[Any], workers: list[str]) -> list[Any]:
+        """Wait for one task per rank; a lost rank's worker ends the attempt at once."""
+        while not runner.wait(futs, 0.5):
+            live = set(runner.live_workers())
+            gone = [w for w in workers if w not in live]
+            if gone:
+                raise _MemberLost(f"worker(s) {gone} left the ring")
+        errors = [f for f in futs if f.status == "error"]
+        if errors:
+            exc = errors[0].exception()
+            gone = [w for w in workers if w not in set(runner.live_workers())]
+            if gone:
+                raise _MemberLost(f"worker(s) {gone} left the ring") from exc
+            if isinstance(exc, RingError):
+                raise exc
+        return runner.gather(futs)
+
+    def epoch_logs(self, runner: "EpochRunner") -> dict[str, float]:
+        st: _RingState = runner.state
+        logs = {f"allreduce_{k}": v for k, v in st.stats.items()}
+        epoch, restarts = st.restarts
+        logs["allreduce_restarts"] = float(restarts if epoch == runner.epoch else 0)
+        return logs
+
+
+class _MemberLost(Exception):
+    """A ring member's worker is gone (internal: the epoch restarts)."""
+
+
+def _rows(chunk: Sequence[Any]) -> int:
+    return sum(s.stop - s.start for s in chunk)
+
+
+# ------------------------------------------------------------------------ the task
+def allreduce_epoch(
+    ring_id: str, rank: int, addresses: list[tuple[str, int]], secret: bytes, attempt: int,
+    fit_id: str, model_bytes: bytes, state: dict[str, Any], blocks: Sequence[Sequence[Any]], n_steps: int,
+    sources: dict[int, Any], *, batch_size: int, seed: int, epoch: int, shuffle: bool, every: int, timeout: float,
+) -> dict[str, Any]:
+    """One rank's epoch: ``n_steps`` reduces (a rank whose rows ran out takes part with
+    nothing, so every rank makes the same reduces). Returns samples, metric state,
+    optimizer state and, on rank 0, the weights."""
+    from distributed import secede
+
+    try:
+        secede()  # waits on the ring must not hold a slot of the worker's thread pool
+    except (ValueError, KeyError):
+        pass
+    cached = model_for(fit_id, model_bytes)
+    ring = Ring(ring_id, rank, addresses, secret, timeout, attempt)
+    rows_per_step = every * batch_size
+    t0 = time.perf_counter()
+    try:
+        with cached.lock:
+            model = cached.model
+            sample = next((gather_rows(b, sources, seed, epoch, shuffle) for b in blocks[:1]), None)
+            if sample is not None:
+                backend.ensure_built(model, sample[0][:2], sample[1][:2])
+            backend.set_weights(model, state["weights"])
+            if state.get("optimizer"):
+                backend.set_optimizer_state(model, state["optimizer"])
+            backend.reset_metrics(model)
+            shapes = [tuple(v.shape) for v in model.weights]
+            fused = cached.extra.get("fused") if every == 1 else None
+            if every == 1 and fused is None:
+                fused = cached.extra["fused"] = backend.make_fused_step_fn(model)
+            grad_size = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+            weights_size = sum(int(np.prod(s)) for s in shapes)
+            buf = np.empty((grad_size if every == 1 else weights_size) + 1, dtype=np.float32)
+            prev: np.ndarray | None = None
+            samples = done = 0
+            for X, y in _steps(blocks, sources, seed, epoch, shuffle, rows_per_step, n_steps):
+                rows = len(X)
+                if every == 1:
+                    g = fused(X, y, prev) if rows else None
+                    if g is None and prev is not None:
+                        fused(None, None, prev)  # no batch left here: apply the mean, send nothing
+                    buf[:-1] = 0.0 if g is None else g * np.float32(rows)
+                else:
+                    if rows:
+                        cached.train(X, y, batch_size)
+                    buf[:-1] = 0.0 if not rows else backend.pack(backend.get_weights(model)) * np.float32(rows)
+                buf[-1] = rows
+                ring.allreduce(buf)
+                total = float(buf[-1])
+                if every == 1:
+                    prev = buf[:-1] / np.float32(total) if total else None
+                elif total:
+                    backend.set_weights(model, backend.unpack(buf[:-1] / np.float32(total), shapes))
+                samples += rows
+                done += 1
+            if every == 1 and prev is not None:
+                fused(None, None, prev)
+            return {
+                "samples": samples, "steps": done, "bytes_sent": ring.bytes_sent,
+                "metrics": backend.metric_state(model), "optimizer": backend.get_optimizer_state(model),
+                "weights": backend.get_weights(model) if rank == 0 else None,
+                "timings": {**cached.timings, "epoch_task_s": time.perf_counter() - t0},
+            }
+    finally:
+        ring.close()
+
+
+def _steps(blocks: Sequence[Sequence[Any]], sources: dict[int, Any], seed: int, epoch: int, shuffle: bool,
+           rows_per_step: int, n_steps: int):
+    """``n_steps`` (X, y) pairs: the blocks' rows cut into steps, then empty steps."""
+    given = 0
+    empty: tuple[np.ndarray, np.ndarray] | None = None
+    for block in blocks:
+        X, y = gather_rows(block, sources, seed, epoch, shuffle)
+        empty = (X[:0], y[:0])
+        for a in range(0, len(X), rows_per_step):
+            yield X[a: a + rows_per_step], y[a: a + rows_per_step]
+            given += 1
+    if given < n_steps and empty is None:
+        empty = (np.zeros((0, 1), np.float32), np.zeros((0,), np.float32))
+    for _ in range(n_steps - given):
+        yield empty
