@@ -33,90 +33,7 @@ __all__ = ["main", "build_parser", "parse_storage_options", "load_callable"]
 
 PROG = "daskml-scale"
 
-EPILOG_MAIN = """\
-examples:
-  # train on CSV files with model averaging on a local cluster (one worker per core)
-  daskml-scale train --data 'data/train/*.csv' --target log_price \\
-      --transform daskml_scale.datasets:diamonds_transform \\
-      --numeric carat depth table x y z volume --categorical cut color clarity \\
-      --model model_def.py:build_model --strategy averaging --sync-every 16 \\
-      --epochs 5 --batch-size 256 --validation 'data/test/*.csv' --out model.bundle
-
-  # predict file by file (resumable: a rerun skips finished files)
-  daskml-scale predict --bundle model.bundle --input 'data/test/*.csv' --output predictions/ --keep id
-
-  # what is in a bundle
-  daskml-scale info model.bundle
-
-  # serve it over REST on http://127.0.0.1:8000 (POST /predict, GET /info)
-  daskml-scale serve model.bundle
-
-  # the same on a remote cluster with data on S3
-  daskml-scale predict --scheduler tcp://scheduler:8786 --bundle s3://models/price.bundle \\
-      --input 's3://data/in/*.csv' --output s3://data/out/ \\
-      --storage-option client_kwargs.endpoint_url=https://s3.example.com
-
-Run 'daskml-scale COMMAND --help' for the options of a command.
-"""
-
-EPILOG_TRAIN = """\
-the model (--model):
-  FILE.keras            a compiled model saved with model.save("FILE.keras")
-  module.py:build_fn    a Python file (or an importable module) with a function
-                        build_fn(n_features) -> compiled keras.Model; n_features is
-                        the number of columns the fitted preprocessor produces
-the transform (--transform):
-  module:fn or file.py:fn, a pandas function DataFrame -> DataFrame applied to every
-  partition (and at prediction time). An importable module:fn is stored in the bundle
-  by name; a function from a file.py is not, so pass --transform again to predict/serve.
-
-examples:
-  daskml-scale train --data 'data/train/*.csv' --target log_price \\
-      --transform daskml_scale.datasets:diamonds_transform \\
-      --numeric carat depth table x y z volume --categorical cut color clarity \\
-      --model model_def.py:build_model --epochs 5 --batch-size 256 --sync-every 16 \\
-      --validation-fraction 0.1 --checkpoint ckpt/ --out model.bundle
-
-  # model_def.py
-  import keras
-  def build_model(n_features):
-      model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(64, activation="relu"),
-                                keras.layers.Dense(1)])
-      model.compile(optimizer="adam", loss="mse", metrics=["mae"])
-      return model
-
-  # resume an interrupted run from its last checkpoint
-  daskml-scale train ... --checkpoint s3://bucket/ckpt/ --resume --out s3://bucket/model.bundle
-"""
-
-EPILOG_PREDICT = """\
-Each input file becomes one output file under --output (same relative name, new
-suffix), written atomically; a rerun skips the files already done and redoes the
-others. The exit code is 1 when any file failed.
-
-examples:
-  daskml-scale predict --bundle model.bundle --input 'data/test/*.csv' --output predictions/ --keep id
-  daskml-scale predict --bundle s3://models/m.bundle --input s3://in/ --output s3://out/ \\
-      --format parquet --scheduler tcp://scheduler:8786
-"""
-
-EPILOG_INFO = """\
-examples:
-  daskml-scale info model.bundle
-  daskml-scale info s3://models/price.bundle --json | jq .training_summary.final
-"""
-
-EPILOG_SERVE = """\
-Endpoints: POST /predict (JSON records or CSV), GET /info, GET /health, GET /metrics,
-POST /jobs (predict_files in the background; needs --scheduler or --workers).
-
-The same command runs as 'python -m daskml_scale.serving BUNDLE_URL [options]'.
-
-examples:
-  daskml-scale serve model.bundle --port 8000
-  curl -s localhost:8000/predict -H 'content-type: application/json' \\
-      -d '[{"carat": 0.3, "cut": "Ideal", "color": "E", "clarity": "SI1", "depth": 61.5, "table": 55, "x": 4.3, "y": 4.3, "z": 2.7}]'
-"""
+from daskml_scale._cli_text import EPILOG_INFO, EPILOG_MAIN, EPILOG_PREDICT, EPILOG_SERVE, EPILOG_TRAIN  # noqa: E402
 
 
 class CLIError(Exception):
@@ -271,8 +188,21 @@ def _load_model(spec: str, n_features: int, storage_options: dict[str, Any]) -> 
 
 
 def _strategy(args: argparse.Namespace) -> Any:
-    from daskml_scale.training import ModelAveraging, ParameterServer
+    from daskml_scale.training import AllReduce, ModelAveraging, ParameterServer
 
+    if args.strategy is None:
+        if args.sync_every is not None or args.outer_lr != "1.0":
+            args.strategy = "averaging"  # the settings name the strategy
+        else:
+            return None  # fit()'s default
+    if args.strategy != "averaging" and args.outer_lr != "1.0":
+        raise CLIError("--outer-lr applies to --strategy averaging only")
+    if args.strategy == "allreduce":
+        if args.max_staleness is not None or args.push_every is not None:
+            raise CLIError("--max-staleness and --push-every apply to --strategy ps-sync/ps-async only")
+        return AllReduce(every=args.every or 1)
+    if args.every is not None:
+        raise CLIError("--every applies to --strategy allreduce only")
     if args.strategy == "averaging":
         if args.max_staleness is not None:
             raise CLIError("--max-staleness applies to --strategy ps-async only")
@@ -283,13 +213,15 @@ def _strategy(args: argparse.Namespace) -> Any:
             except ValueError:
                 raise CLIError(f"Expected --outer-lr to be a number or 'workers'. Received: {args.outer_lr!r}") from None
         return ModelAveraging(sync_every=args.sync_every, outer_lr=outer_lr)
-    return ParameterServer(mode=args.strategy.split("-", 1)[1], push_every=args.sync_every or 1, max_staleness=args.max_staleness)
+    push_every = args.push_every or args.sync_every or 1
+    return ParameterServer(mode=args.strategy.split("-", 1)[1], push_every=push_every, max_staleness=args.max_staleness)
 
 
 # ---------------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     """``daskml-scale train``: read, fit the preprocessor, train, save the bundle."""
     from daskml_scale.bundle import save_bundle
+    from daskml_scale.training import default_strategy
     from daskml_scale.preprocessing import Preprocessor
     from daskml_scale.training import fit
 
@@ -314,7 +246,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         pre.fit(data, client=client)
         _say(args, f"  {pre.n_samples_:,} rows -> {pre.n_features_} features")
         model = _load_model(args.model, pre.n_features_, so)
-        described = strategy.describe() if hasattr(strategy, "describe") else {"strategy": str(strategy)}
+        described = (strategy or default_strategy()).describe()
         _say(args, "training: " + ", ".join(f"{k} {v}" for k, v in described.items()) + f", {args.epochs} epochs ...")
         history = fit(
             model, data, preprocessor=pre, strategy=strategy, epochs=args.epochs, batch_size=args.batch_size,
@@ -504,13 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
     m = t.add_argument_group("model and training")
     m.add_argument("--model", required=True, metavar="FILE.keras|MODULE:FN",
                    help="a compiled .keras file, or build_fn(n_features) returning a compiled model")
-    m.add_argument("--strategy", choices=["averaging", "ps-sync", "ps-async"], default="averaging",
-                   help="model averaging (default), or a parameter server, synchronous or asynchronous")
+    m.add_argument("--strategy", choices=["averaging", "allreduce", "ps-sync", "ps-async"], default=None,
+                   help="how workers combine: model averaging, all-reduce among the workers, or a parameter "
+                   "server, synchronous or asynchronous (default: fit()'s default strategy)")
     m.add_argument("--epochs", type=int, default=1, metavar="N", help="passes over the data (default 1)")
     m.add_argument("--batch-size", type=int, metavar="B", help="rows per step on each worker (default 256)")
     m.add_argument("--sync-every", type=int, metavar="K",
-                   help="averaging: local steps between averages (default: once per epoch; 16 is a good "
-                   "start); ps-*: batches per gradient push (default 1)")
+                   help="averaging: local steps between averages (default: once per epoch; 16 is a good start)")
+    m.add_argument("--every", type=int, metavar="K",
+                   help="allreduce: 1 reduces gradients every step (default), K > 1 averages weights every K steps")
+    m.add_argument("--push-every", type=int, metavar="K",
+                   help="ps-*: batches per push (default 1; --sync-every is accepted as its old name)")
     m.add_argument("--max-staleness", type=int, metavar="V",
                    help="ps-async: refuse gradients computed on weights more than V versions old")
     m.add_argument("--outer-lr", default="1.0", metavar="LR|workers",

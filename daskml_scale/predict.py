@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -27,6 +26,8 @@ import fsspec
 import numpy as np
 import pandas as pd
 
+from daskml_scale._utils.client import default_client
+from daskml_scale._utils.lru import LRUCache
 from daskml_scale.bundle import Bundle, bundle_bytes, read_bundle_bytes
 from daskml_scale.exceptions import BundleError, DataError
 from daskml_scale.io.bad_rows import check_on_bad_rows
@@ -55,26 +56,22 @@ __all__ = ["predict", "predict_files", "PredictReport"]
 Transform = Callable[[pd.DataFrame], pd.DataFrame]
 
 # --------------------------------------------------------------------- worker cache
-_CACHE: OrderedDict[tuple[str, bool], Bundle] = OrderedDict()
 _CACHE_SIZE = 4
-_CACHE_LOCK = threading.Lock()
+_CACHE: LRUCache[tuple[str, bool], Bundle] = LRUCache(_CACHE_SIZE)
+_CACHE_LOCK = threading.Lock()  # one load at a time: a second task waits for the first's model
 _LOADS: dict[str, int] = {}  # content hash -> times loaded in this process
 
 
-def cached_bundle(key: str, data: bytes, safe_mode: bool, transform: Transform | None) -> Bundle:
-    """The Bundle with content hash ``key``, loaded from ``data`` at most once per process."""
+def cached_bundle(key: str, bundle_data: bytes, safe_mode: bool, transform: Transform | None) -> Bundle:
+    """The Bundle with content hash ``key``, loaded from ``bundle_data`` at most once per process."""
     with _CACHE_LOCK:
         bundle = _CACHE.get((key, safe_mode))
         if bundle is None:
-            bundle = Bundle(data, safe_mode=safe_mode, transform=transform)
+            bundle = Bundle(bundle_data, safe_mode=safe_mode, transform=transform)
             if bundle.content_hash != key:
                 raise BundleError(f"Expected bundle bytes with hash {key[:12]}. Received: {bundle.content_hash[:12]}")
-            _CACHE[(key, safe_mode)] = bundle
+            _CACHE.put((key, safe_mode), bundle)
             _LOADS[key] = _LOADS.get(key, 0) + 1
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
-        else:
-            _CACHE.move_to_end((key, safe_mode))
         if transform is not None:
             bundle.preprocessor.transform_fn = transform
         return bundle
@@ -82,12 +79,12 @@ def cached_bundle(key: str, data: bytes, safe_mode: bool, transform: Transform |
 
 def cache_info() -> dict[str, Any]:
     """The bundles cached in this process and how often each was loaded (for tests, debugging)."""
-    return {"cached": [key for key, _ in _CACHE], "loads": dict(_LOADS)}
+    return {"cached": [key for key, _ in _CACHE.keys()], "loads": dict(_LOADS)}
 
 
 # --------------------------------------------------------------------- the bundle
 @dataclass
-class _Source:
+class _BundleRef:
     """What a task needs to find the bundle on a worker (small; the bytes travel apart)."""
 
     key: str
@@ -125,7 +122,7 @@ def _as_bundle(
     )
 
 
-_LIVE: OrderedDict[int, tuple[Any, str, Bundle]] = OrderedDict()  # id(model) -> (weakref, fingerprint, bundle)
+_LIVE: LRUCache[int, tuple[Any, str, Bundle]] = LRUCache(_CACHE_SIZE)  # id(model) -> (weakref, fingerprint, bundle)
 
 
 def _live_bundle(model: Any, preprocessor: Preprocessor) -> Bundle:
@@ -143,36 +140,21 @@ def _live_bundle(model: Any, preprocessor: Preprocessor) -> Bundle:
         h.update(str((w.dtype.str, w.shape)).encode("ascii"))
         h.update(memoryview(w).cast("B"))
     fingerprint = h.hexdigest()
-    with _CACHE_LOCK:
-        held = _LIVE.get(id(model))
-        if held is not None and held[0]() is model and held[1] == fingerprint:
-            _LIVE.move_to_end(id(model))
-            bundle = held[2]
-            bundle.preprocessor.transform_fn = preprocessor.transform_fn
-            return bundle
+    held = _LIVE.get(id(model))
+    if held is not None and held[0]() is model and held[1] == fingerprint:
+        bundle = held[2]
+        bundle.preprocessor.transform_fn = preprocessor.transform_fn
+        return bundle
     # the model is the user's own live object, not a file of unknown origin
     bundle = Bundle(bundle_bytes(model, preprocessor), safe_mode=False, transform=preprocessor.transform_fn, lazy=True)
-    with _CACHE_LOCK:
-        _LIVE[id(model)] = (weakref.ref(model), fingerprint, bundle)
-        while len(_LIVE) > _CACHE_SIZE:
-            _LIVE.popitem(last=False)
+    _LIVE.pop(id(model))  # another model that had the same id, now gone
+    _LIVE.put(id(model), (weakref.ref(model), fingerprint, bundle))
     return bundle
 
 
 def _needs_shipping(bundle: Bundle) -> bool:
     info = bundle.preprocessor.to_dict().get("transform") or {}
     return info.get("ref") is None
-
-
-def _get_client(client: Any = None) -> "Client | None":
-    if client is not None:
-        return client
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except ValueError:
-        return None
 
 
 def _place_bytes(bundle: Bundle, client: "Client | None") -> Any:
@@ -216,14 +198,14 @@ def _assemble(df: pd.DataFrame, keep: list[str], pred: pd.DataFrame) -> pd.DataF
 
 
 def _predict_partition(
-    df: pd.DataFrame, data: bytes, source: _Source, keep: list[str], batch_size: int | None
+    df: pd.DataFrame, bundle_data: bytes, source: _BundleRef, keep: list[str], batch_size: int | None
 ) -> pd.DataFrame:
-    bundle = cached_bundle(source.key, data, source.safe_mode, source.transform)
+    bundle = cached_bundle(source.key, bundle_data, source.safe_mode, source.transform)
     return _assemble(df, keep, bundle.predict_frame(df, batch_size=batch_size))
 
 
-def _predict_block(block: Any, data: bytes, source: _Source, batch_size: int | None) -> Any:
-    bundle = cached_bundle(source.key, data, source.safe_mode, source.transform)
+def _predict_block(block: Any, bundle_data: bytes, source: _BundleRef, batch_size: int | None) -> Any:
+    bundle = cached_bundle(source.key, bundle_data, source.safe_mode, source.transform)
     return bundle.predict_array(np.ascontiguousarray(block, dtype=np.float32), batch_size=batch_size)
 
 
@@ -251,11 +233,11 @@ def _predict_array(bundle_or_model: Any, X: Any, batch_size: int | None, preproc
         raise ValueError(f"Expected {n_features} feature columns, the model's input. Received: an array of shape {X.shape}")
     if len(X.chunks[1]) > 1:
         X = X.rechunk({1: -1})
-    source = _Source(bundle.content_hash, bundle._safe_mode, None)
-    data = _place_bytes(bundle, _get_client())
+    source = _BundleRef(bundle.content_hash, bundle._safe_mode, None)
+    bundle_data = _place_bytes(bundle, default_client())
     width = int(bundle.metadata.get("output_width") or len(bundle.output_names))
     return X.map_blocks(
-        _predict_block, data, source, batch_size,
+        _predict_block, bundle_data, source, batch_size,
         chunks=(X.chunks[0], (width,)), dtype=np.float32, meta=np.empty((0, width), dtype=np.float32),
         token="daskml-predict",  # keys from the inputs and the bundle's content
     )
@@ -322,10 +304,10 @@ def predict(
         raise TypeError(f"Expected a dask DataFrame. Received: {type(ddf).__name__}; use Bundle.predict_frame for pandas")
     keep_cols = _keep_columns(keep, list(ddf.columns), bundle.output_names)
     meta = _assemble(ddf._meta, keep_cols, bundle.empty_frame())
-    source = _Source(bundle.content_hash, bundle._safe_mode, ship)
-    data = _place_bytes(bundle, _get_client())
+    source = _BundleRef(bundle.content_hash, bundle._safe_mode, ship)
+    bundle_data = _place_bytes(bundle, default_client())
     return ddf.map_partitions(
-        _predict_partition, data, source, keep_cols, batch_size,
+        _predict_partition, bundle_data, source, keep_cols, batch_size,
         meta=meta, enforce_metadata=False, align_dataframes=False,
     )
 
@@ -376,13 +358,13 @@ def _read_input(reader: CsvReader, piece: FilePiece) -> pd.DataFrame:
 
 
 def _predict_file(
-    data: bytes, source: _Source, reader: CsvReader, piece: FilePiece, out_path: str, out_display: str,
+    bundle_data: bytes, source: _BundleRef, reader: CsvReader, piece: FilePiece, out_path: str, out_display: str,
     out_fs: fsspec.AbstractFileSystem, format: str, keep: None | str | list[str], batch_size: int | None,
 ) -> dict[str, Any]:
     """One input file -> one output file, written atomically. Errors are returned, not raised."""
     entry: dict[str, Any] = {"input": piece.display, "output": out_display, "rows": None, "error": None}
     try:
-        bundle = cached_bundle(source.key, data, source.safe_mode, source.transform)
+        bundle = cached_bundle(source.key, bundle_data, source.safe_mode, source.transform)
         df = _read_input(reader, piece)
         keep_cols = _keep_columns(keep, list(df.columns), bundle.output_names)
         try:
@@ -465,7 +447,7 @@ def predict_files(
 
     check_format(format)
     on_bad_rows = check_on_bad_rows(on_bad_rows)
-    client = _get_client(client)
+    client = default_client(client)
     if client is None:
         raise ClusterError("predict_files needs a Dask client: call daskml_scale.connect() first or pass client=")
     b, ship = _as_bundle(bundle, None, storage_options)
@@ -495,12 +477,12 @@ def predict_files(
     csv_pieces = {p.path: p for p in plan.pieces}
     pieces = {paths[i]: csv_pieces.get(paths[i]) or FilePiece.whole(fs, paths[i]) for i in todo}
 
-    data = _place_bytes(b, client)
-    source = _Source(b.content_hash, b._safe_mode, ship)
+    bundle_data = _place_bytes(b, client)
+    source = _BundleRef(b.content_hash, b._safe_mode, ship)
     futures = {}
     for i in todo:
         fut = client.submit(
-            _predict_file, data, source, plan.reader, pieces[paths[i]], outs[i], out_display[i], out_fs, format,
+            _predict_file, bundle_data, source, plan.reader, pieces[paths[i]], outs[i], out_display[i], out_fs, format,
             keep_arg, batch_size, pure=False, key=f"daskml-predict-file-{i}-{os.urandom(4).hex()}",
         )
         futures[fut] = i

@@ -78,13 +78,9 @@ def bad_rows_report(client: Any = None) -> pd.DataFrame:
     >>> bad_rows_report()  # doctest: +SKIP
     """
     records = list(_LOCAL_BAD_ROWS)
-    if client is None:
-        try:
-            from distributed import get_client
+    from daskml_scale._utils.client import default_client
 
-            client = get_client()
-        except ValueError:
-            client = None
+    client = default_client(client)
     if client is not None:
         records += [msg for _, msg in client.get_events(BAD_ROWS_TOPIC)]
     if not records:

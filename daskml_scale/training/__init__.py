@@ -15,7 +15,13 @@ from daskml_scale.training.parameter_server import ParameterServer
 from daskml_scale.training.runner import EpochRunner
 from daskml_scale.training.strategy import Strategy
 
-__all__ = ["fit", "Strategy", "EpochRunner", "AllReduce", "ModelAveraging", "ParameterServer"]
+__all__ = ["fit", "default_strategy", "Strategy", "EpochRunner", "AllReduce", "ModelAveraging", "ParameterServer"]
+
+
+def default_strategy() -> Strategy:
+    """What :func:`fit` does with no ``strategy=``: the fastest correct strategy measured
+    on the benchmark (``benchmarks/bench_training.py``, see ``docs/benchmarks.md``)."""
+    return ModelAveraging()
 
 
 def fit(
@@ -106,7 +112,7 @@ def fit(
         raise ArgumentError("Expected a Preprocessor with a target column to train on. Received: target=None")
     if epochs < 1:
         raise ArgumentError(f"Expected epochs >= 1. Received: epochs={epochs}")
-    strategy = strategy if strategy is not None else ModelAveraging()
+    strategy = strategy if strategy is not None else default_strategy()
     if not isinstance(strategy, Strategy):
         raise ArgumentError(
             "Expected strategy to be a daskml_scale.Strategy (ModelAveraging(), ParameterServer(...), or a "

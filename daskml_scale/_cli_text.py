@@ -1,0 +1,90 @@
+"""The help texts of ``daskml-scale`` (the epilogs of its commands)."""
+
+from __future__ import annotations
+
+__all__ = ["EPILOG_MAIN", "EPILOG_TRAIN", "EPILOG_PREDICT", "EPILOG_INFO", "EPILOG_SERVE"]
+
+EPILOG_MAIN = """\
+examples:
+  # train on CSV files with model averaging on a local cluster (one worker per core)
+  daskml-scale train --data 'data/train/*.csv' --target log_price \\
+      --transform daskml_scale.datasets:diamonds_transform \\
+      --numeric carat depth table x y z volume --categorical cut color clarity \\
+      --model model_def.py:build_model --strategy averaging --sync-every 16 \\
+      --epochs 5 --batch-size 256 --validation 'data/test/*.csv' --out model.bundle
+
+  # predict file by file (resumable: a rerun skips finished files)
+  daskml-scale predict --bundle model.bundle --input 'data/test/*.csv' --output predictions/ --keep id
+
+  # what is in a bundle
+  daskml-scale info model.bundle
+
+  # serve it over REST on http://127.0.0.1:8000 (POST /predict, GET /info)
+  daskml-scale serve model.bundle
+
+  # the same on a remote cluster with data on S3
+  daskml-scale predict --scheduler tcp://scheduler:8786 --bundle s3://models/price.bundle \\
+      --input 's3://data/in/*.csv' --output s3://data/out/ \\
+      --storage-option client_kwargs.endpoint_url=https://s3.example.com
+
+Run 'daskml-scale COMMAND --help' for the options of a command.
+"""
+
+EPILOG_TRAIN = """\
+the model (--model):
+  FILE.keras            a compiled model saved with model.save("FILE.keras")
+  module.py:build_fn    a Python file (or an importable module) with a function
+                        build_fn(n_features) -> compiled keras.Model; n_features is
+                        the number of columns the fitted preprocessor produces
+the transform (--transform):
+  module:fn or file.py:fn, a pandas function DataFrame -> DataFrame applied to every
+  partition (and at prediction time). An importable module:fn is stored in the bundle
+  by name; a function from a file.py is not, so pass --transform again to predict/serve.
+
+examples:
+  daskml-scale train --data 'data/train/*.csv' --target log_price \\
+      --transform daskml_scale.datasets:diamonds_transform \\
+      --numeric carat depth table x y z volume --categorical cut color clarity \\
+      --model model_def.py:build_model --epochs 5 --batch-size 256 --sync-every 16 \\
+      --validation-fraction 0.1 --checkpoint ckpt/ --out model.bundle
+
+  # model_def.py
+  import keras
+  def build_model(n_features):
+      model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(64, activation="relu"),
+                                keras.layers.Dense(1)])
+      model.compile(optimizer="adam", loss="mse", metrics=["mae"])
+      return model
+
+  # resume an interrupted run from its last checkpoint
+  daskml-scale train ... --checkpoint s3://bucket/ckpt/ --resume --out s3://bucket/model.bundle
+"""
+
+EPILOG_PREDICT = """\
+Each input file becomes one output file under --output (same relative name, new
+suffix), written atomically; a rerun skips the files already done and redoes the
+others. The exit code is 1 when any file failed.
+
+examples:
+  daskml-scale predict --bundle model.bundle --input 'data/test/*.csv' --output predictions/ --keep id
+  daskml-scale predict --bundle s3://models/m.bundle --input s3://in/ --output s3://out/ \\
+      --format parquet --scheduler tcp://scheduler:8786
+"""
+
+EPILOG_INFO = """\
+examples:
+  daskml-scale info model.bundle
+  daskml-scale info s3://models/price.bundle --json | jq .training_summary.final
+"""
+
+EPILOG_SERVE = """\
+Endpoints: POST /predict (JSON records or CSV), GET /info, GET /health, GET /metrics,
+POST /jobs (predict_files in the background; needs --scheduler or --workers).
+
+The same command runs as 'python -m daskml_scale.serving BUNDLE_URL [options]'.
+
+examples:
+  daskml-scale serve model.bundle --port 8000
+  curl -s localhost:8000/predict -H 'content-type: application/json' \\
+      -d '[{"carat": 0.3, "cut": "Ideal", "color": "E", "clarity": "SI1", "depth": 61.5, "table": 55, "x": 4.3, "y": 4.3, "z": 2.7}]'
+"""
