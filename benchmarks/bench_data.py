@@ -5,7 +5,11 @@ partition by partition on the workers) against the same work in one process with
 pandas (``engine="pyarrow"``), in the same run. Also times the one-pass
 ``Preprocessor.fit`` and compares partition sizes (the ``io.blocksize`` default).
 
-Run:  .venv/bin/python benchmarks/bench_data.py [--gb 1.0] [--blocksizes 16MiB,64MiB,256MiB]
+Every side runs once as a warm-up, then in interleaved rounds (``benchmarks/_method.py``);
+the figures are medians over the rounds, with min and max, and the results go to
+``benchmarks/results/data.json``.
+
+Run:  .venv/bin/python benchmarks/bench_data.py [--gb 1.0] [--blocksizes 16MiB,64MiB,256MiB] [--quick]
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-import daskml_scale
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import daskml_scale  # noqa: E402
+from _method import Benchmark, Ratio, Variant, add_arguments  # noqa: E402
 from daskml_scale.datasets import FLIGHTS_CATEGORICAL, FLIGHTS_NUMERIC, flights, flights_transform
 
 
@@ -60,15 +67,15 @@ def make_shards(directory: str, gb: float, n_files: int) -> tuple[list[str], int
     return paths, rows
 
 
-def single_process(paths: list[str], pre) -> tuple[float, int, float]:
-    """(wall seconds, rows, CPU seconds of this process: every thread)."""
-    t, cpu = time.perf_counter(), time.process_time()
+def single_process(paths: list[str], pre) -> dict:
+    """The baseline: pandas' pyarrow reader (multi-threaded parse) and the transform, file by file."""
+    cpu = time.process_time()
     n = 0
     for p in paths:
         df = pd.read_csv(p, engine="pyarrow")
         X, y = pre.transform(df)
         n += len(X)
-    return time.perf_counter() - t, n, time.process_time() - cpu
+    return {"rows": n, "cpu_s": time.process_time() - cpu}  # CPU of this process: every thread
 
 
 def _workers_cpu(client) -> float:
@@ -80,23 +87,42 @@ def _rows(part, pre) -> int:
     return len(X)
 
 
-def distributed(client, pattern: str, pre, blocksize: str) -> tuple[float, int, int]:
+def distributed(client, pattern: str, pre, blocksize: str) -> dict:
     import dask
 
-    t = time.perf_counter()
+    before = _workers_cpu(client)
     ddf = daskml_scale.read_csv(pattern, blocksize=blocksize)
     counts = [dask.delayed(_rows)(p, pre) for p in ddf.to_delayed()]
     n = sum(client.compute(counts, sync=True))
-    return time.perf_counter() - t, n, ddf.npartitions
+    return {"rows": n, "partitions": ddf.npartitions, "cpu_s": _workers_cpu(client) - before}
+
+
+def _checked(fn, expected: dict):
+    """``fn``, failing the round when its rows differ from the first side's (the single process)."""
+
+    def run() -> dict:
+        out = fn()
+        want = expected.setdefault("rows", out["rows"])
+        if out["rows"] != want:
+            return {**out, "errors": 1, "error": f"{out['rows']:,} rows, the single process {want:,}"}
+        return out
+
+    return run
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--gb", type=float, default=1.0)
-    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--gb", type=float, default=None, help="CSV size (default 1.0; --quick: 0.05)")
+    ap.add_argument("--files", type=int, default=None, help="CSV shards (default 8; --quick: 4)")
     ap.add_argument("--blocksizes", default="16MiB,64MiB,256MiB")
-    ap.add_argument("--repeat", type=int, default=3)
+    add_arguments(ap)
     args = ap.parse_args()
+    args.gb = args.gb if args.gb is not None else (0.05 if args.quick else 1.0)
+    args.files = args.files if args.files is not None else (4 if args.quick else 8)
+    import dask
+
+    default_bs = str(dask.config.get("daskml_scale.io.blocksize", "64MiB"))
+    bench = Benchmark.from_args("data", args, description="read + preprocess CSV shards to float32 arrays")
 
     workdir = tempfile.mkdtemp(prefix="daskml-bench-data-")
     try:
@@ -104,55 +130,70 @@ def main() -> int:
         paths, rows = make_shards(workdir, args.gb, args.files)
         size = sum(os.path.getsize(p) for p in paths)
         print(f"{len(paths)} CSV shards, {size / 1e9:.2f} GB, {rows:,} rows (written in {time.perf_counter() - t:.0f} s)")
+        bench.fact("csv_bytes", size)
+        bench.fact("rows", rows)
         pre = preprocessor().fit(flights())
 
         client = daskml_scale.connect(n_workers=2, threads_per_worker=1, dashboard_address=None, plugin=False)
         try:
             pattern = os.path.join(workdir, "*.csv")
             blocksizes = args.blocksizes.split(",")
-            for bs in blocksizes:  # warm up: the workers' imports, the page cache
-                distributed(client, pattern, pre, bs)
-            # the variants take turns, so that a slow spell of this shared machine hits them all
-            times: dict[str, list[float]] = {"single": []}
-            cpu: dict[str, list[float]] = {"single": []}
-            nparts: dict[str, int] = {}
-            for _ in range(args.repeat):
-                secs, n_single, cpu_s = single_process(paths, pre)
-                times["single"].append(secs)
-                cpu["single"].append(cpu_s)
-                for bs in blocksizes:
-                    before = _workers_cpu(client)
-                    secs, n, nparts[bs] = distributed(client, pattern, pre, bs)
-                    cpu.setdefault(bs, []).append(_workers_cpu(client) - before)
-                    assert n == n_single, (n, n_single)  # the same rows came out
-                    times.setdefault(bs, []).append(secs)
-            sp = min(times["single"])
-            sp_cpu = min(cpu["single"])
-            print(f"single process (pandas pyarrow engine + transform): {sp:.2f} s, {rows / sp:,.0f} rows/s, "
-                  f"{sp_cpu:.2f} CPU-s (runs: {', '.join(f'{t:.2f}' for t in times['single'])})")
-            best = None
-            for bs in blocksizes:
-                secs = min(times[bs])
-                print(f"daskml_scale 2x1, blocksize {bs:>6} ({nparts[bs]} partitions): {secs:.2f} s = {sp / secs:.2f}x single, "
-                      f"{min(cpu[bs]):.2f} CPU-s on the workers (runs: {', '.join(f'{t:.2f}' for t in times[bs])})")
-                if best is None or secs < best[1]:
-                    best = (bs, secs)
+            expected: dict = {}  # rows out of the transform (its row filter drops some), set by the single process
+            single = Variant(
+                "single", _checked(lambda: single_process(paths, pre), expected),
+                "one process: pandas read_csv(engine='pyarrow') + Preprocessor.transform, file by file",
+                {"processes": 1, "reader": "pandas.read_csv(engine='pyarrow'), multi-threaded parse",
+                 "transform": "Preprocessor.transform per file", "files": len(paths)},
+            )
+            ours = [
+                Variant(
+                    f"ours_{bs}", _checked(lambda bs=bs: distributed(client, pattern, pre, bs), expected),
+                    f"daskml_scale.read_csv + transform per partition, 2 workers x 1 thread, blocksize {bs}",
+                    {"workers": 2, "threads_per_worker": 1, "reader": "daskml_scale.read_csv", "blocksize": bs},
+                )
+                for bs in blocksizes
+            ]
+            headline = default_bs if default_bs in blocksizes else blocksizes[0]
+            read = bench.compare(
+                "read_preprocess", f"read + preprocess {size / 1e9:.2f} GB of CSV ({rows:,} rows) to float32 arrays",
+                [single, *ours], show=["cpu_s", "partitions"],
+                ratios=[
+                    Ratio(f"ours_{bs}", "single", f"read + preprocess, blocksize {bs}"
+                          + (" (the default)" if bs == default_bs else "") + ", vs one process",
+                          target=">= 1.6x", headline=bs == headline)
+                    for bs in blocksizes
+                ],
+            )
             # two cores: no schedule finishes in less than half the CPU work it has to do
-            print(f"ceiling on 2 cores with the single process's own CPU work ({sp_cpu:.2f} CPU-s / 2): "
-                  f"{sp / (sp_cpu / 2):.2f}x; with ours ({min(cpu[best[0]]):.2f} CPU-s / 2): {sp / (min(cpu[best[0]]) / 2):.2f}x")
-            t = time.perf_counter()
-            preprocessor().fit(daskml_scale.read_csv(pattern), client=client)
-            fit_s = time.perf_counter() - t
-            t = time.perf_counter()
-            preprocessor().fit(pd.concat([pd.read_csv(p, engine="pyarrow") for p in paths]))
-            fit_sp = time.perf_counter() - t
-            print(f"Preprocessor.fit (one pass): daskml_scale {fit_s:.2f} s, single process {fit_sp:.2f} s = {fit_sp / fit_s:.2f}x")
-            print(f"RESULT read+preprocess: best blocksize {best[0]}: {sp / best[1]:.2f}x the single process (target >= 1.6x)")
+            sp, sp_cpu = read.median("single"), read.median("single", "cpu_s")
+            ours_cpu = read.median(f"ours_{headline}", "cpu_s")
+            if sp and sp_cpu and ours_cpu:
+                bench.fact("ceiling_single_cpu", sp / (sp_cpu / 2))
+                bench.fact("ceiling_ours_cpu", sp / (ours_cpu / 2))
+                bench.note(
+                    f"ceiling on 2 workers: the single process needs {sp_cpu:.2f} CPU-s (median), so no 2-core "
+                    f"schedule of the same work beats it by more than {sp / (sp_cpu / 2):.2f}x; with our "
+                    f"workers' own CPU work ({ours_cpu:.2f} CPU-s at {headline}) {sp / (ours_cpu / 2):.2f}x"
+                )
+
+            bench.compare(
+                "preprocessor_fit", "Preprocessor.fit: one pass over the CSV shards",
+                [
+                    Variant("pandas", lambda: preprocessor().fit(pd.concat([pd.read_csv(p, engine="pyarrow") for p in paths])),
+                            "one process: pandas read_csv(engine='pyarrow') of every file, concat, fit",
+                            {"processes": 1, "reader": "pandas.read_csv(engine='pyarrow')"}),
+                    Variant("ours", lambda: preprocessor().fit(daskml_scale.read_csv(pattern), client=client),
+                            "Preprocessor.fit(daskml_scale.read_csv(...)), 2 workers x 1 thread",
+                            {"workers": 2, "threads_per_worker": 1, "blocksize": default_bs}),
+                ],
+                ratios=[Ratio("ours", "pandas", "one-pass Preprocessor.fit vs pandas on the concatenated frame")],
+            )
         finally:
             client.close()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return 0
+    bench.write()
+    return bench.exit_code()
 
 
 if __name__ == "__main__":

@@ -1,16 +1,22 @@
 """CSV shards -> predictions CSV: predict_files on 2 workers against the alternatives.
 
-    .venv/bin/python benchmarks/bench_predict.py [--copies 40] [--shards 16] [--keep id|all] [--repeat 4] [--skip-files]
+    .venv/bin/python benchmarks/bench_predict.py [--copies 40] [--shards 16] [--keep id|all]
+                                                 [--skip-naive] [--skip-files] [--quick] [--rounds N]
 
-Everything is measured in the same run, on the same machine, and printed as ratios:
+Everything is measured in the same run, on the same machine, with the method of
+``benchmarks/_method.py``: one warm-up each, then interleaved rounds, medians with
+min and max; results in ``benchmarks/results/predict.json``.
 
-* ours  predict_files(bundle, in/, out/) on a 2-worker LocalCluster (1 thread each);
-* (a)   the best single-process script: pandas read_csv(engine="pyarrow"),
-        Preprocessor.transform, the model through a tf.function on 8,192-row batches,
-        pyarrow.csv.write_csv;
+* ours  predict_files(bundle, in/, out/) on a 2-worker LocalCluster (1 thread each),
+        its default batch size (``daskml_scale.predict.batch-size``, 8,192 rows);
+* (a)   the best single-process script (the baseline): pandas read_csv(engine="pyarrow"),
+        Preprocessor.transform, the model through a tf.function on 8,192-row batches
+        (TensorFlow on every core), pyarrow.csv.write_csv;
 * (a')  the same script with DataFrame.to_csv;
-* (b)   naive Dask: dd.read_csv, map_partitions with the model captured in a closure
-        calling model.predict(X), dd.to_csv.
+* (b)   naive Dask, as a user would write it: dd.read_csv, map_partitions with the model
+        captured in a closure calling model.predict(X, batch_size=8192, verbose=0),
+        dd.to_csv. (``model.predict``'s default batch size, 32, would make it several
+        times slower; the batch size is the one a user who read the Keras docs passes.)
 
 Then in-memory throughput against the raw model(x) in large batches in one process
 (TensorFlow using every core), all on the same feature matrix persisted on the workers:
@@ -18,8 +24,6 @@ predict() on a Dask array with a loaded bundle and with a live Keras model (the 
 work as the raw call), and on a Dask DataFrame of the features (adds the preprocessor's
 arithmetic); then the full pipeline (user transform + one-hot + model) against its
 single-process version. ``--skip-files`` runs only this part.
-
-Timings are wall-clock seconds, best of ``--repeat`` runs for the fast variants.
 """
 
 from __future__ import annotations
@@ -27,36 +31,49 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from _method import Benchmark, Ratio, Variant, add_arguments  # noqa: E402
 
-def best_of(fn: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
+BATCH = 8192  # rows per model call in the single-process script
+NAIVE_BATCH = 8192  # model.predict(batch_size=...) in the naive Dask script
+
+
+def _rows_per_s(fn: Callable[[], Any], rows: int) -> Callable[[], dict]:
+    """``fn`` as a variant that also reports millions of rows per second."""
+
+    def run() -> dict:
         t = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+        secs = time.perf_counter() - t
+        return {"seconds": secs, "mrows_s": rows / secs / 1e6}
+
+    return run
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--copies", type=int, default=40, help="diamonds copies (53,940 rows each)")
-    ap.add_argument("--shards", type=int, default=16)
+    ap.add_argument("--copies", type=int, default=None, help="diamonds copies, 53,940 rows each (default 40; --quick: 4)")
+    ap.add_argument("--shards", type=int, default=None, help="CSV input files (default 16; --quick: 4)")
     ap.add_argument("--keep", default="id", help="input columns written next to the prediction: id | all")
-    ap.add_argument("--repeat", type=int, default=4)
-    ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--skip-naive", action="store_true", help="leave out (b), naive Dask")
     ap.add_argument("--skip-files", action="store_true", help="only the in-memory figures")
+    add_arguments(ap)
     args = ap.parse_args()
+    args.copies = args.copies if args.copies is not None else (4 if args.quick else 40)
+    args.shards = args.shards if args.shards is not None else (4 if args.quick else 16)
 
+    import dask
     import dask.dataframe as dd
     import keras
     import pyarrow as pa
@@ -68,19 +85,24 @@ def main() -> None:
     from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamonds, diamonds_transform
     from daskml_scale.io.writers import frame_to_csv
 
+    bench = Benchmark.from_args("predict", args, description="batch prediction: CSV -> predictions CSV, and in memory")
+    our_batch = dask.config.get("daskml_scale.predict.batch-size", None)
     keep_cols = ["id"] if args.keep == "id" else None  # None: every input column
     root = tempfile.mkdtemp(prefix="bench-predict-")
     try:
         # ------------------------------------------------------------------ data, model
         t = time.perf_counter()
         df = diamonds(copies=args.copies)
+        rows = len(df)
         in_dir = os.path.join(root, "in")
         os.makedirs(in_dir)
-        for i, idx in enumerate(np.array_split(np.arange(len(df)), args.shards)):
+        for i, idx in enumerate(np.array_split(np.arange(rows), args.shards)):
             with open(os.path.join(in_dir, f"part-{i:03d}.csv"), "wb") as f:
                 frame_to_csv(df.iloc[idx], f)
         size = sum(os.path.getsize(os.path.join(in_dir, f)) for f in os.listdir(in_dir))
-        print(f"data: {len(df):,} rows in {args.shards} CSV shards, {size / 2**20:.0f} MiB ({time.perf_counter() - t:.1f} s)")
+        print(f"data: {rows:,} rows in {args.shards} CSV shards, {size / 2**20:.0f} MiB ({time.perf_counter() - t:.1f} s)")
+        bench.fact("rows", rows)
+        bench.fact("csv_bytes", size)
 
         base = diamonds()
         pre = Preprocessor(
@@ -96,18 +118,26 @@ def main() -> None:
         model.compile("adam", "mse")
         model.fit(X0, y0, epochs=1, batch_size=256, verbose=0)
         bundle_path = save_bundle(model, pre, os.path.join(root, "price.bundle"))
-        print(f"model: MLP 64-64-1 on {X0.shape[1]} features; tf threads intra={tf.config.threading.get_intra_op_parallelism_threads()} (0 = all cores)")
+        intra = tf.config.threading.get_intra_op_parallelism_threads()
+        print(f"model: MLP 64-64-1 on {X0.shape[1]} features; tf threads intra={intra} (0 = all cores)")
+        bench.fact("features", int(X0.shape[1]))
 
         forward = tf.function(
             lambda x: model(x, training=False), input_signature=[tf.TensorSpec([None, X0.shape[1]], tf.float32)]
         )
 
-        def model_in_batches(X: np.ndarray, bs: int = 8192) -> np.ndarray:
+        def model_in_batches(X: np.ndarray, bs: int = BATCH) -> np.ndarray:
             return np.concatenate([forward(X[i : i + bs]).numpy() for i in range(0, len(X), bs)])[:, 0]
 
         model_in_batches(X0[:10000])  # trace once
 
         files = sorted(os.listdir(in_dir))
+        single_settings = {
+            "processes": 1, "reader": "pandas.read_csv(engine='pyarrow')", "transform": "Preprocessor.transform",
+            "model": f"tf.function(model(x, training=False)) on {BATCH:,}-row batches",
+            "tensorflow_threads": intra or "TensorFlow default (every core)", "writer": "pyarrow.csv.write_csv",
+            "file_by_file": True, "keep": args.keep,
+        }
 
         def single_process(writer: str) -> None:
             out_dir = os.path.join(root, f"out-single-{writer}")
@@ -127,12 +157,15 @@ def main() -> None:
         client = daskml_scale.connect(n_workers=2, threads_per_worker=1, dashboard_address=None, memory_limit="6GiB")
         client.wait_for_workers(2)
 
-        def ours() -> None:
+        def ours() -> dict:
             report = predict_files(
-                bundle_path, in_dir, os.path.join(root, "out-ours"), keep=args.keep if args.keep != "id" else "id",
-                client=client, overwrite=True,
+                bundle_path, in_dir, os.path.join(root, "out-ours"), keep=args.keep, client=client, overwrite=True,
             )
-            assert report.ok and report.rows == len(df), str(report)
+            if not report.ok:
+                return {"errors": len(report.failed), "error": report.failed[0]["error"]}
+            if report.rows != rows:
+                return {"errors": 1, "error": f"{report.rows:,} rows written out of {rows:,}"}
+            return {"files": len(report.done)}
 
         def naive() -> None:
             out_dir = os.path.join(root, "out-naive")
@@ -142,43 +175,54 @@ def main() -> None:
             def part(p: pd.DataFrame) -> pd.DataFrame:
                 X, _ = pre.transform(p)
                 out = (p[keep_cols] if keep_cols else p).copy()
-                out["prediction"] = model.predict(X, verbose=0)[:, 0]
+                out["prediction"] = model.predict(X, batch_size=NAIVE_BATCH, verbose=0)[:, 0]
                 return out
 
             meta = (ddf._meta[keep_cols] if keep_cols else ddf._meta).assign(prediction=np.float32(0))
             ddf.map_partitions(part, meta=meta).to_csv(os.path.join(out_dir, "*.csv"), index=False)
 
-        def files_section() -> None:
-            results: dict[str, float] = {}
-            t_cold = best_of(ours, 1)  # first call: workers load the model
-            # interleaved, best of each: the machine's load changes from second to second
-            results["ours"], results["a"] = t_cold, float("inf")
-            for _ in range(args.repeat):
-                results["a"] = min(results["a"], best_of(lambda: single_process("pyarrow"), 1))
-                results["ours"] = min(results["ours"], best_of(ours, 1))
-            results["a_prime"] = best_of(lambda: single_process("pandas"), 1)
-            if not args.skip_naive:
-                results["b"] = best_of(naive, 1)
-
-            # check: ours equals the single-process script
-            a_out = pd.concat([pd.read_csv(os.path.join(root, "out-single-pyarrow", n)) for n in files], ignore_index=True)
-            o_out = pd.concat([pd.read_csv(os.path.join(root, "out-ours", n)) for n in files], ignore_index=True)
-            assert (a_out["id"].to_numpy() == o_out["id"].to_numpy()).all()
-            max_diff = float(np.abs(a_out["prediction"].to_numpy() - o_out["prediction"].to_numpy()).max())
-
-            rows = len(df)
-            print(f"\nCSV -> predictions CSV, {rows:,} rows, keep={args.keep!r}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-            print(f"  ours  predict_files, 2 workers        {results['ours']:6.2f} s  {rows / results['ours'] / 1e6:5.2f} M rows/s  (first call {t_cold:.2f} s)")
-            print(f"  (a)   single process, pyarrow writer  {results['a']:6.2f} s  -> ours is {results['a'] / results['ours']:.2f}x  (target >= 1.3x)")
-            print(f"  (a')  single process, DataFrame.to_csv {results['a_prime']:5.2f} s  -> ours is {results['a_prime'] / results['ours']:.2f}x")
-            if "b" in results:
-                print(f"  (b)   naive Dask, closure + to_csv    {results['b']:6.2f} s  -> ours is {results['b'] / results['ours']:.2f}x  (target >= 3x)")
-            print(f"  max |ours - (a)| prediction = {max_diff:.2e}")
-
         if not args.skip_files:
-            files_section()
+            variants = [
+                Variant("ours", ours, "predict_files, 2 workers x 1 thread",
+                        {"workers": 2, "threads_per_worker": 1, "batch_size": our_batch, "keep": args.keep,
+                         "writer": "daskml_scale CSV writer (atomic)"}),
+                Variant("single", lambda: single_process("pyarrow"), "(a) one process, pyarrow reader and writer",
+                        single_settings),
+                Variant("single_to_csv", lambda: single_process("pandas"), "(a') the same script with DataFrame.to_csv",
+                        {**single_settings, "writer": "DataFrame.to_csv(index=False)"}),
+            ]
+            ratios = [
+                Ratio("ours", "single", "CSV -> CSV: predict_files vs the best single-process script "
+                      f"(pyarrow reader and writer, {BATCH:,}-row batches)", target=">= 1.3x", headline=True),
+                Ratio("ours", "single_to_csv", "CSV -> CSV: predict_files vs the same script with DataFrame.to_csv"),
+            ]
+            if not args.skip_naive:
+                variants.append(Variant(
+                    "naive", naive, f"(b) naive Dask: model in a closure, model.predict(batch_size={NAIVE_BATCH}), dd.to_csv",
+                    {"workers": 2, "threads_per_worker": 1, "reader": "dd.read_csv(blocksize=None)",
+                     "model": f"captured in a map_partitions closure; model.predict(X, batch_size={NAIVE_BATCH}, verbose=0)",
+                     "writer": "dd.to_csv(index=False)"},
+                ))
+                ratios.append(Ratio("ours", "naive", "CSV -> CSV: predict_files vs naive Dask "
+                                    f"(closure, model.predict(batch_size={NAIVE_BATCH}), to_csv)", target=">= 3x"))
+            cmp = bench.compare(
+                "files", f"CSV -> predictions CSV, {rows:,} rows in {args.shards} files, keep={args.keep!r}",
+                variants, ratios=ratios,
+            )
+            if cmp.sides["ours"].warmup:
+                bench.fact("ours_first_call_s", cmp.sides["ours"].warmup["seconds"])
+                bench.note(f"predict_files' first call (the warm-up: every worker loads the model) took "
+                           f"{cmp.sides['ours'].warmup['seconds']:.2f} s")
+            if not cmp.failed:  # ours writes what the single-process script writes
+                a_out = pd.concat([pd.read_csv(os.path.join(root, "out-single-pyarrow", n)) for n in files], ignore_index=True)
+                o_out = pd.concat([pd.read_csv(os.path.join(root, "out-ours", n)) for n in files], ignore_index=True)
+                if keep_cols:
+                    assert (a_out["id"].to_numpy() == o_out["id"].to_numpy()).all(), "ids differ from (a)"
+                max_diff = float(np.abs(a_out["prediction"].to_numpy() - o_out["prediction"].to_numpy()).max())
+                assert max_diff < 1e-3, f"predictions differ from (a) by up to {max_diff}"
+                bench.fact("max_abs_diff_vs_single", max_diff)
+                print(f"   max |ours - (a)| prediction = {max_diff:.2e}")
 
-        rows = len(df)
         # ------------------------------------------------------------------ in memory
         # the same feature matrix on both sides: raw model(x) in one process against
         # predict() on a Dask array persisted on the workers (the model only, as raw), and
@@ -203,39 +247,56 @@ def main() -> None:
             wait(out)
             del out
 
-        run_predict(fbundle, Xd)  # warm the worker caches
-        run_predict(model, Xd)
-        run_predict(fbundle, fddf)
-        # interleaved, best of each: the machine's load changes from second to second
-        t_pred = t_raw = t_frame = t_live = float("inf")
-        for _ in range(max(3, args.repeat)):
-            t_raw = min(t_raw, best_of(lambda: model_in_batches(X_all), 1))
-            t_pred = min(t_pred, best_of(lambda: run_predict(fbundle, Xd), 1))
-            t_frame = min(t_frame, best_of(lambda: run_predict(fbundle, fddf), 1))
-            t_live = min(t_live, best_of(lambda: run_predict(model, Xd), 1))
         check = predict(model, Xd).compute()[:, 0]
-        assert np.allclose(check, model_in_batches(X_all), atol=1e-5)
-        print(f"\nin memory, {rows:,} rows x {X_all.shape[1]} features, persisted on the workers")
-        print(f"  raw model(x), 8,192-row batches, 1 process  {rows / t_raw / 1e6:5.2f} M rows/s")
-        print(f"  predict(bundle, dask array), 2 workers      {rows / t_pred / 1e6:5.2f} M rows/s  -> {t_raw / t_pred:.2f} of raw (target >= 0.9)")
-        print(f"  predict(model, dask array), 2 workers       {rows / t_live / 1e6:5.2f} M rows/s  -> {t_raw / t_live:.2f} of raw "
-              "(a live Keras model: fingerprinted on every call, shipped again only when it changed)")
-        print(f"  predict(bundle, dask DataFrame), 2 workers  {rows / t_frame / 1e6:5.2f} M rows/s  -> {t_raw / t_frame:.2f} of raw "
-              "(adds the preprocessor: columns -> standardized float32 matrix)")
+        assert np.allclose(check, model_in_batches(X_all), atol=1e-5), "predict(model, dask array) differs from model(x)"
+        raw_settings = {"processes": 1, "model": f"tf.function(model(x, training=False)) on {BATCH:,}-row batches",
+                        "tensorflow_threads": intra or "TensorFlow default (every core)", "data": "NumPy array in memory"}
+        ours_settings = {"workers": 2, "threads_per_worker": 1, "chunks": 16, "batch_size": our_batch,
+                         "data": "persisted on the workers"}
+        bench.compare(
+            "in_memory", f"in memory, {rows:,} rows x {X_all.shape[1]} features",
+            [
+                Variant("raw", _rows_per_s(lambda: model_in_batches(X_all), rows),
+                        f"raw model(x) in one process, {BATCH:,}-row batches", raw_settings),
+                Variant("bundle_array", _rows_per_s(lambda: run_predict(fbundle, Xd), rows),
+                        "predict(bundle, dask array), 2 workers", ours_settings),
+                Variant("model_array", _rows_per_s(lambda: run_predict(model, Xd), rows),
+                        "predict(live Keras model, dask array), 2 workers: fingerprinted on every call, "
+                        "shipped again only when it changed", ours_settings),
+                Variant("bundle_frame", _rows_per_s(lambda: run_predict(fbundle, fddf), rows),
+                        "predict(bundle, dask DataFrame of the features), 2 workers: adds the preprocessor",
+                        {**ours_settings, "data": "Dask DataFrame persisted on the workers"}),
+            ],
+            show=["mrows_s"],
+            ratios=[
+                Ratio("bundle_array", "raw", "in memory: predict(bundle, dask array) vs raw model(x) in one process",
+                      target=">= 0.9", headline=True),
+                Ratio("model_array", "raw", "in memory: predict(live model, dask array) vs raw model(x)"),
+                Ratio("bundle_frame", "raw", "in memory: predict(bundle, dask DataFrame of features) vs raw model(x)"),
+            ],
+        )
 
         # the full pipeline in memory: user transform + one-hot + model
         ddf = dd.from_pandas(df, npartitions=16).persist()
         wait(ddf)
         full = load_bundle(bundle_path)
-        run_predict(full, ddf)
-        t_full = best_of(lambda: run_predict(full, ddf), args.repeat)
-        t_single_full = best_of(lambda: model_in_batches(pre.transform(df)[0]), 1)
-        print(f"  full pipeline: predict() {rows / t_full / 1e6:5.2f} M rows/s vs one process transform+model(x) "
-              f"{rows / t_single_full / 1e6:5.2f} M rows/s -> {t_single_full / t_full:.2f}x")
+        bench.compare(
+            "full_pipeline", f"in memory, full pipeline (user transform + one-hot + model), {rows:,} rows",
+            [
+                Variant("single", _rows_per_s(lambda: model_in_batches(pre.transform(df)[0]), rows),
+                        "one process: Preprocessor.transform + model(x)", {**raw_settings, "data": "pandas DataFrame"}),
+                Variant("ours", _rows_per_s(lambda: run_predict(full, ddf), rows),
+                        "predict(bundle, dask DataFrame), 2 workers", {**ours_settings, "data": "raw rows persisted"}),
+            ],
+            show=["mrows_s"],
+            ratios=[Ratio("ours", "single", "in memory, full pipeline: predict() vs one process")],
+        )
         client.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    bench.write()
+    return bench.exit_code()
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -120,7 +120,8 @@ class Backend:
         if opt is not None and not opt.built:
             opt.build(model.trainable_variables)
         if not getattr(model, "_daskml_metrics_built", False):
-            self.make_eval_fn(model)(X[:1], y[:1], 1)
+            # one eager test step creates the metrics' variables: no graph to trace here
+            model.test_step((X[:1], y[:1]))
             self.reset_metrics(model)
             model._daskml_metrics_built = True
 

@@ -32,12 +32,12 @@ from daskml_scale import config
 from daskml_scale.exceptions import BadRowError, DataError, EmptyFileError, MissingColumnError
 from daskml_scale.io.bad_rows import check_on_bad_rows, record_skipped
 from daskml_scale.io.paths import FilePiece, display_name, expand_paths
+from daskml_scale.io.provenance import LINE_COLUMN, PATH_COLUMN, SOURCE_ATTR, RowSource
 from daskml_scale.io.schema import arrow_to_pandas, sample_schema
 
 __all__ = ["CsvPlan", "CsvReader", "plan_csv", "read_csv", "PATH_COLUMN", "LINE_COLUMN"]
 
-PATH_COLUMN = "_path"
-LINE_COLUMN = "_line"
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark ("CSV UTF-8" of spreadsheet programs)
 
 
 def _meta_for(schema: pa.Schema, provenance: bool) -> pd.DataFrame:
@@ -111,6 +111,11 @@ class _Bytes:
 
     def has_empty_lines(self) -> bool:
         return self.raw.find(b"\n\n", self.skip) >= 0 or self.raw.find(b"\n\r\n", self.skip) >= 0
+
+    def is_blank(self) -> bool:
+        """No data at all (a header-only file, or a piece past the last line); blank lines only."""
+        n = len(self.raw) - self.skip
+        return n <= 0 or (n <= 4096 and not self.raw[self.skip :].strip())
 
 
 class _Lines:
@@ -220,7 +225,10 @@ class CsvReader:
             df[PATH_COLUMN] = pd.Series([piece.display] * len(df), dtype="str", index=df.index)
             df[LINE_COLUMN] = np.asarray(lines.of_rows(ordinals), dtype=np.int64)
         df = df.reset_index(drop=True)
-        return df[list(wanted) + ([PATH_COLUMN, LINE_COLUMN] if self.provenance else [])]
+        df = df[list(wanted) + ([PATH_COLUMN, LINE_COLUMN] if self.provenance else [])]
+        # where the rows came from, for an error about one of them (see io.provenance)
+        df.attrs[SOURCE_ATTR] = RowSource(self, piece)
+        return df
 
     # -- the steps ---------------------------------------------------------------
     def _read_bytes(self, piece: FilePiece) -> tuple[bytes, _Bytes, int]:
@@ -245,6 +253,8 @@ class CsvReader:
     def _check_header(self, piece: FilePiece, header: bytes) -> list[str]:
         """The column names of the header line; every wanted column must be among them."""
         assert self.schema is not None
+        if header.startswith(_BOM):  # only ever at the start of the file, so in its header line
+            header = header[len(_BOM) :]
         if not header.strip():
             raise EmptyFileError(
                 f"{piece.display} is empty: expected a header line naming the columns {self.schema.names}",
@@ -265,6 +275,9 @@ class CsvReader:
         """Parse the data lines with the schema's types; on a cell that does not convert,
         parse again as text and note the cells that are not numbers."""
         malformed: list[tuple[int, str]] = []
+        if data.is_blank():  # pyarrow: "Empty CSV file"; here: the columns and no rows
+            fields = [pa.field(n, types.get(n, pa.string())) for n in wanted]
+            return _Parsed(pa.schema(fields).empty_table(), malformed, {})
 
         def on_invalid(row: Any) -> str:
             malformed.append((int(row.number) if row.number is not None else -1, row.text))

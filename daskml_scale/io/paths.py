@@ -83,7 +83,9 @@ def expand_paths(
 ) -> tuple[fsspec.AbstractFileSystem, list[str]]:
     """Expand a URL, glob, directory or list of them into (filesystem, files), in order.
 
-    Globs and directories are sorted; an explicit list keeps the user's order.
+    Globs (``*``, ``?`` and character classes such as ``part-0[01].csv``) and
+    directories are sorted; an explicit list keeps the user's order. A name with ``?``
+    or ``[`` that matches nothing as a glob is taken as it is, if such a file exists.
 
     Parameters
     ----------
@@ -111,6 +113,8 @@ def expand_paths(
     out: list[str] = []
     for url in urls:
         _, _, paths = get_fs_token_paths(url, storage_options=storage_options or {})
+        if len(paths) == 1 and _has_class_or_any(fs, paths[0]):  # fsspec globs only "*"
+            paths = _glob(fs, paths[0])
         if not paths:
             raise DataError(f"No files match {url!r}", path=str(url))
         for p in paths:
@@ -122,6 +126,22 @@ def expand_paths(
             else:
                 out.append(p)
     return fs, out
+
+
+def _has_class_or_any(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether ``path`` is a glob by a ``?`` or a ``[...]`` (on HTTP, ``?`` starts a query)."""
+    if protocol(fs) in ("http", "https"):
+        return False
+    return "?" in path or ("[" in path and "]" in path[path.index("[") :])
+
+
+def _glob(fs: fsspec.AbstractFileSystem, pattern: str) -> list[str]:
+    """The files ``pattern`` matches, sorted; the literal name when it matches none but exists."""
+    found = fs.glob(pattern, detail=True)
+    files = sorted(p for p, info in found.items() if info.get("type") != "directory")
+    if not files and fs.exists(pattern):
+        return [pattern]
+    return files
 
 
 def is_parquet(path: str) -> bool:

@@ -28,6 +28,8 @@ _TO_NULLABLE_INT = {
     pa.uint8(): _INT64, pa.uint16(): _INT64, pa.uint32(): _INT64,
 }
 
+_HEADER_ONLY = b"daskml_scale.header-only"
+
 _DTYPE_TO_ARROW = {
     "float64": pa.float64(), "float32": pa.float32(), "float": pa.float64(),
     "int64": pa.int64(), "Int64": pa.int64(), "int": pa.int64(), "int32": pa.int64(),
@@ -86,19 +88,28 @@ def infer_schema(
         raise BadRowError(f"{display}: cannot infer the columns from its first rows: {exc}", path=display) from exc
     fields = []
     for field in table.schema:
-        t = _normalise_type(field.type)
+        # a header-only file names its columns but not their types: null until merged
+        t = _normalise_type(field.type) if table.num_rows else pa.null()
         if dtype and field.name in dtype:
             t = _DTYPE_TO_ARROW.get(str(dtype[field.name]), t)
         fields.append(pa.field(field.name, t))
-    return pa.schema(fields)
+    return pa.schema(fields, metadata=None if table.num_rows else {_HEADER_ONLY: b"1"})
+
+
+def _header_only(schema: pa.Schema) -> bool:
+    return bool(schema.metadata and _HEADER_ONLY in schema.metadata)
 
 
 def merge_schemas(schemas: list[pa.Schema], dtype: dict[str, Any] | None) -> pa.Schema:
-    """The first file's columns, each with a type every sampled file fits."""
+    """The first file's columns, each with a type every sampled file fits (a column
+    typed in no file, as in header-only files, is ``float64``)."""
     first = schemas[0]
     fields = []
     for field in first:
-        types = {s.field(field.name).type for s in schemas if field.name in s.names}
+        types = {s.field(field.name).type for s in schemas if field.name in s.names} - {pa.null()}
+        if pa.types.is_null(field.type):
+            typed = [s.field(field.name).type for s in schemas[1:] if field.name in s.names]
+            field = pa.field(field.name, next((t for t in typed if not pa.types.is_null(t)), pa.float64()))
         # the first file decides text vs number (text in a later file is then a bad
         # cell, reported with its line); samples only widen integer to float
         if dtype and field.name in dtype:
@@ -149,17 +160,24 @@ def sample_schema(
     """
     n = len(paths)
     sample = sorted({0, n // 2, n - 1}) if n else []
-    order = sample + list(range(n)) if skip_unreadable else sample
     schemas: list[pa.Schema] = []
+    header_only: list[pa.Schema] = []
     tried: set[int] = set()
-    for i in order:
-        if i in tried or len(schemas) == 3:
+    for i in sample + list(range(n)):
+        if len(schemas) == 3:
+            break
+        if i in tried:
             continue
+        if i not in sample and schemas and not skip_unreadable:
+            break  # past the sample only to find a file with rows (or, skipping, a readable one)
         tried.add(i)
         comp = infer_compression(paths[i]) if compression == "infer" else compression
         try:
-            schemas.append(infer_schema(fs, paths[i], display_name(fs, paths[i]), comp, dtype, sample_bytes))
+            schema = infer_schema(fs, paths[i], display_name(fs, paths[i]), comp, dtype, sample_bytes)
         except DataError:
             if not skip_unreadable:
                 raise
-    return merge_schemas(schemas, dtype) if schemas else None
+            continue
+        (header_only if _header_only(schema) else schemas).append(schema)
+    found = schemas + header_only
+    return merge_schemas(found, dtype) if found else None

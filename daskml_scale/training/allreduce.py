@@ -96,6 +96,9 @@ class AllReduce(Strategy):
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "every": int(self.every)}
 
+    def worker_functions(self) -> tuple[str, ...]:
+        return ("fused",) if int(self.every) == 1 else ("train",)
+
     def create_state(self) -> _RingState:
         return _RingState()
 
@@ -241,9 +244,7 @@ def allreduce_epoch(
                 backend.set_optimizer_state(model, state["optimizer"])
             backend.reset_metrics(model)
             shapes = [tuple(v.shape) for v in model.weights]
-            fused = cached.extra.get("fused") if every == 1 else None
-            if every == 1 and fused is None:
-                fused = cached.extra["fused"] = backend.make_fused_step_fn(model)
+            fused = cached.fused_fn if every == 1 else None
             grad_size = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
             weights_size = sum(int(np.prod(s)) for s in shapes)
             buf = np.empty((grad_size if every == 1 else weights_size) + 1, dtype=np.float32)

@@ -23,7 +23,14 @@ from daskml_scale.exceptions import DataError, TrainingError, WorkersLostError
 from daskml_scale.training.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from daskml_scale.training.runner import EpochRunner, sum_states
 from daskml_scale.training.strategy import Strategy
-from daskml_scale.training.worker import Lazy, evaluate_parts, partition_sizes, prepare_partition, sample_rows
+from daskml_scale.training.worker import (
+    Lazy,
+    evaluate_parts,
+    partition_sizes,
+    prepare_partition,
+    sample_rows,
+    warm_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +86,7 @@ class Fit:
         self.initial_optimizer_state: list[np.ndarray] = []
         self.trainable_mask: list[bool] = []
         self.callbacks: Any = None
+        self._warm: list[Any] = []  # the warm-up tasks (their results: worker timings)
         # where the time before the first step goes (history.daskml_summary["timings"])
         self.timings: dict[str, float] = {}
         self._worker_timings: dict[str, float] = {}
@@ -93,11 +101,19 @@ class Fit:
 
     def _run(self) -> Any:
         t0 = time.perf_counter()
-        self._plan()
-        self.timings["plan_s"] = time.perf_counter() - t0
+        workers = self.live_workers()
+        if not workers:
+            raise WorkersLostError("The cluster has no workers: start some, or call daskml_scale.connect()")
+        # the model goes out first: workers build and trace it while they prepare the data
+        warm = self._warm_up(workers)
+        self.timings["model_s"] = time.perf_counter() - t0
         t1 = time.perf_counter()
-        self._ship_model()
-        self.timings["model_s"] = time.perf_counter() - t1
+        self._plan(workers)
+        self.timings["plan_s"] = time.perf_counter() - t1
+        if not warm:
+            t2 = time.perf_counter()
+            self._ship_model()
+            self.timings["model_s"] += time.perf_counter() - t2
         start_epoch, restored = self._restore()
         history = self._start_callbacks(start_epoch, restored)
         self.timings["before_first_epoch_s"] = time.perf_counter() - t0
@@ -108,11 +124,8 @@ class Fit:
         history.daskml_summary = self.summary(history)
         return history
 
-    def _plan(self) -> None:
-        """Workers, prepared partitions (training and validation), their sizes, the streams."""
-        workers = self.live_workers()
-        if not workers:
-            raise WorkersLostError("The cluster has no workers: start some, or call daskml_scale.connect()")
+    def _plan(self, workers: list[str]) -> None:
+        """Prepared partitions (training and validation), their sizes, the streams."""
         self.workers = workers
         self.homes = list(workers)
         self.sources, self.cached = self._sources(self.data, self.validation_fraction, "train", workers)
@@ -128,11 +141,46 @@ class Fit:
         elif self.validation_fraction > 0:
             self.val_streams = self.streams
 
-    def _ship_model(self) -> None:
+    def _placeholder_rows(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Two rows of the preprocessor's output for Dask's placeholder input rows (their
+        shapes and dtypes are the real ones), or None when the user's transform does not
+        run on placeholders."""
+        meta = getattr(self.data, "_meta_nonempty", None)
+        if meta is None:
+            return None
+        try:
+            X, y = self.pre.transform(meta.head(2))
+        except Exception:
+            return None
+        if y is None or len(X) == 0:
+            return None
+        return X, y
+
+    def _warm_up(self, workers: list[str]) -> bool:
+        """Ship the model and have every worker build it and trace what the strategy will
+        call (:func:`~daskml_scale.training.worker.warm_model`), ahead of the data."""
+        sample = self._placeholder_rows()
+        if sample is None:
+            return False
+        self._ship_model(sample)
+        validate = self.validation_data is not None or self.validation_fraction > 0
+        self._warm = [
+            self.client.submit(
+                warm_model, self.fit_id, self.model_bytes, sample[0], sample[1], self.batch_size,
+                self.strategy.worker_functions(), validate, pure=False, workers=[w], allow_other_workers=True,
+                priority=10, key=f"daskml-warm-{self.fit_id}-{i}",
+            )
+            for i, w in enumerate(workers)
+        ]
+        return True
+
+    def _ship_model(self, sample: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Build the driver's model on sample rows, put its bytes in the cluster once, and
         take the master state from it."""
-        biggest = self.sources[int(np.argmax(self.train_sizes))]
-        X, y = self.gather([self.client.submit(sample_rows, biggest, pure=False)])[0]
+        if sample is None:
+            biggest = self.sources[int(np.argmax(self.train_sizes))]
+            sample = self.gather([self.client.submit(sample_rows, biggest, pure=False)])[0]
+        X, y = sample
         backend.ensure_built(self.model, X, y)
         self.model_bytes = self.put(backend.model_to_bytes(self.model), "model")
         self.weights = backend.get_weights(self.model)
@@ -202,7 +250,7 @@ class Fit:
             logger.exception("daskml_scale.fit: the strategy could not release its state")
         futures = [s for s in self.sources if not isinstance(s, Lazy)]
         futures += [s for s in (self.val_sources or []) if not isinstance(s, Lazy)]
-        for f in futures + [self.model_bytes]:
+        for f in futures + self._warm + [self.model_bytes]:
             try:
                 if f is not None and hasattr(f, "release"):
                     f.release()
@@ -417,7 +465,13 @@ class Fit:
             "cached": bool(self.cached), "seed": self.seed,
         }
 
+    def _warm_timings(self) -> None:
+        done = [f for f in self._warm if f.status == "finished"]
+        if done:
+            self.note_worker_timings([{"timings": t} for t in self.client.gather(done)])
+
     def summary(self, history: Any) -> dict[str, Any]:
+        self._warm_timings()
         last = {k: v[-1] for k, v in history.history.items() if v}
         return {**self.describe(), "epochs_run": len(history.history.get("loss", [])), "final": last,
                 "lost_workers": sorted(self.lost_workers),

@@ -134,6 +134,9 @@ class ParameterServer(Strategy):
     def _timeout(self) -> float:
         return float(self.timeout if self.timeout is not None else config.get("training.ps-timeout", 120))
 
+    def worker_functions(self) -> tuple[str, ...]:
+        return ("train",) if self._local_steps() else ("gradients",)
+
     def create_state(self) -> "_ServerState":
         return _ServerState()
 

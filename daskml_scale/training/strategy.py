@@ -56,6 +56,13 @@ class Strategy(abc.ABC):
         "batch" for callbacks and the progress bar); ``None``: once per epoch."""
         return None
 
+    def worker_functions(self) -> tuple[str, ...]:
+        """The compiled functions this strategy's worker tasks call, traced ahead while
+        the data is prepared: any of ``"train"`` (``model.train_step`` loops),
+        ``"gradients"`` (the parameter server's gradient loop) and ``"fused"``
+        (AllReduce's apply-then-gradient step)."""
+        return ("train",)
+
     def create_state(self) -> Any:
         """What the strategy keeps across the epochs of one fit (``runner.state``)."""
         return None

@@ -25,7 +25,7 @@ from daskml_scale.exceptions import MissingColumnError
 
 __all__ = [
     "PartSlice", "StreamRange", "Lazy", "prepare_partition", "train_round", "evaluate_parts", "model_for",
-    "gather_rows", "sample_rows", "partition_sizes",
+    "gather_rows", "sample_rows", "partition_sizes", "warm_model",
 ]
 
 
@@ -95,6 +95,14 @@ class _CachedModel:
         return steps
 
     @property
+    def fused_fn(self) -> Any:
+        """``backend.make_fused_step_fn`` of the model (AllReduce, ``every=1``)."""
+        fn = self.extra.get("fused")
+        if fn is None:
+            fn = self.extra["fused"] = backend.make_fused_step_fn(self.model)
+        return fn
+
+    @property
     def grad_loop_fn(self) -> Any:
         """``backend.make_gradient_loop_fn`` of the model (build the model first)."""
         fn = self.__dict__.get("_grad_loop_fn")
@@ -117,6 +125,37 @@ def model_for(fit_id: str, model_bytes: bytes) -> _CachedModel:
         return _CachedModel(model, time.perf_counter() - t)
 
     return _MODELS.get_or_create(fit_id, build)
+
+
+def warm_model(
+    fit_id: str, model_bytes: bytes, X: np.ndarray, y: np.ndarray, batch_size: int, functions: Sequence[str],
+    validate: bool,
+) -> dict[str, float]:
+    """Task: build the fit's model on this worker and trace the compiled functions its
+    strategy will call, on placeholder rows, while the driver still prepares the data.
+
+    The model's state (weights, optimizer slots, metrics) is put back afterwards, so
+    that the placeholder steps leave no trace; every training task sets it anyway."""
+    t = time.perf_counter()
+    cached = model_for(fit_id, model_bytes)
+    with cached.lock:
+        model = cached.model
+        backend.ensure_built(model, X, y)
+        weights, slots = backend.get_weights(model), backend.get_optimizer_state(model)
+        X, y = X[:1], y[:1]
+        if "train" in functions:
+            cached.train(X, y, batch_size)
+        if "gradients" in functions:
+            cached.grad_loop_fn(X, y, batch_size, backend.pack(weights))
+        if "fused" in functions:
+            cached.fused_fn(X, y, None)
+        if validate:
+            cached.eval_fn(X, y, batch_size)
+        backend.set_weights(model, weights)
+        backend.set_optimizer_state(model, slots)
+        backend.reset_metrics(model)
+    cached.timings["warm_s"] = time.perf_counter() - t
+    return dict(cached.timings)
 
 
 def models_built() -> int:

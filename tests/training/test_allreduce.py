@@ -1,0 +1,177 @@
+"""fit() with AllReduce on a real LocalCluster (2 worker processes x 1 thread), and the
+ring of direct worker-to-worker connections it reduces over."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+
+import dask.dataframe as dd
+import numpy as np
+import pytest
+
+import daskml_scale
+from daskml_scale.training.ring import Ring, RingError, close_port, open_port
+from tests.training.conftest import build_model
+
+BATCH = 128
+
+
+def small_model(n_features: int, seed: int = 0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", metrics=["mae"])
+    return model
+
+
+def single_process_sgd(model, parts, batch: int, epochs: int) -> int:
+    """The reference: per step, the optimizer applied to the row-weighted mean of the
+    workers' batch gradients (the union of their batches), in this process."""
+    import tensorflow as tf
+
+    steps = max(int(np.ceil(len(X) / batch)) for X, _ in parts)
+    for _ in range(epochs):
+        for i in range(steps):
+            grads, sizes = [], []
+            for X, y in parts:
+                xb, yb = X[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
+                if len(xb) == 0:
+                    continue
+                with tf.GradientTape() as tape:
+                    loss = model.compute_loss(x=xb, y=yb, y_pred=model(xb, training=True))
+                grads.append(tape.gradient(loss, model.trainable_variables))
+                sizes.append(len(xb))
+            w = np.asarray(sizes, np.float64) / sum(sizes)
+            mean = [sum(wi * g[j].numpy() for wi, g in zip(w, grads)).astype(np.float32) for j in range(len(grads[0]))]
+            model.optimizer.apply_gradients(zip(mean, model.trainable_variables))
+    return steps
+
+
+@pytest.mark.slow
+def test_every_1_is_single_process_sgd_on_the_union_of_batches(diamond_data, fitted_pre, client):
+    # uneven partitions: the shorter stream runs out first and takes part with no rows
+    rows = diamond_data.train.iloc[:3100]
+    ddf = dd.from_pandas(rows, npartitions=2)
+    epochs = 2
+    n = len(fitted_pre.feature_names_)
+    model, expected = small_model(n), small_model(n)  # same seed: same initial weights
+    h = daskml_scale.fit(model, ddf, preprocessor=fitted_pre, epochs=epochs, batch_size=BATCH, client=client,
+                         shuffle=False, verbose=0, strategy=daskml_scale.AllReduce(every=1))
+    parts = [fitted_pre.transform(ddf.partitions[i].compute()) for i in range(2)]
+    steps = single_process_sgd(expected, parts, BATCH, epochs)
+    for got, want in zip(model.get_weights(), expected.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    # the optimizer state came back too: Adam's step count is one per global step
+    assert int(model.optimizer.iterations.numpy()) == epochs * steps
+    assert h.history["allreduce_steps"] == [steps] * epochs
+    # a reduce sends 2 (N-1)/N of the gradients (+ the row count) per worker, N = 2
+    size = sum(int(np.prod(w.shape)) for w in model.trainable_weights) + 1
+    assert h.history["allreduce_mb_sent"][0] * 1e6 == pytest.approx(steps * (size * 4 + 2 * 16), rel=0.01)
+    assert h.daskml_summary["strategy"] == "allreduce"
+
+
+@pytest.mark.slow
+def test_every_k_averages_weights_and_learns(diamond_data, fitted_pre, client):
+    n = len(fitted_pre.feature_names_)
+    h = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=3, batch_size=BATCH,
+                         client=client, verbose=0, validation_data=diamond_data.val_ddf(),
+                         strategy=daskml_scale.AllReduce(every=8))
+    per_worker = int(np.ceil(12_000 / BATCH / 8))
+    assert h.history["allreduce_steps"][0] == pytest.approx(per_worker, abs=1)
+    assert h.history["val_loss"][-1] < 0.5 * h.history["val_loss"][0]
+    avg = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=3, batch_size=BATCH,
+                           client=client, verbose=0, validation_data=diamond_data.val_ddf(),
+                           strategy=daskml_scale.ModelAveraging(sync_every=8))
+    # the same local SGD as driver averaging every 8 steps, without the driver in the loop
+    assert h.history["val_loss"][-1] <= 1.1 * avg.history["val_loss"][-1]
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_epoch_does_not_hang(diamond_data, fitted_pre, own_client):
+    import keras
+
+    n = len(fitted_pre.feature_names_)
+    # small batches: an epoch of ~375 reduces outlasts the kill's delay
+    common = dict(preprocessor=fitted_pre, epochs=3, batch_size=32, verbose=0,
+                  validation_data=diamond_data.val_ddf(), strategy=daskml_scale.AllReduce(every=1))
+    calm = daskml_scale.fit(build_model(n), diamond_data.ddf(), client=own_client, **common)
+
+    class Kill(keras.callbacks.Callback):
+        victim = None
+
+        def on_train_batch_begin(self, batch, logs=None):  # the second epoch's tasks are in flight
+            if self.victim is None and len(self.model.history.history.get("loss", [])) == 1:
+                self.victim = sorted(own_client.nthreads())[0]
+                pid = own_client.run(os.getpid, workers=[self.victim])[self.victim]
+                threading.Timer(0.1, os.kill, (pid, signal.SIGKILL)).start()
+
+    killer = Kill()
+    t = time.monotonic()
+    h = daskml_scale.fit(build_model(n), diamond_data.ddf(), client=own_client, callbacks=[killer], **common)
+    assert time.monotonic() - t < 300
+    assert killer.victim in h.daskml_summary["lost_workers"]
+    assert h.history["allreduce_restarts"][1] >= 1  # the epoch restarted from the driver's copy
+    assert h.history["allreduce_restarts"][0] == 0
+    assert len(h.history["val_loss"]) == 3
+    assert h.history["val_loss"][-1] <= 1.05 * calm.history["val_loss"][-1]
+
+
+@pytest.mark.slow
+def test_a_connection_without_the_secret_is_closed_unanswered(client):
+    """Ring members on two workers reduce; a stranger at a member's port gets nothing."""
+    workers = sorted(client.nthreads())
+    ring_id, secret = f"test-{secrets.token_hex(4)}", secrets.token_bytes(32)
+    opened = [client.submit(open_port, ring_id, r, workers=[w], pure=False).result(timeout=30)
+              for r, w in enumerate(workers)]
+    addresses = [(h, p) for _, h, p in opened]
+
+    # a stranger connects first, with a wrong secret, and is closed without an answer
+    stranger = socket.create_connection(addresses[0], timeout=10)
+    stranger.sendall(b"DKR1" + b"\0" * 32 + (1).to_bytes(8, "little", signed=True) + bytes(8))
+
+    def member(rank, values):
+        ring = Ring(ring_id, rank, addresses, secret, timeout=20)
+        try:
+            return ring.allreduce(np.asarray(values, np.float32)).tolist()
+        finally:
+            ring.close()
+
+    futs = [client.submit(member, r, [r + 1.0] * 5, workers=[w], pure=False) for r, w in enumerate(workers)]
+    assert [f.result(timeout=60) for f in futs] == [[3.0] * 5, [3.0] * 5]
+    stranger.settimeout(10)
+    assert stranger.recv(1) == b""  # closed, nothing sent
+    stranger.close()
+
+    # a member with the wrong secret never joins: its neighbour's wait ends, with an error
+    bad = [client.submit(member if r == 0 else _member_with_secret, *((r, [1.0]) if r == 0 else
+                         (ring_id, r, addresses, secrets.token_bytes(32))), workers=[w], pure=False)
+           for r, w in enumerate(workers)]
+    with pytest.raises(RingError):
+        bad[0].result(timeout=120)
+    client.cancel(bad)
+    client.run(close_port, ring_id)
+
+
+def _member_with_secret(ring_id, rank, addresses, secret):
+    ring = Ring(ring_id, rank, addresses, secret, timeout=5)
+    try:
+        return ring.allreduce(np.ones(1, np.float32)).tolist()
+    finally:
+        ring.close()
+
+
+def test_ring_of_one_is_the_identity():
+    ring = Ring("solo", 0, [("127.0.0.1", 1)], secrets.token_bytes(32), timeout=1)
+    v = np.arange(4, dtype=np.float32)
+    assert ring.allreduce(v.copy()).tolist() == v.tolist()
+
+
+def test_bad_arguments_are_clear():
+    with pytest.raises(ValueError, match="every"):
+        daskml_scale.AllReduce(every=0)
