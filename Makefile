@@ -1,12 +1,15 @@
 # The two commands of the README's quick start:
 #   make demo   set up a virtual environment and run the end-to-end job on a local cluster
 #   make test   set up a virtual environment and run the test suite
+# and for the figures in docs/benchmarks.md and the README:
+#   make bench       run every benchmark at full size (on a quiet machine); writes benchmarks/results/*.json
+#   make bench-docs  regenerate the docs' figures from benchmarks/results/*.json
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench venv clean
+.PHONY: demo test test-fast bench bench-docs venv clean
 
 venv: $(STAMP)
 
@@ -25,8 +28,21 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow" tests
 
+BENCHMARKS ?= training data predict parameter_server serving
+BENCH_ARGS ?=
+
+# every benchmark runs, one after the other, even when one fails (its results file says
+# which side failed); the target fails at the end if any did
 bench: $(STAMP)
-	for b in training data predict parameter_server serving; do $(PY) benchmarks/bench_$$b.py || exit 1; done
+	@failed=""; for b in $(BENCHMARKS); do \
+	  echo "== benchmarks/bench_$$b.py $(BENCH_ARGS)"; \
+	  $(PY) benchmarks/bench_$$b.py $(BENCH_ARGS) || failed="$$failed $$b"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "benchmarks that failed:$$failed"; exit 1; fi
+
+# the generator needs only the standard library: no virtual environment required
+bench-docs:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/make_docs.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-output

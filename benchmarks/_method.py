@@ -218,7 +218,7 @@ class Comparison:
         try:
             out = side.variant.fn()
         except Exception as exc:  # noqa: BLE001  (a failed side is a result, not a crash)
-            side.error = f"{type(exc).__name__}: {exc}"
+            side.error = _short(f"{type(exc).__name__}: {exc}")
             side.failed_in = stage
             tb = traceback.format_exc(limit=6)
             print(f"  FAILED {side.variant.name} ({stage}): {side.error}\n{tb}", file=sys.stderr, flush=True)
@@ -232,7 +232,7 @@ class Comparison:
         if errors:
             side.error = f"{errors} errors"
             if rec.get("error"):
-                side.error += f" (first: {rec['error']})"
+                side.error += f" (first: {_short(str(rec['error']))})"
             side.failed_in = stage
             print(f"  FAILED {side.variant.name} ({stage}): {side.error}", file=sys.stderr, flush=True)
             return None
@@ -538,6 +538,12 @@ def _git() -> dict[str, Any]:
 
     status = run("status", "--porcelain", "--untracked-files=no")
     return {"commit": run("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+
+
+def _short(text: str, limit: int = 300) -> str:
+    """An error message for a table: its first lines, at most ``limit`` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _settings_text(settings: Mapping[str, Any]) -> str:

@@ -1,13 +1,21 @@
-"""Online serving under load: micro-batching on vs off, 1/16/64 concurrent clients.
+"""Online serving under load: micro-batching on vs off (per-request prediction, the
+baseline), 1/16/64 concurrent clients, 1- and 100-row requests.
 
-A real server process (``python -m daskml_scale.serving``) on 127.0.0.1 and a load
-generator in ANOTHER process (this file with ``--load``), so that the client's
-work is not counted in the server's event loop; on a 2-core machine the two still
-share the cores, which is said next to the figures. The generator is bounded: a
-fixed number of requests per run, a time limit, loopback only.
+Two real server processes (``python -m daskml_scale.serving``) on 127.0.0.1, one
+micro-batched and one with ``--no-micro-batching``, and a load generator in ANOTHER
+process (this file with ``--load``), so that the client's work is not counted in the
+server's event loop; on a 2-core machine the servers and the generator still share the
+cores, which is said next to the figures. The generator is bounded: a fixed number of
+requests per run, a time limit, loopback only.
+
+Every cell (clients, rows per request) is one comparison of the two modes with the
+method of ``benchmarks/_method.py``: one warm-up each, then interleaved rounds, medians
+with min and max. Only successful (HTTP 200) requests count toward requests/s and
+latency; a run with any failed request is reported as failed, not timed.
+Results: ``benchmarks/results/serving.json``.
 
     .venv/bin/python benchmarks/bench_serving.py            # the whole matrix
-    .venv/bin/python benchmarks/bench_serving.py --quick    # fewer requests
+    .venv/bin/python benchmarks/bench_serving.py --quick    # fewer requests: a check, not a figure
     .venv/bin/python benchmarks/bench_serving.py --frameworks   # Starlette vs FastAPI, no model
 
 Prints requests/s, rows/s, p50/p99 latency per (mode, clients, rows per request),
@@ -31,6 +39,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
 
 
 # ----------------------------------------------------------------------------- load
@@ -63,6 +72,8 @@ async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: 
             r = await session.post(url, content=body, headers=headers)
             return r.status_code
 
+    first_error: list[str] = []
+
     async def worker() -> None:
         nonlocal issued, errors
         while issued < requests and time.monotonic() < deadline:
@@ -70,11 +81,16 @@ async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: 
             t0 = time.perf_counter()
             try:
                 status = await one()
-            except Exception:
-                status = 0
-            latencies.append(time.perf_counter() - t0)
-            if status != 200:
+            except Exception as exc:  # noqa: BLE001  (a failed request is counted, not raised)
+                status, detail = 0, f"{type(exc).__name__}: {exc}"
+            else:
+                detail = f"HTTP {status}"
+            if status == 200:  # only answered requests count toward requests/s and latency
+                latencies.append(time.perf_counter() - t0)
+            else:
                 errors += 1
+                if not first_error:
+                    first_error.append(detail)
 
     try:
         t0 = time.perf_counter()
@@ -85,7 +101,8 @@ async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: 
     latencies.sort()
     n = len(latencies)
     return {
-        "requests": n, "errors": errors, "wall_s": wall, "req_s": n / wall,
+        "requests": n, "issued": issued, "errors": errors, "error": first_error[0] if first_error else None,
+        "truncated": issued < requests, "wall_s": wall, "req_s": n / wall,
         "p50_ms": latencies[n // 2] * 1e3 if n else float("nan"),
         "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1e3 if n else float("nan"),
     }
@@ -93,9 +110,12 @@ async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: 
 
 def load_main(args: argparse.Namespace) -> None:
     body = Path(args.body).read_bytes()
-    # warm-up: connections, server caches
-    asyncio.run(_load(args.url, body, args.clients, min(args.requests, 4 * args.clients), 30))
+    # warm-up: connections, server caches; its failed requests count too
+    warm = asyncio.run(_load(args.url, body, args.clients, min(args.requests, 4 * args.clients), 30))
     out = asyncio.run(_load(args.url, body, args.clients, args.requests, args.time_limit))
+    out["warmup_errors"] = warm["errors"]
+    out["errors"] += warm["errors"]
+    out["error"] = out["error"] or warm["error"]
     print(json.dumps(out))
 
 
@@ -229,13 +249,16 @@ def make_bundle(directory: str) -> str:
 def start_server(bundle: str, port: int, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "daskml_scale.serving", bundle, "--port", str(port), *extra]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
     import urllib.request
 
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"the server exited with {proc.returncode}: {' '.join(cmd)}\n{tail}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
                 if r.status == 200:
@@ -256,11 +279,33 @@ def batch_stats(port: int) -> tuple[float, float]:
     return calls, rows
 
 
-def run_matrix(args: argparse.Namespace) -> None:
-    import pandas as pd
+def _load_run(port: int, body: str, clients: int, rows: int, requests: int, time_limit: float):
+    """A variant: one load-generator run against the server on ``port``."""
+
+    def run() -> dict:
+        calls0, rows0 = batch_stats(port)
+        cmd = [
+            sys.executable, str(HERE), "--load", "--url", f"http://127.0.0.1:{port}/predict",
+            "--body", body, "--clients", str(clients), "--requests", str(requests), "--time-limit", str(time_limit),
+        ]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit + 120)
+        if out.returncode != 0:
+            raise RuntimeError(f"the load generator exited with {out.returncode}: {out.stderr[-2000:]}")
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        calls1, rows1 = batch_stats(port)
+        res["load_wall_s"] = res.pop("wall_s")
+        res.update(rows_s=res["req_s"] * rows, mean_batch_rows=(rows1 - rows0) / max(calls1 - calls0, 1))
+        return res
+
+    return run
+
+
+def run_matrix(args: argparse.Namespace) -> int:
+    from _method import Benchmark, Ratio, Variant
 
     from daskml_scale.datasets import diamonds
 
+    bench = Benchmark.from_args("serving", args, description="REST serving: micro-batching against per-request prediction")
     tmp = tempfile.mkdtemp(prefix="bench-serving-")
     bundle = args.bundle or make_bundle(tmp)
     rows_df = diamonds().drop(columns=["price"]).iloc[:100]
@@ -269,47 +314,47 @@ def run_matrix(args: argparse.Namespace) -> None:
         p = Path(tmp) / f"body-{r}.json"
         p.write_bytes(json.dumps(rows_df.iloc[:r].to_dict("records")).encode())
         bodies[r] = str(p)
-    modes = {"batched": [], "per-request": ["--no-micro-batching"]}
-    results = []
-    for mode, flags in modes.items():
-        port = free_port()
-        server = start_server(bundle, port, [*flags, *args.server_args])
-        try:
-            for clients in args.clients:
-                for r in args.rows:
-                    n = args.requests if r == 1 else max(args.requests // 4, 50)
-                    calls0, rows0 = batch_stats(port)
-                    cmd = [
-                        sys.executable, str(HERE), "--load", "--url", f"http://127.0.0.1:{port}/predict",
-                        "--body", bodies[r], "--clients", str(clients), "--requests", str(n),
-                    ]
-                    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-                    if out.returncode != 0:
-                        raise RuntimeError(out.stderr)
-                    res = json.loads(out.stdout.strip().splitlines()[-1])
-                    calls1, rows1 = batch_stats(port)
-                    res.update(mode=mode, clients=clients, rows=r, rows_s=res["req_s"] * r,
-                               mean_batch_rows=(rows1 - rows0) / max(calls1 - calls0, 1))
-                    results.append(res)
-                    print(
-                        f"{mode:12s} clients={clients:3d} rows/req={r:4d}  {res['req_s']:8.0f} req/s "
-                        f"{res['rows_s']:9.0f} rows/s  p50 {res['p50_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  "
-                        f"mean batch {res['mean_batch_rows']:6.1f} rows  errors {res['errors']}",
-                        flush=True,
-                    )
-        finally:
+    modes = {"per_request": ["--no-micro-batching"], "batched": []}
+    labels = {"per_request": "one model call per request (--no-micro-batching)",
+              "batched": "micro-batching (the default)"}
+    servers, ports = {}, {}
+    try:
+        for mode, flags in modes.items():  # both up for the whole run, so that the modes can take turns
+            ports[mode] = free_port()
+            servers[mode] = start_server(bundle, ports[mode], [*flags, *args.server_args])
+        bench.note(f"{os.cpu_count()} cores shared by both servers (one idle while the other is measured) and the "
+                   "load generator; the generator uses aiohttp (or httpx), one connection per client")
+        top = max(args.clients)
+        for clients in args.clients:
+            for r in args.rows:
+                n = args.requests if r == 1 else max(args.requests // 4, 50)
+                variants = [
+                    Variant(mode, _load_run(ports[mode], bodies[r], clients, r, n, args.time_limit), labels[mode],
+                            {"server": f"python -m daskml_scale.serving BUNDLE {' '.join([*flags, *args.server_args])}".strip(),
+                             "clients": clients, "rows_per_request": r, "requests_per_run": n,
+                             "time_limit_s": args.time_limit, "body": "JSON list of diamonds records"})
+                    for mode, flags in modes.items()
+                ]
+                ratio = Ratio("batched", "per_request",
+                              f"REST, {clients} clients, {r}-row requests: micro-batched rows/s vs per-request",
+                              target=">= 5x" if clients == top else None, headline=clients == top)
+                bench.compare(
+                    f"c{clients}_r{r}", f"REST, {clients} concurrent clients, {r} row(s) per request",
+                    variants, metric="rows_s", unit="rows/s", better="higher", ratios=[ratio],
+                    show=["req_s", "p50_ms", "p99_ms", "mean_batch_rows"],
+                )
+    finally:
+        for server in servers.values():
             server.terminate()
+        for server in servers.values():
             server.wait(timeout=30)
-    df = pd.DataFrame(results)
-    print("\nmicro-batched rows/s / per-request rows/s (same run):")
-    piv = df.pivot_table(index=["clients", "rows"], columns="mode", values="rows_s")
-    piv["ratio"] = piv["batched"] / piv["per-request"]
-    print(piv.round(1).to_string())
-    if args.json:
-        Path(args.json).write_text(df.to_json(orient="records", indent=1))
+    bench.write()
+    return bench.exit_code()
 
 
-def main() -> None:
+def main() -> int:
+    from _method import add_arguments
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--url")
@@ -319,22 +364,21 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=4000, help="requests per single-row run (100-row runs: 1/4)")
     p.add_argument("--time-limit", type=float, default=60.0)
     p.add_argument("--bundle", default=None, help="serve this bundle instead of training a small one")
-    p.add_argument("--quick", action="store_true")
     p.add_argument("--frameworks", action="store_true", help="only compare Starlette and FastAPI overhead")
-    p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="extra server flags, last")
+    add_arguments(p)
     args = p.parse_args()
     if args.load:
         args.clients = args.clients[0]
         load_main(args)
-        return
+        return 0
     if args.frameworks:
         frameworks_main()
-        return
-    if args.quick:
-        args.requests = 1000
-    run_matrix(args)
+        return 0
+    if args.quick and args.requests == p.get_default("requests"):
+        args.requests = 200
+    return run_matrix(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

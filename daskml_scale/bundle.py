@@ -6,11 +6,15 @@ holding
 * ``model.keras``       the Keras 3 ``.keras`` file, as bytes;
 * ``preprocessor.json`` :meth:`Preprocessor.to_json`;
 * ``metadata.json``     format name and version, library / Keras / TensorFlow versions,
-  the input schema, feature names, output names, task, training summary.
+  the input schema, feature names, output names, task, training summary, and where
+  the model's custom Keras objects are defined (imported by name at load time);
+* ``code/...``          only with ``save_bundle(..., code=[...])``: the user's source files
+  (:mod:`daskml_scale.bundle_code`); format version 2 (1 without, as older versions read).
 
 ``load_bundle(url)`` reads it back. Nothing is unpickled; the model is loaded with
 Keras' safe mode, so a Lambda layer carrying Python code is refused
-(:class:`UnsafeBundleError`) unless the user opts in with ``safe_mode=False``.
+(:class:`UnsafeBundleError`) unless the user opts in with ``safe_mode=False``; so is
+a bundle holding code.
 A corrupt file, a missing part or a format version from the future is a
 :class:`BundleError` that says what to do.
 
@@ -20,20 +24,23 @@ workers cache the loaded model.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import io
 import json
 import zipfile
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
 
-from daskml_scale import backend, config
+from daskml_scale import backend, bundle_code, config, custom_objects
 from daskml_scale._version import __version__
-from daskml_scale.exceptions import BundleError, DataError, UnsafeBundleError
+from daskml_scale.dropped_rows import apply_on_dropped, check_on_dropped, kept_rows
+from daskml_scale.exceptions import BundleError, UnsafeBundleError
 from daskml_scale.io.writers import write_bytes_atomic
+from daskml_scale.outputs import check_model, output_meta, outputs_to_frame
 from daskml_scale.preprocessing import Preprocessor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,7 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Bundle", "save_bundle", "load_bundle", "FORMAT_NAME", "FORMAT_VERSION"]
 
 FORMAT_NAME = "daskml_scale.Bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this version reads and writes; 1 without code/
 _MODEL, _PRE, _META = "model.keras", "preprocessor.json", "metadata.json"
 _PARTS = (_MODEL, _PRE, _META)
 
@@ -63,9 +70,12 @@ def _model_to_bytes(model: "keras.Model") -> bytes:
     return backend.model_to_bytes(model)
 
 
-def _model_from_bytes(data: bytes, *, safe_mode: bool, where: str) -> "keras.Model":
-    try:
-        return backend.model_from_bytes(data, safe_mode=safe_mode, compile=False)
+def _model_from_bytes(data: bytes, *, safe_mode: bool, where: str, objects: dict[str, str] | None = None) -> "keras.Model":
+    import keras
+
+    try:  # the custom objects the model needs, imported by name where they import
+        with keras.saving.custom_object_scope(custom_objects.resolve(objects or {})):
+            return backend.model_from_bytes(data, safe_mode=safe_mode, compile=False)
     except Exception as exc:  # Keras raises ValueError/TypeError/... of its own
         text = str(exc)
         if safe_mode and ("safe_mode" in text or "unsafe" in text.lower() or "Lambda" in text):
@@ -74,36 +84,13 @@ def _model_from_bytes(data: bytes, *, safe_mode: bool, where: str) -> "keras.Mod
                 "because loading it would run code from the file. If you trust the file, load it with "
                 f"load_bundle(url, safe_mode=False). Keras said: {text}"
             ) from exc
-        raise BundleError(
-            f"{where}: cannot load the Keras model in {_MODEL!r}: {type(exc).__name__}: {text}"
-        ) from exc
-
-
-def _output_width(model: "keras.Model") -> int:
-    outputs = model.outputs if getattr(model, "outputs", None) else None
-    if outputs is None or len(outputs) != 1:
-        n = "no known" if outputs is None else str(len(outputs))
-        raise BundleError(
-            f"Expected a built model with exactly one output tensor. Received: a model with {n} outputs. "
-            "Build the model (call it once, or give it an Input) and concatenate multiple heads into one output."
+        hint = (
+            f" The model needs the custom objects {objects}: install their modules, or save the bundle with "
+            "code=[module]." if objects and "Could not locate" in text else ""
         )
-    shape = tuple(outputs[0].shape)
-    return int(np.prod([d for d in shape[1:] if d is not None])) if len(shape) > 1 else 1
-
-
-def output_names_for(preprocessor: Preprocessor, width: int) -> tuple[str, list[str]]:
-    """(task, output column names) for a model with ``width`` outputs."""
-    classes = getattr(preprocessor, "classes_", None)
-    if classes is not None:
-        if width not in (len(classes), 1) or (width == 1 and len(classes) != 2):
-            raise BundleError(
-                f"Expected a classifier with one output per class ({len(classes)}: {classes}) or a single "
-                f"sigmoid output for two classes. Received: a model with {width} outputs."
-            )
-        return "classification", [f"proba_{c}" for c in classes] + ["label"]
-    if width == 1:
-        return "regression", ["prediction"]
-    return "regression", [f"prediction_{i}" for i in range(width)]
+        raise BundleError(
+            f"{where}: cannot load the Keras model in {_MODEL!r}: {type(exc).__name__}: {text}{hint}"
+        ) from exc
 
 
 # --------------------------------------------------------------------------- Bundle
@@ -144,6 +131,11 @@ class Bundle:
         self.content_hash = hashlib.sha256(self._data).hexdigest()
         parts = _read_parts(self._data, where)
         self.metadata: dict[str, Any] = _parse_metadata(parts[_META], where)
+        self.code: dict[str, list[str]] | None = bundle_code.code_of(self.metadata, parts, where)
+        if self.code and not safe_mode:  # first: the preprocessor's transform may live in the code
+            bundle_code.install_code(self.code, parts, key=self.content_hash, where=where)
+        elif self.code and transform is None:  # the transform may live in code that safe mode leaves alone
+            transform = bundle_code.refusing_transform(bundle_code.unsafe_message(where, self.code))
         try:
             self.preprocessor = Preprocessor.from_json(parts[_PRE].decode("utf-8"), transform=transform)
         except (ValueError, KeyError, TypeError, ImportError, AttributeError) as exc:
@@ -158,6 +150,7 @@ class Bundle:
         self.output_names: list[str] = list(self.metadata["output_names"])
         self.input_schema: dict[str, str] = dict(self.metadata.get("input_schema") or {})
         self._predict_fn: Callable[[np.ndarray], np.ndarray] | None = None
+        self._features_only: Preprocessor | None = None
         if not lazy:
             self.model  # noqa: B018  (load now: errors surface at load time)
 
@@ -166,7 +159,11 @@ class Bundle:
     def model(self) -> "keras.Model":
         """The Keras model, loaded on first access."""
         if self._model is None:
-            self._model = _model_from_bytes(self._model_bytes, safe_mode=self._safe_mode, where=self._where)
+            if self.code and self._safe_mode:
+                raise UnsafeBundleError(bundle_code.unsafe_message(self._where, self.code))
+            self._model = _model_from_bytes(
+                self._model_bytes, safe_mode=self._safe_mode, where=self._where, objects=self.metadata.get("custom_objects")
+            )
         return self._model
 
     @property
@@ -187,7 +184,9 @@ class Bundle:
         """Model outputs as the prediction columns, on ``index``."""
         return outputs_to_frame(out, index, self.task, self.output_names, self.preprocessor.classes_)
 
-    def predict_frame(self, df: pd.DataFrame, *, batch_size: int | None = None) -> pd.DataFrame:
+    def predict_frame(
+        self, df: pd.DataFrame, *, batch_size: int | None = None, on_dropped: str | None = None
+    ) -> pd.DataFrame:
         """Predictions for a pandas frame of raw input rows.
 
         Parameters
@@ -196,24 +195,51 @@ class Bundle:
             Raw input columns (see ``input_schema``); the preprocessor's transform runs first.
         batch_size : int, optional
             Rows per model call; defaults to ``daskml_scale.predict.batch-size``.
+        on_dropped : {"keep", "omit", "error"}, optional
+            The rows the transform drops (matched by index label, see
+            :mod:`daskml_scale.dropped_rows`): ``"keep"`` (default,
+            ``daskml_scale.predict.on-dropped``) answers them with empty predictions,
+            ``"omit"`` leaves them out, ``"error"`` raises.
 
         Returns
         -------
         pandas.DataFrame
-            The prediction columns only (``output_names``), with ``df``'s index.
+            The prediction columns only (``output_names``), with ``df``'s index and
+            row order (only the kept rows under ``"omit"``).
 
         Raises
         ------
         DataError
-            A column is missing or a value cannot be used (names the column).
+            A column is missing or a value cannot be used (names the column); the
+            transform returned rows that cannot be matched to the input; or it
+            dropped rows under ``on_dropped="error"``.
         """
-        X, _ = self.preprocessor.transform(df, with_target=False)
-        if len(X) != len(df):
-            raise DataError(
-                f"Expected the transform to keep every row ({len(df)}). Received: {len(X)} rows. "
-                "Prediction needs a row-wise transform that neither drops nor adds rows."
-            )
-        return self.outputs_to_frame(self.predict_array(X, batch_size=batch_size), df.index)
+        policy = check_on_dropped(on_dropped)
+        pred, rows = self.predict_kept(df, batch_size=batch_size)
+        return apply_on_dropped(df, pred, rows, policy)[1]
+
+    def predict_kept(self, df: pd.DataFrame, *, batch_size: int | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
+        """Predictions for the rows the transform keeps, in input order, and their
+        positions in ``df`` (``None``: every row); see :func:`~daskml_scale.dropped_rows.apply_on_dropped`."""
+        pre = self.preprocessor
+        if pre.target is not None and pre.target in df.columns:
+            df = df.drop(columns=[pre.target])  # prediction has no use for it (see Preprocessor.transform)
+        kept = pre._apply_user_transform(df)
+        order, rows = kept_rows(df.index, kept.index)
+        if order is not None:
+            kept = kept.iloc[order]
+        X, _ = self._features().transform(kept, with_target=False)
+        index = df.index if rows is None else df.index[rows]
+        return self.outputs_to_frame(self.predict_array(X, batch_size=batch_size), index), rows
+
+    def _features(self) -> Preprocessor:
+        """The preprocessor without the user's transform: features of rows already transformed."""
+        if self._features_only is None:
+            plain = copy.copy(self.preprocessor)
+            plain.transform_fn = None
+            plain._transform_missing = None
+            self._features_only = plain
+        return self._features_only
 
     def empty_frame(self) -> pd.DataFrame:
         """A zero-row frame with the prediction columns and their dtypes (Dask ``meta``)."""
@@ -237,6 +263,8 @@ class Bundle:
             "training_summary": m.get("training_summary"),
             "metadata": m.get("user"),
             "content_hash": self.content_hash,
+            "code": self.code,
+            "custom_objects": m.get("custom_objects"),
         }
 
     def to_bytes(self) -> bytes:
@@ -276,33 +304,6 @@ def _batched(fn: Callable[[np.ndarray], np.ndarray], X: np.ndarray, batch_size: 
     return np.concatenate(parts, axis=0)
 
 
-def output_meta(task: str, names: list[str], classes: list[str] | None) -> pd.DataFrame:
-    cols: dict[str, pd.Series] = {n: pd.Series([], dtype="float32") for n in names}
-    if task == "classification":
-        cols["label"] = pd.Series([], dtype="str")
-    return pd.DataFrame(cols)
-
-
-def outputs_to_frame(
-    out: np.ndarray, index: pd.Index, task: str, names: list[str], classes: list[str] | None
-) -> pd.DataFrame:
-    n = len(index)
-    if n == 0:
-        meta = output_meta(task, names, classes)
-        meta.index = index
-        return meta
-    out = np.asarray(out, dtype=np.float32).reshape(n, -1)
-    if task == "classification":
-        assert classes is not None
-        if out.shape[1] == 1 and len(classes) == 2:
-            out = np.concatenate([1.0 - out, out], axis=1)
-        cols = {name: out[:, j] for j, name in enumerate(names[:-1])}
-        labels = np.asarray(classes, dtype=object)[np.argmax(out, axis=1)]
-        cols["label"] = pd.array(labels, dtype="str")
-        return pd.DataFrame(cols, index=index)
-    return pd.DataFrame({name: out[:, j] for j, name in enumerate(names)}, index=index)
-
-
 # --------------------------------------------------------------------- file format
 def _read_parts(data: bytes, where: str) -> dict[str, bytes]:
     try:
@@ -321,7 +322,7 @@ def _read_parts(data: bytes, where: str) -> dict[str, bytes]:
                 f"(found {sorted(names)}). Save it again with save_bundle()."
             )
         try:
-            return {p: zf.read(p) for p in _PARTS}
+            return {n: zf.read(n) for n in _PARTS + tuple(n for n in names if n.startswith(bundle_code.CODE_DIR))}
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:  # CRC mismatch, truncation
             raise BundleError(f"{where}: the bundle is corrupt ({exc}). Save it again with save_bundle().") from exc
 
@@ -355,21 +356,14 @@ def bundle_bytes(
     *,
     training_summary: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    code: bundle_code.CodeItem | Sequence[bundle_code.CodeItem] | None = None,
 ) -> bytes:
     """The bytes of a bundle file (what :func:`save_bundle` writes)."""
-    if not hasattr(preprocessor, "feature_names_"):
-        raise BundleError("Expected a fitted Preprocessor. Received: an unfitted one; call preprocessor.fit(data) first.")
-    width = _output_width(model)
-    task, names = output_names_for(preprocessor, width)
-    in_shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else None
-    if in_shape is not None and in_shape[-1] is not None and in_shape[-1] != len(preprocessor.feature_names_):
-        raise BundleError(
-            f"Expected the model to take the preprocessor's {len(preprocessor.feature_names_)} features. "
-            f"Received: a model with input shape {in_shape}."
-        )
+    task, names, width = check_model(model, preprocessor)
+    modules, files = bundle_code.pack_code(code) if code else ([], {})
     meta = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if files else 1,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": _versions(),
         "task": task,
@@ -382,6 +376,12 @@ def bundle_bytes(
         "training_summary": training_summary,
         "user": metadata,
     }
+    if files:
+        meta["code"] = {"modules": modules, "files": sorted(files)}
+    model_bytes = _model_to_bytes(model)
+    refs = custom_objects.references(model, model_bytes)
+    if refs:  # where the model's custom objects are defined: loading imports them
+        meta["custom_objects"] = refs
     try:
         meta_text = json.dumps(meta, sort_keys=True, default=_json_default)
     except TypeError as exc:
@@ -390,7 +390,9 @@ def bundle_bytes(
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr(_META, meta_text, compress_type=zipfile.ZIP_DEFLATED)
         zf.writestr(_PRE, preprocessor.to_json(), compress_type=zipfile.ZIP_DEFLATED)
-        zf.writestr(_MODEL, _model_to_bytes(model), compress_type=zipfile.ZIP_STORED)  # already a zip
+        zf.writestr(_MODEL, model_bytes, compress_type=zipfile.ZIP_STORED)  # already a zip
+        for name in sorted(files):
+            zf.writestr(name, files[name], compress_type=zipfile.ZIP_DEFLATED)
     return buf.getvalue()
 
 
@@ -411,6 +413,7 @@ def save_bundle(
     storage_options: dict[str, Any] | None = None,
     training_summary: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    code: bundle_code.CodeItem | Sequence[bundle_code.CodeItem] | None = None,
 ) -> str:
     """Write a model and its preprocessor as one bundle file, atomically.
 
@@ -426,6 +429,10 @@ def save_bundle(
         Passed to fsspec.
     training_summary, metadata : dict, optional
         JSON-able; stored in ``metadata.json`` and shown by :meth:`Bundle.info`.
+    code : list of modules, module names, .py files or package folders, optional
+        The user's code that loading needs (custom Keras objects, the transform), as
+        MLflow's ``code_paths``: stored in the bundle, imported first by
+        ``load_bundle(url, safe_mode=False)``, so it loads where they are not installed.
 
     Returns
     -------
@@ -437,13 +444,16 @@ def save_bundle(
     BundleError
         The preprocessor is not fitted, the model's shape does not fit it, or the
         metadata is not JSON-able.
+    ArgumentError
+        An item of ``code`` is none of those.
 
     Examples
     --------
     >>> save_bundle(model, pre, "s3://models/price.bundle")  # doctest: +SKIP
     >>> bundle = load_bundle("s3://models/price.bundle")  # doctest: +SKIP
+    >>> save_bundle(model, pre, "price.bundle", code=[my_losses])  # doctest: +SKIP
     """
-    data = bundle_bytes(model, preprocessor, training_summary=training_summary, metadata=metadata)
+    data = bundle_bytes(model, preprocessor, training_summary=training_summary, metadata=metadata, code=code)
     write_bytes_atomic(url, data, storage_options=storage_options)
     return url
 
@@ -475,8 +485,9 @@ def load_bundle(
     storage_options : dict, optional
         Passed to fsspec.
     safe_mode : bool
-        Keras safe mode (default): refuse models holding Python code (Lambda layers).
-        Set ``False`` only for files you trust.
+        Keras safe mode (default): refuse models holding Python code (Lambda layers)
+        and bundles holding code (``save_bundle(..., code=...)``, imported first when
+        off). Set ``False`` only for files you trust.
     transform : callable, optional
         The preprocessor's transform, when it was not importable by name at save
         time (a lambda or a function defined in ``__main__``).
@@ -490,6 +501,6 @@ def load_bundle(
     BundleError
         The file is missing, corrupt, incomplete, or from a newer format version.
     UnsafeBundleError
-        The model holds code and ``safe_mode`` is on.
+        The model or the bundle holds code and ``safe_mode`` is on.
     """
     return Bundle(read_bundle_bytes(url, storage_options), safe_mode=safe_mode, transform=transform, where=url)

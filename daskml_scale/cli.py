@@ -24,8 +24,11 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
+from daskml_scale._cli_checks import output_problem
+from daskml_scale._cli_logs import quiet_logs, quiet_worker_logs
 from daskml_scale._utils.jsonable import jsonable as _jsonable
 from daskml_scale.io.writers import FORMATS
 
@@ -150,8 +153,14 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
         client = connect(args.scheduler, timeout=args.timeout)
     else:
         _say(args, "starting a local Dask cluster ...")
-        client = connect(n_workers=args.workers, threads_per_worker=args.threads_per_worker)
+        with warnings.catch_warnings():
+            if not args.verbose:  # "Port 8787 is already in use": the dashboard line says where it is
+                warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+            client = connect(n_workers=args.workers, threads_per_worker=args.threads_per_worker)
     try:
+        if not args.scheduler and not args.verbose:
+            # the local workers write to this terminal: no task tracebacks before the one-line error
+            client.register_plugin(quiet_worker_logs())
         workers = client.scheduler_info().get("workers", {})
         if args.scheduler and not workers:
             _say(args, "waiting for a worker to join ...")
@@ -164,7 +173,20 @@ def _cluster(args: argparse.Namespace) -> Iterator[Any]:
         client.close()
 
 
-def _load_model(spec: str, n_features: int, storage_options: dict[str, Any]) -> Any:
+def _model_builder(spec: str, storage_options: dict[str, Any]) -> Callable[..., Any] | None:
+    """Check ``--model`` before any pass over the data: the ``.keras`` file exists, or the
+    build function can be imported (returned, for :func:`_load_model`)."""
+    import fsspec
+
+    if spec.lower().endswith(".keras"):
+        fs, path = fsspec.core.url_to_fs(spec, **storage_options)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"--model: no such file {spec!r}")
+        return None
+    return load_callable(spec, "--model")
+
+
+def _load_model(spec: str, n_features: int, storage_options: dict[str, Any], build: Callable[..., Any] | None = None) -> Any:
     """A compiled Keras model from ``FILE.keras`` (any fsspec URL) or ``module.py:build_fn``."""
     import fsspec
     import keras
@@ -180,7 +202,7 @@ def _load_model(spec: str, n_features: int, storage_options: dict[str, Any]) -> 
         if getattr(model, "optimizer", None) is None:
             raise CLIError(f"--model {spec}: the model was saved without compile(); compile it before model.save()")
         return model
-    build = load_callable(spec, "--model")
+    build = build or load_callable(spec, "--model")
     model = build(n_features)
     if not hasattr(model, "get_weights"):
         raise CLIError(f"--model {spec}: expected build_fn(n_features) to return a keras.Model. Received: {type(model).__name__}")
@@ -221,6 +243,7 @@ def _strategy(args: argparse.Namespace) -> Any:
 def cmd_train(args: argparse.Namespace) -> int:
     """``daskml-scale train``: read, fit the preprocessor, train, save the bundle."""
     from daskml_scale.bundle import save_bundle
+    from daskml_scale.outputs import check_model
     from daskml_scale.training import default_strategy
     from daskml_scale.preprocessing import Preprocessor
     from daskml_scale.training import fit
@@ -233,19 +256,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.checkpoint:
         raise CLIError("--resume needs --checkpoint URL (where the last run wrote its checkpoints)")
     strategy = _strategy(args)
+    # the arguments are checked before any pass over the data
     transform = load_callable(args.transform, "--transform") if args.transform else None
+    build = _model_builder(args.model, so)
+    for what, url, folder in (("--out", args.out, False), ("--checkpoint", args.checkpoint, True)):
+        problem = output_problem(url, so, folder=folder) if url else None
+        if problem:
+            raise CLIError(f"{what} {url}: {problem}")
     # reading plans the partitions and infers the schema here, before any cluster starts
     data = _read(args.data, so, args.data_format)
     validation = _read(args.validation, so, args.data_format) if args.validation else None
     pre = Preprocessor(
-        target=args.target, numeric=args.numeric or (), categorical=args.categorical or (), transform=transform
+        target=args.target, numeric=args.numeric or (), categorical=args.categorical or (), transform=transform,
+        task=args.task, missing_target=args.missing_target,
     )
     with _cluster(args) as client:
         t0 = time.perf_counter()
         _say(args, f"fitting the preprocessor on {args.data} ({data.npartitions} partitions, one pass) ...")
         pre.fit(data, client=client)
-        _say(args, f"  {pre.n_samples_:,} rows -> {pre.n_features_} features")
-        model = _load_model(args.model, pre.n_features_, so)
+        task = pre.task_ if pre.classes_ is None else f"{pre.task_} of {pre.classes_}"
+        _say(args, f"  {pre.n_samples_:,} rows -> {pre.n_features_} features; {task}")
+        if pre.dropped_missing_target_:
+            _say(args, f"  {pre.dropped_missing_target_:,} rows without a target {args.target!r} dropped "
+                       "(--missing-target drop)")
+        model = _load_model(args.model, pre.n_features_, so, build)
+        check_model(model, pre)  # the model's outputs fit the task, before training
         described = (strategy or default_strategy()).describe()
         _say(args, "training: " + ", ".join(f"{k} {v}" for k, v in described.items()) + f", {args.epochs} epochs ...")
         history = fit(
@@ -259,6 +294,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         final = summary.get("final", {})
         metrics = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if isinstance(v, (int, float)))
         _say(args, f"trained {summary.get('epochs_run')} epochs in {time.perf_counter() - t0:.1f}s: {metrics}")
+        if summary.get("dropped_missing_target"):
+            _say(args, f"  {summary['dropped_missing_target']:,} training rows without a target left out")
         _say(args, f"bundle written to {args.out}")
         if transform is not None and (pre.to_dict().get("transform") or {}).get("ref") is None:
             _say(args, f"note: the transform {args.transform} is not importable by name; pass --transform "
@@ -295,17 +332,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
         report = predict_files(
             bundle, args.input, args.output, format=args.format, keep=keep,
             storage_options=args.storage_options or None, client=client, overwrite=args.overwrite,
+            on_dropped=args.on_dropped,
         )
         took = time.perf_counter() - t0
     for status in ("done", "skipped", "failed"):
         entries = getattr(report, status)
         for e in entries[: args.max_lines]:
             detail = f"{e['rows']:,} rows" if status == "done" else (e["error"] if status == "failed" else "already there")
+            if status == "done" and e.get("dropped"):
+                detail += f", {e['dropped']:,} dropped by the transform"
             print(f"  {status:7s} {e['input']} -> {e['output']}  ({detail})")
         if len(entries) > args.max_lines:
             print(f"  ... and {len(entries) - args.max_lines} more {status}")
+    dropped = ""
+    if report.dropped:
+        how = "written with empty predictions" if report.on_dropped == "keep" else "left out"
+        dropped = f"; {report.dropped:,} rows dropped by the transform, {how}"
     print(
-        f"{len(report.done)} done ({report.rows:,} rows), {len(report.skipped)} skipped, "
+        f"{len(report.done)} done ({report.rows:,} rows{dropped}), {len(report.skipped)} skipped, "
         f"{len(report.failed)} failed in {took:.1f}s; outputs in {args.output}"
     )
     if report.failed:
@@ -386,6 +430,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
             micro_batching=not args.no_micro_batching, max_body_bytes=args.max_body_bytes,
             id_column=args.id_column, tf_threads=args.tf_threads, freeze_gc=not args.no_gc_freeze,
+            on_dropped=args.on_dropped,
         )
     return 0
 
@@ -430,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--numeric", nargs="+", metavar="COL", help="numeric feature columns (standardized)")
     d.add_argument("--categorical", nargs="+", metavar="COL", help="categorical feature columns (one-hot)")
     d.add_argument("--transform", metavar="MODULE:FN", help="pandas function applied to every partition first")
+    d.add_argument("--missing-target", choices=["error", "drop"], default="error",
+                   help="rows without a target: stop at the first, naming its file and line (default), "
+                   "or drop them and count them")
+    d.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
+                   help="auto (default): text or a two-valued integer target (0/1) is a classification, "
+                   "other numbers a regression")
     v = d.add_mutually_exclusive_group()
     v.add_argument("--validation", metavar="URL", help="validation rows, read like --data")
     v.add_argument("--validation-fraction", type=float, metavar="F", help="hold out this fraction of --data instead")
@@ -467,6 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=list(FORMATS), default="csv", help="output format (default csv)")
     p.add_argument("--keep", metavar="COLS", help="input columns to copy before the predictions, comma-separated, or 'all'")
     p.add_argument("--overwrite", action="store_true", help="redo files whose output already exists")
+    p.add_argument("--on-dropped", choices=["keep", "omit", "error"], metavar="{keep,omit,error}",
+                   help="rows the transform drops: keep them with empty predictions, omit them (both counted), "
+                   "or fail the file (default: config predict.on-dropped, keep)")
     p.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
     p.add_argument("--max-lines", type=int, default=20, metavar="N", help="files listed per status (default 20)")
     _common(p)
@@ -490,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-micro-batching", action="store_true", help="one model call per request")
     s.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request body (config serve.max-body-bytes)")
     s.add_argument("--id-column", metavar="COL", help="column passed through next to the predictions")
+    s.add_argument("--on-dropped", choices=["keep", "omit", "error"], metavar="{keep,omit,error}",
+                   help="rows the transform drops: null predictions with the reason, left out, or a 422 "
+                   "(default: config predict.on-dropped, keep)")
     s.add_argument("--tf-threads", type=int, metavar="N", help="TensorFlow threads in the server process")
     s.add_argument("--no-gc-freeze", action="store_true",
                    help="keep the garbage collector walking every object (default: gc.freeze() after loading)")
@@ -498,21 +555,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.set_defaults(func=cmd_serve)
     return parser
-
-
-@contextlib.contextmanager
-def _quiet_logs(quiet: bool) -> Iterator[None]:
-    """Keep distributed's INFO/WARNING logs off the terminal unless --verbose (restored after)."""
-    import logging
-
-    logger = logging.getLogger("distributed")
-    old = logger.level
-    if quiet:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -533,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         args.storage_options = parse_storage_options(args.storage_option)
-        with _quiet_logs(not args.verbose):
+        with quiet_logs(not args.verbose):
             return int(args.func(args))
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)

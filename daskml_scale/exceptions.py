@@ -14,6 +14,7 @@ __all__ = [
     "ArgumentError",
     "ClusterError",
     "NoClusterError",
+    "ClusterTimeoutError",
     "GPUUnavailableError",
     "DataError",
     "MissingColumnError",
@@ -49,6 +50,27 @@ class ClusterError(DaskmlScaleError, RuntimeError):
 class NoClusterError(ClusterError, ValueError):
     """A call needs a Dask cluster and there is no current client (a ``ValueError`` too,
     as ``distributed.get_client()`` raises)."""
+
+
+class ClusterTimeoutError(ClusterError, TimeoutError):
+    """A wait on the cluster ran past its bound (``daskml_scale.predict.wait-timeout``).
+
+    Attributes
+    ----------
+    workers : list of str
+        Addresses of the workers that held or ran what was waited for (empty when
+        it was waiting for a worker, or the scheduler did not say).
+    timeout : float
+        The bound, in seconds.
+    """
+
+    def __init__(self, message: str, *, workers: list[str] | None = None, timeout: float = 0.0) -> None:
+        super().__init__(message)
+        self.workers = list(workers or [])
+        self.timeout = float(timeout)
+
+    def __reduce__(self):
+        return (type(self), (str(self),), {"workers": self.workers, "timeout": self.timeout})
 
 
 class GPUUnavailableError(ClusterError):

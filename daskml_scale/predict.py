@@ -7,9 +7,12 @@
   rerun skips the outputs that exist and redoes the rest, a failing file is reported
   and does not stop the others.
 
-The bundle's bytes go into the cluster once (``client.scatter(..., broadcast=True)``);
-each worker loads the model once and keeps it in :data:`_CACHE`, keyed by the bundle's
-content hash. Tasks carry the key and a reference to the bytes, never a live model.
+The bundle's bytes go into the cluster once, as the result of one task (see
+:func:`_place_bytes`); each worker fetches them with its first task, loads the model
+once and keeps it in :data:`_CACHE`, keyed by the bundle's content hash. Tasks carry
+the key and a reference to the bytes, never a live model. The rows the user's
+transform drops follow the ``on_dropped`` policy (:mod:`daskml_scale.dropped_rows`);
+every wait on the cluster is bounded (:mod:`daskml_scale._utils.waits`).
 The model runs on large batches through a compiled function (see
 :meth:`Bundle.predict_array`), not ``model.predict`` on tiny frames.
 """
@@ -17,8 +20,9 @@ The model runs on large batches through a compiled function (see
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import dask.dataframe as dd
@@ -27,8 +31,10 @@ import numpy as np
 import pandas as pd
 
 from daskml_scale._utils.client import default_client
+from daskml_scale._utils import waits
 from daskml_scale._utils.lru import LRUCache
 from daskml_scale.bundle import Bundle, bundle_bytes, read_bundle_bytes
+from daskml_scale.dropped_rows import apply_on_dropped, check_on_dropped
 from daskml_scale.exceptions import BundleError, DataError
 from daskml_scale.io.bad_rows import check_on_bad_rows
 from daskml_scale.io.csv import LINE_COLUMN, PATH_COLUMN, CsvReader, plan_csv
@@ -43,7 +49,9 @@ from daskml_scale.io.paths import (
     is_parquet,
     output_paths,
 )
+from daskml_scale.io.provenance import name_rows
 from daskml_scale.io.writers import check_format, remove_stale_temps, write_frame_atomic
+from daskml_scale.predict_report import PredictReport
 from daskml_scale.preprocessing import Preprocessor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -157,11 +165,33 @@ def _needs_shipping(bundle: Bundle) -> bool:
     return info.get("ref") is None
 
 
+def _bundle_bytes(data: bytes) -> bytes:
+    """The task whose result is the bundle's bytes (see :func:`_place_bytes`)."""
+    return data
+
+
 def _place_bytes(bundle: Bundle, client: "Client | None") -> Any:
-    """The bundle bytes as a task argument: a broadcast future on a cluster, else the bytes."""
+    """The bundle bytes as a task argument: on a cluster, the future of a task that
+    returns them, keyed by their content hash; else the bytes.
+
+    Not ``client.scatter(..., broadcast=True)``: its replication can loop for ever when
+    a worker is slow or goes away while it runs (dask/distributed#4907, #5704; a
+    ``predict_files`` hung for 15 minutes in it). A task's result reaches the workers
+    that need it through the ordinary transfer of a dependency, each worker keeps its
+    copy while its tasks run (and loads the model once, :func:`cached_bundle`), and the
+    scheduler, which holds the task, computes it again if the worker holding the
+    result dies. Submitting does not wait for anything.
+    """
     if client is None:
         return bundle.to_bytes()
-    return client.scatter(bundle.to_bytes(), broadcast=True, hash=True)
+    import dask.config
+    from dask.utils import parse_bytes
+
+    data = bundle.to_bytes()
+    # the bytes travel once, in this one task, which is what the large-graph warning asks for
+    limit = max(parse_bytes(dask.config.get("distributed.admin.large-graph-warning-threshold")), len(data) + 2**20)
+    with dask.config.set({"distributed.admin.large-graph-warning-threshold": limit}):
+        return client.submit(_bundle_bytes, data, key=f"daskml-bundle-{bundle.content_hash}", pure=False)
 
 
 # --------------------------------------------------------------------- frames
@@ -193,15 +223,27 @@ def _assemble(df: pd.DataFrame, keep: list[str], pred: pd.DataFrame) -> pd.DataF
     """Kept columns then prediction columns, positionally (duplicate index labels are fine)."""
     out = df[keep].copy() if keep else pd.DataFrame(index=df.index)
     for col in pred.columns:
-        out[col] = pred[col].to_numpy() if col != "label" else pred[col].array
+        out[col] = pred[col].to_numpy() if isinstance(pred[col].dtype, np.dtype) else pred[col].array
     return out
 
 
+def _predict_rows(
+    df: pd.DataFrame, bundle: Bundle, on_dropped: str, batch_size: int | None
+) -> tuple[pd.DataFrame, pd.DataFrame, int]:
+    """(input rows, their predictions, rows the transform dropped) under the ``on_dropped``
+    policy (:mod:`daskml_scale.dropped_rows`)."""
+    pred, rows = bundle.predict_kept(df, batch_size=batch_size)
+    return (*apply_on_dropped(df, pred, rows, on_dropped), 0 if rows is None else len(df) - len(rows))
+
+
 def _predict_partition(
-    df: pd.DataFrame, bundle_data: bytes, source: _BundleRef, keep: list[str], batch_size: int | None
+    df: pd.DataFrame, bundle_data: bytes, source: _BundleRef, keep: list[str], batch_size: int | None,
+    on_dropped: str,
 ) -> pd.DataFrame:
     bundle = cached_bundle(source.key, bundle_data, source.safe_mode, source.transform)
-    return _assemble(df, keep, bundle.predict_frame(df, batch_size=batch_size))
+    # an error about a row names its file and line (the rows are read again only then)
+    rows, pred, _ = name_rows(_predict_rows, df, bundle, on_dropped, batch_size)
+    return _assemble(rows, keep, pred)
 
 
 def _predict_block(block: Any, bundle_data: bytes, source: _BundleRef, batch_size: int | None) -> Any:
@@ -251,6 +293,7 @@ def predict(
     batch_size: int | None = None,
     preprocessor: Preprocessor | None = None,
     storage_options: dict[str, Any] | None = None,
+    on_dropped: str | None = None,
 ) -> "dd.DataFrame | da.Array":
     """Predictions for every row of a Dask DataFrame (or Dask array of features), lazily.
 
@@ -272,17 +315,27 @@ def predict(
         Required with a Keras model; not allowed with a bundle.
     storage_options : dict, optional
         For a bundle URL.
+    on_dropped : {"keep", "omit", "error"}, optional
+        The rows the preprocessor's transform drops (matched to the input by index
+        label within each partition): ``"keep"`` (default,
+        ``daskml_scale.predict.on-dropped``) keeps them with empty predictions (NaN;
+        integer and boolean outputs become pandas' nullable dtypes), ``"omit"``
+        leaves them out, ``"error"`` fails the computation with a ``DataError``.
 
     Returns
     -------
     dask.dataframe.DataFrame
         Kept columns then ``bundle.output_names``, with ``ddf``'s index, divisions
-        and row order.
+        and row order (without the dropped rows under ``on_dropped="omit"``).
 
     Raises
     ------
     DataError
-        ``keep`` names a column that is not in ``ddf``.
+        ``keep`` names a column that is not in ``ddf``. When computed: the transform
+        returned rows that cannot be matched to its input (a label twice, or not in
+        the input), or dropped rows under ``on_dropped="error"``.
+    ArgumentError
+        ``on_dropped`` is not one of the three policies.
     BundleError, UnsafeBundleError
         The bundle cannot be loaded.
 
@@ -299,57 +352,22 @@ def predict(
         if keep is not None:
             raise ValueError("Expected keep=None with a Dask array: it has no columns to keep. Received: keep=%r" % (keep,))
         return _predict_array(bundle_or_model, ddf, batch_size, preprocessor, storage_options)
+    policy = check_on_dropped(on_dropped)
     bundle, ship = _as_bundle(bundle_or_model, preprocessor, storage_options)
     if not isinstance(ddf, dd.DataFrame):
         raise TypeError(f"Expected a dask DataFrame. Received: {type(ddf).__name__}; use Bundle.predict_frame for pandas")
     keep_cols = _keep_columns(keep, list(ddf.columns), bundle.output_names)
-    meta = _assemble(ddf._meta, keep_cols, bundle.empty_frame())
+    rows_meta, pred_meta = apply_on_dropped(ddf._meta, bundle.empty_frame(), None, policy)
+    meta = _assemble(rows_meta, keep_cols, pred_meta)
     source = _BundleRef(bundle.content_hash, bundle._safe_mode, ship)
     bundle_data = _place_bytes(bundle, default_client())
     return ddf.map_partitions(
-        _predict_partition, bundle_data, source, keep_cols, batch_size,
+        _predict_partition, bundle_data, source, keep_cols, batch_size, policy,
         meta=meta, enforce_metadata=False, align_dataframes=False,
     )
 
 
 # --------------------------------------------------------------------- files
-@dataclass
-class PredictReport:
-    """What :func:`predict_files` did, file by file.
-
-    Each entry is a dict ``{"input", "output", "rows", "error"}``; ``rows`` is
-    ``None`` for skipped files, ``error`` ``None`` unless the file failed.
-    """
-
-    done: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-    failed: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        """True when no file failed."""
-        return not self.failed
-
-    @property
-    def rows(self) -> int:
-        """Rows written by this run."""
-        return sum(int(e["rows"] or 0) for e in self.done)
-
-    def to_frame(self) -> pd.DataFrame:
-        """One row per file with a ``status`` column."""
-        rows = [{"status": s, **e} for s in ("done", "skipped", "failed") for e in getattr(self, s)]
-        return pd.DataFrame(rows, columns=["status", "input", "output", "rows", "error"])
-
-    def __str__(self) -> str:
-        text = (
-            f"PredictReport: {len(self.done)} done ({self.rows} rows), {len(self.skipped)} skipped, "
-            f"{len(self.failed)} failed"
-        )
-        for e in self.failed[:5]:
-            text += f"\n  {e['input']}: {e['error']}"
-        return text
-
-
 def _read_input(reader: CsvReader, piece: FilePiece) -> pd.DataFrame:
     """One input file as pandas: a Parquet file whole, a CSV file through the plan's reader."""
     if is_parquet(piece.path):
@@ -360,22 +378,23 @@ def _read_input(reader: CsvReader, piece: FilePiece) -> pd.DataFrame:
 def _predict_file(
     bundle_data: bytes, source: _BundleRef, reader: CsvReader, piece: FilePiece, out_path: str, out_display: str,
     out_fs: fsspec.AbstractFileSystem, format: str, keep: None | str | list[str], batch_size: int | None,
+    on_dropped: str,
 ) -> dict[str, Any]:
     """One input file -> one output file, written atomically. Errors are returned, not raised."""
-    entry: dict[str, Any] = {"input": piece.display, "output": out_display, "rows": None, "error": None}
+    entry: dict[str, Any] = {"input": piece.display, "output": out_display, "rows": None, "dropped": None, "error": None}
     try:
         bundle = cached_bundle(source.key, bundle_data, source.safe_mode, source.transform)
         df = _read_input(reader, piece)
         keep_cols = _keep_columns(keep, list(df.columns), bundle.output_names)
         try:
-            pred = bundle.predict_frame(df, batch_size=batch_size)
+            rows, pred, dropped = _predict_rows(df, bundle, on_dropped, batch_size)
         except DataError:
             # read without provenance columns (faster); on a bad value, read again with
             # them so that the error names the file and line
-            bundle.predict_frame(_read_input(reader.with_provenance(), piece), batch_size=batch_size)
+            _predict_rows(_read_input(reader.with_provenance(), piece), bundle, on_dropped, batch_size)
             raise
-        write_frame_atomic(_assemble(df, keep_cols, pred), out_path, format=format, fs=out_fs)
-        entry["rows"] = int(len(df))
+        write_frame_atomic(_assemble(rows, keep_cols, pred), out_path, format=format, fs=out_fs)
+        entry["rows"], entry["dropped"] = int(len(rows)), int(dropped)
     except Exception as exc:  # noqa: BLE001  (every failure is this file's report entry)
         entry["error"] = f"{type(exc).__name__}: {exc}"
     return entry
@@ -394,6 +413,7 @@ def predict_files(
     overwrite: bool = False,
     batch_size: int | None = None,
     output_storage_options: dict[str, Any] | None = None,
+    on_dropped: str | None = None,
 ) -> PredictReport:
     """Predict file by file: one output file per input file, atomic and resumable.
 
@@ -423,11 +443,20 @@ def predict_files(
         only whole, by atomic rename or single put) and is skipped.
     batch_size : int, optional
         Rows per model call.
+    on_dropped : {"keep", "omit", "error"}, optional
+        The rows the preprocessor's transform drops (matched to the file's rows by
+        index label): ``"keep"`` (default, ``daskml_scale.predict.on-dropped``)
+        writes every input row, with empty prediction cells for those; ``"omit"``
+        leaves them out; both count them in the report. ``"error"``: the file fails.
 
     Returns
     -------
     PredictReport
-        Files done (with row counts), skipped and failed (with their errors).
+        Files done (with row counts and dropped rows), skipped and failed (with
+        their errors). When no file finishes within ``daskml_scale.predict.wait-timeout``
+        seconds of the previous one, the files left fail with a ``ClusterTimeoutError``
+        naming the workers that run them; the outputs written are complete and a
+        rerun does the rest.
 
     Raises
     ------
@@ -435,18 +464,19 @@ def predict_files(
         No input file matches.
     ClusterError
         No client is available.
+    ArgumentError
+        ``format``, ``on_bad_rows`` or ``on_dropped`` is not one of its values.
 
     Examples
     --------
     >>> report = predict_files("model.bundle", "s3://in/*.csv", "s3://out/", keep="id")  # doctest: +SKIP
     >>> print(report)  # doctest: +SKIP
     """
-    from distributed import as_completed
-
     from daskml_scale.exceptions import ClusterError
 
     check_format(format)
     on_bad_rows = check_on_bad_rows(on_bad_rows)
+    on_dropped = check_on_dropped(on_dropped)
     client = default_client(client)
     if client is None:
         raise ClusterError("predict_files needs a Dask client: call daskml_scale.connect() first or pass client=")
@@ -458,12 +488,16 @@ def predict_files(
     outs = output_paths(paths, out_root, format)
     out_display = [display_name(out_fs, o) for o in outs]
 
-    report = PredictReport()
+    report = PredictReport(on_dropped=on_dropped)
     todo: list[int] = []
     existing = files_under(out_fs, out_root) if not overwrite else set()
+
+    def entry(i: int, error: str | None = None) -> dict[str, Any]:
+        return {"input": display_name(fs, paths[i]), "output": out_display[i], "rows": None, "dropped": None, "error": error}
+
     for i, o in enumerate(outs):
         if not overwrite and o in existing:
-            report.skipped.append({"input": display_name(fs, paths[i]), "output": out_display[i], "rows": None, "error": None})
+            report.skipped.append(entry(i))
         else:
             todo.append(i)
     if not todo:
@@ -483,19 +517,27 @@ def predict_files(
     for i in todo:
         fut = client.submit(
             _predict_file, bundle_data, source, plan.reader, pieces[paths[i]], outs[i], out_display[i], out_fs, format,
-            keep_arg, batch_size, pure=False, key=f"daskml-predict-file-{i}-{os.urandom(4).hex()}",
+            keep_arg, batch_size, on_dropped, pure=False, key=f"daskml-predict-file-{i}-{os.urandom(4).hex()}",
         )
         futures[fut] = i
     results: dict[int, dict[str, Any]] = {}
-    for fut in as_completed(list(futures), loop=client.loop):
-        i = futures[fut]
-        try:
-            results[i] = fut.result()
-        except Exception as exc:  # noqa: BLE001  (e.g. KilledWorker after repeated worker loss)
-            results[i] = {
-                "input": display_name(fs, paths[i]), "output": out_display[i], "rows": None,
-                "error": f"{type(exc).__name__}: {exc}",
-            }
+    timeout = waits.wait_timeout()
+    try:
+        for fut in waits.completed(list(futures), timeout):
+            i = futures[fut]
+            try:
+                results[i] = waits.result(fut, timeout, "predict_files")
+            except Exception as exc:  # noqa: BLE001  (e.g. KilledWorker after repeated worker loss)
+                results[i] = entry(i, f"{type(exc).__name__}: {exc}")
+    except queue.Empty:
+        left = {f: display_name(fs, paths[i]) for f, i in futures.items() if i not in results}
+        err = waits.stalled_error(
+            client, left, timeout, "predict_files: no file",
+            "A worker may be stuck or unreachable: see its log, or restart it (client.restart()). If a file needs "
+            "longer, raise daskml_scale.predict.wait-timeout. The outputs written are complete: a rerun does the rest.",
+        )
+        for f, i in futures.items():
+            results.setdefault(i, entry(i, f"{type(err).__name__}: {err}"))
     for i in todo:
         entry = results[i]
         (report.failed if entry["error"] else report.done).append(entry)

@@ -12,6 +12,12 @@
   numbers. ``y`` is ``None`` when the target column is absent (prediction time).
 * Unseen categories (and missing ones) encode as all zeros in that column's one-hot
   block: the stated rule, never an exception in the middle of a job.
+* The target (see :mod:`daskml_scale.target`): ``task="auto"`` makes a text target
+  or a two-valued integer target (0/1) a classification, other numbers a regression;
+  ``missing_target="error"`` refuses a row without a target, naming its file and
+  line, ``"drop"`` drops such rows and counts them (``dropped_missing_target_``).
+* An error about a row of a file names the file and line, whether or not the data
+  was read with ``provenance=True`` (see :func:`daskml_scale.io.provenance.name_rows`).
 * ``to_json()`` / ``from_json()``: no pickle. The user's function is stored as an
   import reference (``package.module:function``); a lambda cannot be stored and must
   be passed again to ``from_json(..., transform=fn)``.
@@ -27,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from daskml_scale._utils.columns import category_keys, merge_moments, numeric_column, where_row
 from daskml_scale.exceptions import (
     ArgumentError,
     DataError,
@@ -34,7 +41,17 @@ from daskml_scale.exceptions import (
     NonFiniteValueError,
     NotFittedError,
 )
-from daskml_scale.io import LINE_COLUMN, PATH_COLUMN
+from daskml_scale.io.provenance import LINE_COLUMN, PATH_COLUMN, name_rows
+from daskml_scale.target import (
+    check_missing_target,
+    check_task,
+    encode_target,
+    merge_target_stats,
+    missing_rows,
+    missing_target_error,
+    partition_target_stats,
+    resolve_task,
+)
 
 __all__ = ["Preprocessor"]
 
@@ -67,57 +84,8 @@ def _resolve_ref(ref: str) -> Transform:
     return obj
 
 
-def category_keys(values: pd.Series) -> pd.Series:
-    """Category values as strings, the same way at fit and at transform time.
-
-    Integral numbers print without a decimal point (``3.0`` -> ``"3"``), so an integer
-    column read with missing values in some files gives the same categories. Missing
-    values stay missing. Vectorized: no Python call per row.
-    """
-    if isinstance(values.dtype, pd.StringDtype):
-        return values
-    if pd.api.types.is_bool_dtype(values.dtype):
-        out = values.astype("object").where(values.notna(), None)
-        return out.map({True: "True", False: "False"}).astype("str")
-    if pd.api.types.is_numeric_dtype(values.dtype):
-        num = values.astype("float64")
-        integral = np.isfinite(num) & (num == np.floor(num))
-        out = pd.Series(np.full(len(num), None, dtype=object), index=values.index)
-        if integral.any():
-            out[integral] = num[integral].astype("int64").astype("str").to_numpy(dtype=object)
-        frac = num.notna() & ~integral
-        if frac.any():
-            out[frac] = num[frac].astype("str").to_numpy(dtype=object)
-        return out.astype("str")
-    out = values.astype("object")
-    mask = out.notna()
-    return out.where(~mask, out[mask].astype("str")).astype("str")
-
-
-def _where(df: pd.DataFrame, pos: int) -> tuple[str | None, int | None, str]:
-    """(path, line, words) locating row ``pos`` of ``df`` for an error message."""
-    if PATH_COLUMN in df.columns and LINE_COLUMN in df.columns:
-        path = str(df[PATH_COLUMN].iloc[pos])
-        line = int(df[LINE_COLUMN].iloc[pos])
-        return path, line, f"{path}, line {line}"
-    return None, None, f"row {pos} (index {df.index[pos]!r})"
-
-
-def _numeric_column(df: pd.DataFrame, col: str) -> np.ndarray:
-    s = df[col]
-    if pd.api.types.is_bool_dtype(s.dtype) or pd.api.types.is_numeric_dtype(s.dtype):
-        # a fresh array: callers scale it in place
-        return s.to_numpy(dtype="float64", na_value=np.nan, copy=True)
-    num = pd.to_numeric(s, errors="coerce")
-    bad = num.isna() & s.notna()
-    if bad.any():
-        pos = int(np.flatnonzero(bad.to_numpy())[0])
-        path, line, where = _where(df, pos)
-        raise DataError(
-            f"{where}, column {col!r}: expected a number, found {s.iloc[pos]!r}",
-            path=path, line=line, column=col,
-        )
-    return num.to_numpy(dtype="float64", na_value=np.nan, copy=True)
+_where = where_row
+_numeric_column = numeric_column
 
 
 # --------------------------------------------------------------- partition statistics
@@ -125,7 +93,8 @@ def _partition_stats(df: pd.DataFrame, pre: "Preprocessor") -> dict[str, Any]:
     """Sufficient statistics of one partition (after the user's transform)."""
     df = pre._apply_user_transform(df)
     pre._check_columns(df, need_target=pre.target is not None)
-    out: dict[str, Any] = {"rows": int(len(df)), "numeric": {}, "categorical": {}, "target": None}
+    df, dropped = pre._without_missing_target(df)
+    out: dict[str, Any] = {"rows": int(len(df)), "dropped": dropped, "numeric": {}, "categorical": {}, "target": None}
     for col in pre.numeric:
         x = _numeric_column(df, col)
         inf = np.isinf(x)
@@ -154,52 +123,27 @@ def _partition_stats(df: pd.DataFrame, pre: "Preprocessor") -> dict[str, Any]:
         counts = category_keys(df[col]).value_counts(dropna=True)
         out["categorical"][col] = {str(k): int(c) for k, c in counts.items()}
     if pre.target is not None and pre.target in df.columns:
-        t = df[pre.target]
-        if pre._target_is_numeric(t):
-            y = _numeric_column(df, pre.target)
-            y = y[~np.isnan(y)]
-            n = int(y.size)
-            mean = float(y.mean()) if n else 0.0
-            out["target"] = ("numeric", n, mean, float(((y - mean) ** 2).sum()) if n else 0.0)
-        else:
-            counts = category_keys(t).value_counts(dropna=True)
-            out["target"] = ("classes", {str(k): int(c) for k, c in counts.items()})
+        out["target"] = partition_target_stats(df, pre.target, pre.task)
     return out
 
 
-def _merge_moments(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
-    """Chan et al.'s combination of (count, mean, M2)."""
-    na, ma, m2a = a
-    nb, mb, m2b = b
-    n = na + nb
-    if n == 0:
-        return (0, 0.0, 0.0)
-    delta = mb - ma
-    mean = ma + delta * nb / n
-    return (n, mean, m2a + m2b + delta * delta * na * nb / n)
+def _located_stats(df: pd.DataFrame, pre: "Preprocessor") -> dict[str, Any]:
+    """:func:`_partition_stats`, an error about a row naming its file and line."""
+    return name_rows(_partition_stats, df, pre)
 
 
 def _combine_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"rows": 0, "numeric": {}, "categorical": {}, "target": None}
+    total: dict[str, Any] = {"rows": 0, "dropped": 0, "numeric": {}, "categorical": {}, "target": None}
     for p in parts:
         total["rows"] += p["rows"]
+        total["dropped"] += p.get("dropped", 0)
         for col, mom in p["numeric"].items():
-            total["numeric"][col] = _merge_moments(total["numeric"].get(col, (0, 0.0, 0.0)), mom)
+            total["numeric"][col] = merge_moments(total["numeric"].get(col, (0, 0.0, 0.0)), mom)
         for col, counts in p["categorical"].items():
             acc = total["categorical"].setdefault(col, {})
             for k, c in counts.items():
                 acc[k] = acc.get(k, 0) + c
-        t = p["target"]
-        if t is None:
-            continue
-        if t[0] == "numeric":
-            prev = total["target"][1:] if total["target"] else (0, 0.0, 0.0)
-            total["target"] = ("numeric", *_merge_moments(prev, t[1:]))
-        else:
-            acc = dict(total["target"][1]) if total["target"] else {}
-            for k, c in t[1].items():
-                acc[k] = acc.get(k, 0) + c
-            total["target"] = ("classes", acc)
+        total["target"] = merge_target_stats(total["target"], p["target"])
     return total
 
 
@@ -210,8 +154,7 @@ class Preprocessor:
     Parameters
     ----------
     target : str, optional
-        The target column. Numeric targets are regression targets; text targets are
-        class labels (``classes_``, encoded as their index).
+        The target column (after the transform).
     numeric : list of str
         Numeric feature columns: missing values imputed with the mean, then
         standardized (``(x - mean) / std``; a constant column gets scale 1).
@@ -225,6 +168,16 @@ class Preprocessor:
     max_categories : int
         Keep at most this many categories per column (the most frequent); the rest
         encode as unseen.
+    task : {"auto", "classification", "regression"}
+        ``"auto"``: a text target, or an integer (or boolean) target with exactly two
+        values such as 0/1, is a classification (``classes_``, ``y`` the class index;
+        a bundle of a model with one sigmoid output then answers each class's
+        probability and a label); any other numeric target is a regression.
+    missing_target : {"error", "drop"}
+        A row without a target (NaN, empty): ``"error"`` raises
+        :class:`NonFiniteValueError` naming its file and line; ``"drop"`` leaves it out
+        of the statistics and of training and counts it (``dropped_missing_target_``;
+        ``transform_training`` returns the count per partition).
 
     Attributes
     ----------
@@ -234,10 +187,14 @@ class Preprocessor:
         Per numeric column.
     categories_ : dict of list of str
         Per categorical column.
+    task_ : str or None
+        ``"regression"`` or ``"classification"`` (``None`` without a target).
     classes_ : list of str or None
-        Class labels for a text target.
+        Class labels of a classification, sorted (by value for numbers).
     n_samples_ : int
-        Rows seen by ``fit``.
+        Rows seen by ``fit`` (without the rows dropped for a missing target).
+    dropped_missing_target_ : int
+        Rows ``fit`` dropped because their target was missing.
     input_schema_ : dict
         Column -> dtype of the raw input ``fit`` saw (before the transform).
     """
@@ -251,6 +208,8 @@ class Preprocessor:
         transform: Transform | None = None,
         missing: str = "impute",
         max_categories: int = 1000,
+        task: str = "auto",
+        missing_target: str = "error",
     ) -> None:
         self.target = target
         self.numeric = list(numeric)
@@ -258,6 +217,8 @@ class Preprocessor:
         self.transform_fn = transform
         self.missing = missing
         self.max_categories = max_categories
+        self.task = check_task(task)
+        self.missing_target = check_missing_target(missing_target)
         if missing not in ("impute", "error"):
             raise ArgumentError(f"Expected missing to be 'impute' or 'error'. Received: missing={missing!r}")
         overlap = set(self.numeric) & set(self.categorical)
@@ -299,9 +260,17 @@ class Preprocessor:
                     column=col, path=str(df[PATH_COLUMN].iloc[0]) if where else None,
                 )
 
-    @staticmethod
-    def _target_is_numeric(t: pd.Series) -> bool:
-        return bool(pd.api.types.is_numeric_dtype(t.dtype) or pd.api.types.is_bool_dtype(t.dtype))
+    def _without_missing_target(self, df: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+        """``df`` without the rows that have no target, and how many there were
+        (``missing_target="drop"``); under ``"error"`` the first such row raises."""
+        if self.target is None or self.target not in df.columns:
+            return df, 0
+        missing = missing_rows(df[self.target])
+        if not missing.any():
+            return df, 0
+        if self.missing_target == "error":
+            raise missing_target_error(df, self.target, missing)
+        return df[~missing], int(missing.sum())
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "feature_names_"):
@@ -322,7 +291,7 @@ class Preprocessor:
         self
         """
         if isinstance(data, pd.DataFrame):
-            stats = _combine_stats([_partition_stats(data, self)])
+            stats = _combine_stats([_located_stats(data, self)])
             schema = data.dtypes
         else:
             import dask
@@ -330,7 +299,7 @@ class Preprocessor:
             parts = data.to_delayed()
             if not parts:
                 raise DataError("Expected data with at least one partition. Received: an empty DataFrame")
-            chunks = [dask.delayed(_partition_stats)(p, self) for p in parts]
+            chunks = [dask.delayed(_located_stats)(p, self) for p in parts]
             total = dask.delayed(_combine_stats)(chunks)
             if client is not None:
                 (stats,) = client.compute([total], sync=True)
@@ -344,6 +313,7 @@ class Preprocessor:
         if stats["rows"] == 0:
             raise DataError("Expected data with rows. Received: 0 rows (every file empty or every row skipped)")
         self.n_samples_ = int(stats["rows"])
+        self.dropped_missing_target_ = int(stats.get("dropped", 0))
         self.means_, self.scales_, self.fill_values_ = {}, {}, {}
         for col in self.numeric:
             n, mean, m2 = stats["numeric"].get(col, (0, 0.0, 0.0))
@@ -358,15 +328,10 @@ class Preprocessor:
             counts = stats["categorical"].get(col, {})
             top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_categories]
             self.categories_[col] = sorted(k for k, _ in top)
-        self.classes_ = None
-        self.target_stats_: dict[str, Any] = {}
-        t = stats["target"]
-        if t is not None and t[0] == "numeric":
-            n, mean, m2 = t[1:]
-            self.target_stats_ = {"count": n, "mean": mean, "std": math.sqrt(m2 / n) if n else 0.0}
-        elif t is not None:
-            self.classes_ = sorted(t[1])
-            self.target_stats_ = {"class_counts": dict(sorted(t[1].items()))}
+        found = resolve_task(stats["target"], self.task)
+        self.task_ = found.task if self.target is not None else None
+        self.classes_ = found.classes
+        self.target_stats_: dict[str, Any] = found.stats
         self.feature_names_ = list(self.numeric) + [
             f"{col}={value}" for col in self.categorical for value in self.categories_[col]
         ]
@@ -398,7 +363,29 @@ class Preprocessor:
         y : ndarray of shape (rows,) or None
             float32 values for regression, int64 class indices for classification;
             ``None`` when the target column is absent.
+
+        Raises
+        ------
+        NonFiniteValueError
+            A row has no target and ``missing_target="error"`` (under ``"drop"`` the
+            row is left out of ``X`` and ``y``), or a feature is infinite.
+        DataError
+            A value cannot be used; the message names its file and line when the rows
+            came from a file.
         """
+        X, y, _ = self._transform(df, with_target=with_target)
+        return X, y
+
+    def transform_training(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """``transform(df)`` for training: ``(X, y, dropped)``, ``dropped`` the rows left
+        out for a missing target (``missing_target="drop"``; always 0 under ``"error"``).
+
+        An error about a row names its file and line when ``df`` was read from a file
+        (see :func:`daskml_scale.io.provenance.name_rows`).
+        """
+        return name_rows(self._transform, df, with_target=True)
+
+    def _transform(self, df: pd.DataFrame, *, with_target: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
         self._check_fitted()
         if not with_target and self.target is not None and self.target in df.columns:
             df = df.drop(columns=[self.target])
@@ -410,6 +397,9 @@ class Preprocessor:
                 f"{len(df)} out; filter rows only when the target column {self.target!r} is present"
             )
         self._check_columns(df, need_target=False)
+        dropped = 0
+        if with_target:
+            df, dropped = self._without_missing_target(df)
         n = len(df)
         X = np.zeros((n, len(self.feature_names_)), dtype=np.float32)
         if self.numeric:
@@ -427,29 +417,8 @@ class Preprocessor:
             offset += len(cats)
         y = None
         if with_target and self.target is not None and self.target in df.columns:
-            y = self._encode_target(df)
-        return X, y
-
-    def _encode_target(self, df: pd.DataFrame) -> np.ndarray:
-        t = df[self.target]
-        if self.classes_ is None:
-            y = _numeric_column(df, self.target)
-            if np.isnan(y).any():
-                pos = int(np.flatnonzero(np.isnan(y))[0])
-                path, line, where = _where(df, pos)
-                raise NonFiniteValueError(
-                    f"{where}, column {self.target!r}: the target is missing", path=path, line=line, column=self.target
-                )
-            return y.astype(np.float32)
-        codes = pd.Index(self.classes_).get_indexer(category_keys(t))
-        if (codes < 0).any():
-            pos = int(np.flatnonzero(codes < 0)[0])
-            path, line, where = _where(df, pos)
-            raise DataError(
-                f"{where}, column {self.target!r}: label {t.iloc[pos]!r} is not one of the classes seen in fit "
-                f"{self.classes_}", path=path, line=line, column=self.target,
-            )
-        return codes.astype(np.int64)
+            y = encode_target(df, self.target, self.classes_)
+        return X, y, dropped
 
     def _numeric_block(self, df: pd.DataFrame, out: np.ndarray | None = None) -> np.ndarray:
         """The numeric features, imputed and standardized, as one (rows, k) block.
@@ -537,6 +506,7 @@ class Preprocessor:
             "params": {
                 "target": self.target, "numeric": self.numeric, "categorical": self.categorical,
                 "missing": self.missing, "max_categories": self.max_categories,
+                "task": self.task, "missing_target": self.missing_target,
             },
             "transform": {
                 "ref": ref,
@@ -550,7 +520,8 @@ class Preprocessor:
                 "n_samples": self.n_samples_, "means": self.means_, "scales": self.scales_,
                 "fill_values": self.fill_values_, "categories": self.categories_, "classes": self.classes_,
                 "target_stats": self.target_stats_, "feature_names": self.feature_names_,
-                "input_schema": self.input_schema_,
+                "input_schema": self.input_schema_, "task": self.task_,
+                "dropped_missing_target": self.dropped_missing_target_,
             }
         return d
 
@@ -581,6 +552,10 @@ class Preprocessor:
             pre.target_stats_ = f["target_stats"]
             pre.feature_names_ = f["feature_names"]
             pre.input_schema_ = f["input_schema"]
+            # written before task_ was stored: a preprocessor with classes classified
+            default_task = None if pre.target is None else ("classification" if pre.classes_ else "regression")
+            pre.task_ = f.get("task", default_task)
+            pre.dropped_missing_target_ = int(f.get("dropped_missing_target", 0))
         return pre
 
     @classmethod

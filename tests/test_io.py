@@ -149,3 +149,85 @@ def test_skip_bad_rows_counts_them_per_file(tmp_path, client):
 def test_on_bad_rows_is_validated(tmp_path):
     with pytest.raises(ValueError, match="on_bad_rows"):
         daskml_scale.read_csv(write(tmp_path / "1.csv", "a\n1\n"), on_bad_rows="ignore")
+
+
+# ------------------------------------------------------------------ messy CSVs
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.fixture(scope="module")
+def some_diamonds():
+    from daskml_scale.datasets import diamonds
+
+    return diamonds().iloc[:6000]
+
+
+def test_utf8_byte_order_mark_is_stripped(tmp_path, some_diamonds, client):
+    """What spreadsheet programs write as "CSV UTF-8": a BOM before the header, CRLF lines."""
+    df = some_diamonds
+    df.iloc[:4000].to_csv(tmp_path / "a.csv", index=False, encoding="utf-8-sig", lineterminator="\r\n")
+    df.iloc[4000:].to_csv(tmp_path / "b.csv", index=False)
+    assert (tmp_path / "a.csv").read_bytes().startswith(BOM + b"id,carat")
+    # byte-range pieces of a file with a BOM: only the piece at offset 0 holds it
+    ddf = daskml_scale.read_csv(str(tmp_path / "*.csv"), columns=["id", "carat", "cut"], blocksize=40_000,
+                                provenance=True)
+    assert ddf.npartitions > 4
+    out = ddf.compute()
+    assert list(out.columns) == ["id", "carat", "cut", "_path", "_line"]
+    assert out["id"].tolist() == df["id"].tolist()
+    assert out["cut"].tolist() == df["cut"].tolist()
+    np.testing.assert_array_equal(out["carat"].to_numpy(), df["carat"].to_numpy())
+    assert out["_line"].tolist() == list(range(2, 4002)) + list(range(2, 2002))
+    whole = daskml_scale.read_csv(str(tmp_path / "a.csv"), blocksize=None).compute()
+    assert list(whole.columns) == list(df.columns)
+
+
+def test_header_only_file_is_a_partition_without_rows(tmp_path, some_diamonds, client):
+    df = some_diamonds.iloc[:500]
+    # sorted first: the header-only file is sampled first, and must not make text columns numbers
+    df.iloc[:0].to_csv(tmp_path / "a-empty.csv", index=False)
+    df.to_csv(tmp_path / "b.csv", index=False)
+    assert (tmp_path / "a-empty.csv").read_text().count("\n") == 1
+    ddf = daskml_scale.read_csv(str(tmp_path / "*.csv"), provenance=True)
+    assert pd.api.types.is_string_dtype(ddf.dtypes["cut"]) and str(ddf.dtypes["price"]) == "Int64"
+    first = ddf.partitions[0].compute()
+    assert len(first) == 0 and list(first.columns) == [*df.columns, "_path", "_line"]
+    assert pd.api.types.is_string_dtype(first.dtypes["cut"]) and str(first.dtypes["price"]) == "Int64"
+    assert str(first.dtypes["carat"]) == "float64"
+    out = ddf.compute()
+    assert out["id"].tolist() == df["id"].tolist() and out["cut"].tolist() == df["cut"].tolist()
+    # only header-only files: their columns, no rows
+    alone = daskml_scale.read_csv(str(tmp_path / "a-empty.csv")).compute()
+    assert len(alone) == 0 and list(alone.columns) == list(df.columns)
+    # a file with nothing at all is still an error
+    (tmp_path / "c.csv").write_text("")
+    with pytest.raises(EmptyFileError):
+        daskml_scale.read_csv(str(tmp_path / "c.csv"))
+
+
+def test_glob_with_character_class_and_question_mark(tmp_path, some_diamonds, client):
+    from daskml_scale.datasets import write_csv_shards
+
+    df = some_diamonds.iloc[:300]
+    write_csv_shards(df, str(tmp_path), 3)  # part-000.csv ... part-002.csv
+    two = daskml_scale.read_csv(str(tmp_path / "part-00[01].csv")).compute()
+    assert two["id"].tolist() == df["id"].iloc[:200].tolist()
+    last = daskml_scale.read_csv(str(tmp_path / "part-00[!01].csv")).compute()
+    assert last["id"].tolist() == df["id"].iloc[200:].tolist()
+    every = daskml_scale.read_csv(str(tmp_path / "part-00?.csv")).compute()
+    assert every["id"].tolist() == df["id"].tolist()
+    with pytest.raises(DataError, match="No files match"):
+        daskml_scale.read_csv(str(tmp_path / "part-0[5-9]?.csv"))
+    # a file whose name holds brackets is still found by its name
+    literal = write(tmp_path / "scores[1].csv", "a,b\n1,2\n")
+    assert daskml_scale.read_csv(literal).compute()["a"].tolist() == [1]
+
+
+def test_s3_glob_with_character_class(s3, client):
+    fs = s3.filesystem()
+    for i in range(3):
+        fs.pipe(s3.url("in", f"part-0{i}.csv"), f"a,b\n{i},x\n".encode())
+    ddf = daskml_scale.read_csv(s3.url("in", "part-0[02].csv"), storage_options=s3.storage_options, provenance=True)
+    out = ddf.compute()
+    assert out["a"].tolist() == [0, 2]
+    assert out["_path"].tolist() == [s3.url("in", "part-00.csv"), s3.url("in", "part-02.csv")]

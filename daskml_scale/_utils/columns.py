@@ -1,5 +1,5 @@
 """Column helpers of the preprocessor and the target: categories as strings, checked
-numbers, and the words that locate a row in an error message."""
+numbers, the words that locate a row in an error message, and moments that combine."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 from daskml_scale.exceptions import DataError
 from daskml_scale.io.provenance import LINE_COLUMN, PATH_COLUMN
 
-__all__ = ["category_keys", "where_row", "numeric_column"]
+__all__ = ["category_keys", "where_row", "numeric_column", "merge_moments"]
 
 
 def category_keys(values: pd.Series) -> pd.Series:
@@ -70,3 +70,15 @@ def numeric_column(df: pd.DataFrame, col: str) -> np.ndarray:
             path=path, line=line, column=col,
         )
     return num.to_numpy(dtype="float64", na_value=np.nan, copy=True)
+
+
+def merge_moments(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
+    """Chan et al.'s exact combination of two (count, mean, M2)."""
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    n = na + nb
+    if n == 0:
+        return (0, 0.0, 0.0)
+    delta = mb - ma
+    mean = ma + delta * nb / n
+    return (n, mean, m2a + m2b + delta * delta * na * nb / n)

@@ -48,6 +48,7 @@ def create_app(
     safe_mode: bool = True,
     warmup: bool = True,
     freeze_gc: bool = False,
+    on_dropped: str | None = None,
 ) -> "Starlette":
     """An ASGI application serving a bundle.
 
@@ -85,6 +86,12 @@ def create_app(
         generation (``gc.freeze()``), so full collections no longer walk the
         TensorFlow objects and stall requests. Meant for a process that only serves
         (``serve()`` turns it on).
+    on_dropped : {"keep", "omit", "error"}, optional
+        Rows the preprocessor's transform drops (``predict.on-dropped``, default
+        ``"keep"``): ``"keep"`` answers each with ``null`` predictions,
+        ``"dropped": true`` and ``"reason"`` (CSV: empty cells and a ``dropped``
+        column); ``"omit"`` leaves them out of the answer (match rows with ``?id=``);
+        ``"error"`` refuses the request with 422. Also the default of ``POST /jobs``.
 
     Returns
     -------
@@ -102,6 +109,7 @@ def create_app(
         scheduler=scheduler, storage_options=storage_options, max_batch_rows=max_batch_rows,
         max_wait_ms=max_wait_ms, micro_batching=micro_batching, max_body_bytes=max_body_bytes,
         id_column=id_column, transform=transform, safe_mode=safe_mode, warmup=warmup, freeze_gc=freeze_gc,
+        on_dropped=on_dropped,
     )
     return app.create_app(bundle_or_url, options, client=client)
 
@@ -124,6 +132,7 @@ def serve(
     log_level: str = "warning",
     access_log: bool = False,
     freeze_gc: bool = True,
+    on_dropped: str | None = None,
 ) -> None:
     """Serve a bundle over HTTP with uvicorn; blocks until the server stops.
 
@@ -161,7 +170,7 @@ def serve(
     options = ServeOptions.from_config(
         scheduler=scheduler, storage_options=storage_options, max_batch_rows=max_batch_rows,
         max_wait_ms=max_wait_ms, micro_batching=micro_batching, max_body_bytes=max_body_bytes,
-        id_column=id_column, transform=transform, safe_mode=safe_mode, freeze_gc=freeze_gc,
+        id_column=id_column, transform=transform, safe_mode=safe_mode, freeze_gc=freeze_gc, on_dropped=on_dropped,
     )
     if tf_threads is not None:
         _set_tf_threads(int(tf_threads))

@@ -15,6 +15,7 @@ import time
 from urllib.parse import parse_qs
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
+import numpy as np
 import pandas as pd
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -24,10 +25,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daskml_scale._version import __version__
+from daskml_scale.dropped_rows import apply_on_dropped
 from daskml_scale.exceptions import DataError
 from daskml_scale.serving.batcher import Block, MicroBatcher
 from daskml_scale.serving.errors import RequestError, ServiceUnavailableError, ServingError
-from daskml_scale.serving.inputs import InputSpec, dumps, loads, output_csv, output_records
+from daskml_scale.serving.inputs import DROPPED_COLUMN, InputSpec, dumps, loads, output_csv, output_records
 from daskml_scale.serving.jobs import JobManager
 from daskml_scale.serving.metrics import CONTENT_TYPE, Registry
 from daskml_scale.serving.openapi import openapi_document
@@ -86,7 +88,8 @@ class ServingState:
             max_wait_ms=options.max_wait_ms, enabled=options.micro_batching, metrics=self.metrics,
         )
         self.jobs = JobManager(
-            client=client, scheduler=options.scheduler, storage_options=options.storage_options, metrics=self.metrics
+            client=client, scheduler=options.scheduler, storage_options=options.storage_options, metrics=self.metrics,
+            on_dropped=options.on_dropped,
         )
 
     # -- loading (in the model thread) ------------------------------------------------
@@ -155,17 +158,29 @@ class ServingState:
         The client may send the raw columns the transform derives the target from
         (e.g. a price that becomes ``log_price``), for some rows only; prediction
         has no use for the target, so it is dropped after the user's transform.
+
+        One output row per input row: where the transform dropped rows, empty
+        outputs and a :data:`DROPPED_COLUMN` that marks them (the answer then says
+        so, or leaves them out: ``on_dropped``); under ``on_dropped="error"`` a 422.
         """
         b = self.bundle
         assert b is not None
         try:
-            X, _ = self.preprocessor.transform(frame, with_target=False)
-            if len(X) != len(frame):
+            pred, rows = b.predict_kept(frame, batch_size=max(len(frame), 1))
+            if rows is None:
+                return pred
+            if self.options.on_dropped == "error":
+                first = int(np.setdiff1d(np.arange(len(frame)), rows)[0])
                 raise RequestError(
-                    422, f"The model's transform returned {len(X)} rows for {len(frame)}: "
-                    "serving needs a row-wise transform"
+                    422, f"The model's transform dropped {len(frame) - len(rows)} of the {len(frame)} rows, the first "
+                    f"record {first}; this server refuses such requests (on_dropped='error'). Send rows the transform "
+                    "keeps, or serve with on_dropped='keep' (null predictions) or 'omit'."
                 )
-            return b.outputs_to_frame(b.predict_array(X, batch_size=max(len(X), 1)), frame.index)
+            _, out = apply_on_dropped(frame, pred, rows, "keep")
+            dropped = np.ones(len(frame), dtype=bool)
+            dropped[rows] = False
+            out[DROPPED_COLUMN] = dropped
+            return out
         except ServingError:
             raise
         except DataError as exc:  # a value the preprocessor refuses: the client's fault
@@ -241,9 +256,10 @@ class PredictEndpoint:
             else:
                 rows, n, ids = spec.parse_json(body, id_column)
         cols = await batcher.submit(rows, n)
+        omit = state.options.on_dropped == "omit"
         if is_csv:
-            return 200, b"text/csv; charset=utf-8", output_csv(cols, ids, id_column)
-        return 200, b"application/json", dumps(output_records(cols, ids, id_column))
+            return 200, b"text/csv; charset=utf-8", output_csv(cols, ids, id_column, omit_dropped=omit)
+        return 200, b"application/json", dumps(output_records(cols, ids, id_column, omit_dropped=omit))
 
 
 async def _receive_body(receive: Receive, length: bytes | str | None, limit: int) -> bytes:
@@ -300,6 +316,7 @@ async def info(request: Request) -> Response:
         "max_wait_ms": b.max_wait * 1000.0,
         "max_body_bytes": state.max_body_bytes,
         "id_column": state.id_column,
+        "on_dropped": state.options.on_dropped,
         "required_fields": state.spec.required if state.spec else None,
         "jobs": state.jobs.configured,
     }

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from daskml_scale._utils.jsonable import json_default
+from daskml_scale.dropped_rows import DROPPED_REASON
 from daskml_scale.serving.errors import RequestError
 
 try:  # optional speed-up; the standard library is the fallback
@@ -24,7 +25,10 @@ try:  # optional speed-up; the standard library is the fallback
 except ImportError:  # pragma: no cover - depends on the environment
     _orjson = None
 
-__all__ = ["RequestError", "InputSpec", "loads", "dumps"]  # RequestError: re-exported from errors
+__all__ = ["RequestError", "InputSpec", "loads", "dumps", "DROPPED_COLUMN"]  # RequestError: re-exported from errors
+
+#: the model's answer column (True: the transform dropped the row), present only when a row was
+DROPPED_COLUMN = "_dropped"
 
 
 def loads(body: bytes) -> Any:
@@ -263,20 +267,58 @@ class InputSpec:
 
 
 # -------------------------------------------------------------------------- answers
-def output_records(cols: dict[str, list[Any]], ids: list[Any] | None, id_column: str | None) -> list[dict[str, Any]]:
-    """One JSON object per row: the id (when asked for) then the output columns."""
+def _split_dropped(cols: dict[str, list[Any]]) -> tuple[dict[str, list[Any]], list[bool] | None]:
+    """(the output columns, which rows the transform dropped; ``None``: none was)."""
+    dropped = cols.get(DROPPED_COLUMN)
+    if dropped is None:
+        return cols, None
+    outputs = {c: v for c, v in cols.items() if c != DROPPED_COLUMN}
+    return outputs, (dropped if any(dropped) else None)
+
+
+def output_records(
+    cols: dict[str, list[Any]], ids: list[Any] | None, id_column: str | None, *, omit_dropped: bool = False
+) -> list[dict[str, Any]]:
+    """One JSON object per row: the id (when asked for) then the output columns.
+
+    A row the model's transform dropped has ``null`` outputs, ``"dropped": true`` and
+    ``"reason"``; with ``omit_dropped`` it is left out.
+    """
+    cols, dropped = _split_dropped(cols)
     names = list(cols)
     values = list(cols.values())
     if ids is not None and id_column is not None:
         names = [id_column, *names]
         values = [ids, *values]
-    return [dict(zip(names, row)) for row in zip(*values)]
+    records = [dict(zip(names, row)) for row in zip(*values)]
+    if dropped is None:
+        return records
+    if omit_dropped:
+        return [r for r, d in zip(records, dropped) if not d]
+    empty = dict.fromkeys(cols)
+    for r, d in zip(records, dropped):
+        if d:
+            r.update(empty, dropped=True, reason=DROPPED_REASON)
+    return records
 
 
-def output_csv(cols: dict[str, list[Any]], ids: list[Any] | None, id_column: str | None) -> bytes:
-    """CSV text with a header: the id column (when asked for) then the output columns."""
+def output_csv(
+    cols: dict[str, list[Any]], ids: list[Any] | None, id_column: str | None, *, omit_dropped: bool = False
+) -> bytes:
+    """CSV text with a header: the id column (when asked for) then the output columns.
+
+    When the model's transform dropped rows, their outputs are empty and a last column
+    ``dropped`` says which they are; with ``omit_dropped`` they are left out.
+    """
+    cols, dropped = _split_dropped(cols)
     data: dict[str, list[Any]] = {}
     if ids is not None and id_column is not None:
         data[id_column] = ids
     data.update(cols)
-    return pd.DataFrame(data).to_csv(index=False).encode()
+    frame = pd.DataFrame(data)
+    if dropped is not None:
+        if omit_dropped:
+            frame = frame[~np.asarray(dropped, dtype=bool)]
+        else:
+            frame["dropped"] = dropped
+    return frame.to_csv(index=False).encode()

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from daskml_scale._utils.jsonable import jsonable
+from daskml_scale.dropped_rows import ON_DROPPED
 from daskml_scale.io.writers import FORMATS as _FORMATS
 from daskml_scale.serving.errors import NotFoundError, RequestError, ServiceUnavailableError
 from daskml_scale.serving.metrics import Registry
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["JobManager"]
 
-_KEYS = {"input", "output", "format", "keep", "overwrite", "on_bad_rows"}
+_KEYS = {"input", "output", "format", "keep", "overwrite", "on_bad_rows", "on_dropped"}
 
 
 class JobManager:
@@ -44,6 +45,8 @@ class JobManager:
         fsspec options for the job's input and output URLs.
     max_jobs : int
         How many finished jobs to remember.
+    on_dropped : str, optional
+        The jobs' ``on_dropped`` when a request does not say (``predict_files``' default).
     """
 
     def __init__(
@@ -54,8 +57,10 @@ class JobManager:
         storage_options: dict[str, Any] | None = None,
         max_jobs: int = 1000,
         metrics: Registry | None = None,
+        on_dropped: str | None = None,
     ) -> None:
         self._client = client
+        self.on_dropped = on_dropped
         self._own_client: "Client | None" = None
         self.scheduler = scheduler
         self.storage_options = storage_options
@@ -85,7 +90,8 @@ class JobManager:
         """Check a job request.
 
         ``{"input": URL, "output": URL, "format"?: "csv"|"parquet", "keep"?: ...,
-        "overwrite"?: bool, "on_bad_rows"?: "error"|"skip"}``, as in ``predict_files``.
+        "overwrite"?: bool, "on_bad_rows"?: "error"|"skip", "on_dropped"?: "keep"|"omit"|"error"}``,
+        as in ``predict_files``.
         """
         if not isinstance(spec, dict):
             raise RequestError(400, f"Expected a JSON object {{'input': URL, 'output': URL}}. Received: {type(spec).__name__}")
@@ -116,9 +122,15 @@ class JobManager:
                 422, f"Job field 'on_bad_rows': expected \"error\" or \"skip\". Received: {on_bad_rows!r}",
                 field="on_bad_rows",
             )
+        on_dropped = spec.get("on_dropped")
+        if on_dropped not in (None, *ON_DROPPED):
+            raise RequestError(
+                422, f"Job field 'on_dropped': expected one of {list(ON_DROPPED)}. Received: {on_dropped!r}",
+                field="on_dropped",
+            )
         return {
             "input": spec["input"], "output": spec["output"], "format": fmt, "keep": keep,
-            "overwrite": overwrite, "on_bad_rows": on_bad_rows,
+            "overwrite": overwrite, "on_bad_rows": on_bad_rows, "on_dropped": on_dropped,
         }
 
     def submit(self, bundle: "Bundle", spec: dict[str, Any]) -> dict[str, Any]:
@@ -167,6 +179,7 @@ class JobManager:
                 report = predict_files(
                     bundle, spec["input"], spec["output"], format=spec["format"], keep=spec["keep"],
                     overwrite=spec["overwrite"], on_bad_rows=spec["on_bad_rows"],
+                    on_dropped=spec.get("on_dropped") or self.on_dropped,
                     storage_options=self.storage_options, client=client,
                 )
         except Exception as exc:  # the job fails, the server goes on

@@ -54,7 +54,9 @@ def openapi_document(
                         "text/csv": {"schema": {"type": "string"}},
                     }},
                     "responses": {
-                        "200": {"description": "One prediction per input row, in order", "content": {
+                        "200": {"description": "One prediction per input row, in order (rows the model's "
+                                "transform dropped: null outputs with dropped and reason, or left out under "
+                                "on_dropped='omit')", "content": {
                             "application/json": {"schema": {"type": "array",
                                                             "items": {"$ref": "#/components/schemas/Prediction"}}},
                             "text/csv": {"schema": {"type": "string"}},
@@ -62,7 +64,8 @@ def openapi_document(
                         "400": problem("Empty or malformed body"),
                         "413": problem("Body over the size limit"),
                         "415": problem("Unsupported content type"),
-                        "422": problem("A missing field or a value of the wrong type"),
+                        "422": problem("A missing field or a value of the wrong type, or rows the transform "
+                                       "dropped under on_dropped='error'"),
                         "503": problem("The model is not loaded yet"),
                     },
                 }
@@ -82,6 +85,7 @@ def openapi_document(
                             "output": {"type": "string", "description": "output directory URL"},
                             "format": {"enum": list(FORMATS)},
                             "keep": {"type": "array", "items": {"type": "string"}},
+                            "on_dropped": {"enum": ["keep", "omit", "error"]},
                         }}}}},
                     "responses": {"202": {"description": "Accepted; poll GET /jobs/{id}"},
                                   "422": problem("Bad job request"), "503": problem("No cluster configured")},
@@ -96,7 +100,12 @@ def openapi_document(
         },
         "components": {"schemas": {
             "Record": record,
-            "Prediction": {"type": "object", "properties": outputs},
+            "Prediction": {"type": "object", "properties": {
+                **{k: {"type": [v["type"], "null"]} for k, v in outputs.items()},
+                "dropped": {"type": "boolean", "description": "present and true when the model's transform dropped "
+                            "the row: its outputs are null"},
+                "reason": {"type": "string", "description": "why the row has no prediction"},
+            }},
             "Error": {"type": "object", "properties": {
                 "error": {"type": "string"}, "status": {"type": "integer"}, "field": {"type": "string"},
                 "line": {"type": "integer"}}},

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from daskml_scale.config import get as _config_get
+from daskml_scale.dropped_rows import check_on_dropped
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -23,6 +24,7 @@ _CONFIG_DEFAULTS: dict[str, tuple[str, Any]] = {
     "max_wait_ms": ("serve.max-wait-ms", 2),
     "max_body_bytes": ("serve.max-body-bytes", 10 * 2**20),
     "id_column": ("serve.id-column", None),
+    "on_dropped": ("predict.on-dropped", "keep"),
 }
 
 
@@ -54,6 +56,11 @@ class ServeOptions:
         One prediction on a made-up row after loading.
     freeze_gc : bool
         ``gc.freeze()`` after loading.
+    on_dropped : {"keep", "omit", "error"}
+        Rows the transform drops (``predict.on-dropped``): ``"keep"`` answers them
+        with ``null`` predictions, ``"dropped": true`` and the reason; ``"omit"``
+        leaves them out of the answer; ``"error"`` refuses the request with 422.
+        Also the default of ``POST /jobs``.
     """
 
     scheduler: str | None = None
@@ -67,8 +74,10 @@ class ServeOptions:
     safe_mode: bool = True
     warmup: bool = True
     freeze_gc: bool = False
+    on_dropped: str = "keep"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "on_dropped", check_on_dropped(self.on_dropped))
         object.__setattr__(self, "max_batch_rows", int(self.max_batch_rows))
         object.__setattr__(self, "max_wait_ms", float(self.max_wait_ms))
         object.__setattr__(self, "max_body_bytes", int(self.max_body_bytes))

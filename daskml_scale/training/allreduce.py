@@ -56,6 +56,9 @@ class _RingState:
         self.rings: list[str] = []
         self.stats: dict[str, float] = {}
         self.restarts: tuple[int | None, int] = (None, 0)
+        self.formed = False  # a ring worked once in this fit: later failures are losses
+        self.fallback_state: Any = None
+        self.fell_back = False
 
 
 @dataclass
@@ -68,9 +71,18 @@ class AllReduce(Strategy):
         ``1``: gradients are all-reduced every step (single-process SGD on the global
         batch of ``workers x batch_size`` rows). ``k > 1``: weights are all-reduced
         (averaged) every ``k`` local steps.
+    outer_lr : float
+        ``every > 1``: scale of the averaged change of a round,
+        ``w = w_sync + outer_lr * (mean(w_i) - w_sync)`` where ``w_sync`` are the weights
+        of the last reduce (1.0: plain averaging). Above 1 it makes up for the progress
+        that averaging gives up: each worker's steps were taken from the same start.
     timeout : float or None
         Seconds any wait of a worker may take (connecting, a neighbour's message);
         default ``daskml_scale.training.ps-timeout``.
+    fallback : Strategy or None
+        Used for the rest of the fit, with a warning, when the workers cannot form a
+        ring at all (e.g. a firewall that lets only Dask's own ports through). ``None``:
+        that is an error.
 
     Notes
     -----
@@ -85,16 +97,38 @@ class AllReduce(Strategy):
     """
 
     every: int = 1
+    outer_lr: float = 1.0
     timeout: float | None = None
+    fallback: Strategy | None = None
 
     name = "allreduce"
 
     def __post_init__(self) -> None:
         if not isinstance(self.every, (int, np.integer)) or self.every < 1:
             raise ArgumentError(f"Expected every to be a positive integer. Received: every={self.every!r}")
+        if not isinstance(self.outer_lr, (int, float)) or not 0 < self.outer_lr <= 4:
+            raise ArgumentError(f"Expected 0 < outer_lr <= 4. Received: outer_lr={self.outer_lr!r}")
+        if self.every == 1 and self.outer_lr != 1.0:
+            raise ArgumentError("outer_lr applies to every > 1 (with every=1 the optimizer's own step is taken); "
+                                f"Received: every=1, outer_lr={self.outer_lr!r}")
 
     def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name, "every": int(self.every)}
+        out: dict[str, Any] = {"strategy": self.name, "every": int(self.every), "outer_lr": float(self.outer_lr)}
+        if self.fallback is not None:
+            out["fallback"] = self.fallback.describe()
+        return out
+
+    def release(self, state: _RingState) -> None:
+        if self.fallback is not None and state.fallback_state is not None:
+            self.fallback.release(state.fallback_state)
+
+    def _run_fallback(self, runner: "EpochRunner", st: _RingState) -> None:
+        assert self.fallback is not None
+        runner.state = st.fallback_state
+        try:
+            self.fallback.run_epoch(runner)
+        finally:
+            runner.state = st
 
     def worker_functions(self) -> tuple[str, ...]:
         return ("fused",) if int(self.every) == 1 else ("train",)
@@ -108,6 +142,8 @@ class AllReduce(Strategy):
     # ------------------------------------------------------------------ the epoch
     def run_epoch(self, runner: "EpochRunner") -> None:
         st: _RingState = runner.state
+        if st.fell_back:
+            return self._run_fallback(runner, st)
         every = int(self.every)
         blocks = runner.chunks(every * max(1, _STEPS_PER_BLOCK // every))
         restarts = int(config.get("training.ps-restarts", 3))
@@ -121,6 +157,13 @@ class AllReduce(Strategy):
                 results = self._attempt(runner, st, blocks, workers, attempt)
             except (RingError, _MemberLost) as exc:
                 causes.append(exc)
+                if isinstance(exc, RingError) and not st.formed and self.fallback is not None:
+                    logger.warning(
+                        "daskml_scale.fit: the workers cannot connect to each other for AllReduce (%s); "
+                        "this fit goes on with %s", exc, self.fallback.describe())
+                    st.fell_back = True
+                    st.fallback_state = self.fallback.create_state()
+                    return self._run_fallback(runner, st)
                 st.restarts = (runner.epoch, attempt + 1)
                 logger.warning("daskml_scale.fit: AllReduce epoch %d attempt %d failed (%s); restarting the epoch "
                                "from the driver's copy on the live workers", runner.epoch, attempt, exc)
@@ -130,6 +173,8 @@ class AllReduce(Strategy):
             raise TrainingError(
                 f"AllReduce failed {restarts + 1} times in epoch {runner.epoch}; training stopped" + runner.checkpoint_hint()
             ) from causes[-1]
+        st.formed = True
+        runner.note_timings(results)
         done = [r for r in results if r.get("samples", 0) > 0]
         if not done:
             return
@@ -166,7 +211,8 @@ class AllReduce(Strategy):
                 allreduce_epoch, ring_id, r, addresses, st.secret, attempt, runner.fit_id, runner.model_bytes, state,
                 per_rank[r], max(steps), runner.sources(runner.parts_of(per_rank[r])),
                 batch_size=runner.batch_size, seed=runner.seed, epoch=runner.epoch, shuffle=runner.shuffle,
-                every=int(self.every), timeout=self._timeout(), pure=False, workers=[w], allow_other_workers=False,
+                every=int(self.every), outer_lr=float(self.outer_lr), timeout=self._timeout(), pure=False,
+                workers=[w], allow_other_workers=False,
                 key=(f"daskml-allreduce-{runner.fit_id}", runner.epoch, attempt, r),
             )
             for r, w in enumerate(workers)
@@ -200,6 +246,12 @@ class AllReduce(Strategy):
 
     def epoch_logs(self, runner: "EpochRunner") -> dict[str, float]:
         st: _RingState = runner.state
+        if st.fell_back:
+            runner.state = st.fallback_state
+            try:
+                return {**self.fallback.epoch_logs(runner), "allreduce_fallback": 1.0}  # type: ignore[union-attr]
+            finally:
+                runner.state = st
         logs = {f"allreduce_{k}": v for k, v in st.stats.items()}
         epoch, restarts = st.restarts
         logs["allreduce_restarts"] = float(restarts if epoch == runner.epoch else 0)
@@ -219,6 +271,7 @@ def allreduce_epoch(
     ring_id: str, rank: int, addresses: list[tuple[str, int]], secret: bytes, attempt: int,
     fit_id: str, model_bytes: bytes, state: dict[str, Any], blocks: Sequence[Sequence[Any]], n_steps: int,
     sources: dict[int, Any], *, batch_size: int, seed: int, epoch: int, shuffle: bool, every: int, timeout: float,
+    outer_lr: float = 1.0,
 ) -> dict[str, Any]:
     """One rank's epoch: ``n_steps`` reduces (a rank whose rows ran out takes part with
     nothing, so every rank makes the same reduces). Returns samples, metric state,
@@ -243,35 +296,37 @@ def allreduce_epoch(
             if state.get("optimizer"):
                 backend.set_optimizer_state(model, state["optimizer"])
             backend.reset_metrics(model)
-            shapes = [tuple(v.shape) for v in model.weights]
-            fused = cached.fused_fn if every == 1 else None
-            grad_size = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
-            weights_size = sum(int(np.prod(s)) for s in shapes)
-            buf = np.empty((grad_size if every == 1 else weights_size) + 1, dtype=np.float32)
-            prev: np.ndarray | None = None
             samples = done = 0
-            for X, y in _steps(blocks, sources, seed, epoch, shuffle, rows_per_step, n_steps):
-                rows = len(X)
-                if every == 1:
+            if every == 1:
+                fused = cached.fused_fn
+                size = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+                buf = np.empty(size + 1, dtype=np.float32)
+                prev: np.ndarray | None = None
+                for X, y in _steps(blocks, sources, seed, epoch, shuffle, rows_per_step, n_steps):
+                    rows = len(X)
                     g = fused(X, y, prev) if rows else None
                     if g is None and prev is not None:
                         fused(None, None, prev)  # no batch left here: apply the mean, send nothing
                     buf[:-1] = 0.0 if g is None else g * np.float32(rows)
-                else:
+                    buf[-1] = rows
+                    ring.allreduce(buf)
+                    prev = buf[:-1] / np.float32(buf[-1]) if buf[-1] else None
+                    samples += rows
+                    done += 1
+                if prev is not None:
+                    fused(None, None, prev)
+            else:
+                local = _LocalState(model, outer_lr)
+                for X, y in _steps(blocks, sources, seed, epoch, shuffle, rows_per_step, n_steps):
+                    rows = len(X)
                     if rows:
                         cached.train(X, y, batch_size)
-                    buf[:-1] = 0.0 if not rows else backend.pack(backend.get_weights(model)) * np.float32(rows)
-                buf[-1] = rows
-                ring.allreduce(buf)
-                total = float(buf[-1])
-                if every == 1:
-                    prev = buf[:-1] / np.float32(total) if total else None
-                elif total:
-                    backend.set_weights(model, backend.unpack(buf[:-1] / np.float32(total), shapes))
-                samples += rows
-                done += 1
-            if every == 1 and prev is not None:
-                fused(None, None, prev)
+                    buf = local.pack(rows)
+                    ring.allreduce(buf)
+                    if buf[-1]:
+                        local.unpack(buf[:-1] / np.float32(buf[-1]))
+                    samples += rows
+                    done += 1
             return {
                 "samples": samples, "steps": done, "bytes_sent": ring.bytes_sent,
                 "metrics": backend.metric_state(model), "optimizer": backend.get_optimizer_state(model),
@@ -280,6 +335,48 @@ def allreduce_epoch(
             }
     finally:
         ring.close()
+
+
+class _LocalState:
+    """Local SGD's state as one float32 vector: the weights and the optimizer's float
+    slots (Adam's moments), averaged together as ``ModelAveraging`` averages them; the
+    outer step scales the change of the trainable weights since the last reduce."""
+
+    def __init__(self, model: Any, outer_lr: float) -> None:
+        self.model = model
+        self.outer_lr = np.float32(outer_lr)
+        self.shapes = [tuple(v.shape) for v in model.weights]
+        self.n_weights = sum(int(np.prod(sh)) for sh in self.shapes)
+        trainable = {id(v) for v in model.trainable_weights}
+        self.mask = np.concatenate([np.full(int(np.prod(v.shape)), id(v) in trainable) for v in model.weights])
+        slots = backend.get_optimizer_state(model)
+        self.float_slots = [i for i, a in enumerate(slots) if a.dtype == np.float32]
+        self.synced = backend.pack(backend.get_weights(model)) if self.outer_lr != 1 else None
+
+    def pack(self, rows: int) -> np.ndarray:
+        if not rows:  # nothing trained here: take part with nothing
+            return np.zeros(self.n_weights + sum(backend.get_optimizer_state(self.model)[i].size
+                                                 for i in self.float_slots) + 1, np.float32)
+        slots = backend.get_optimizer_state(self.model)
+        parts = [backend.pack(backend.get_weights(self.model))] + [np.ravel(slots[i]) for i in self.float_slots]
+        buf = np.concatenate(parts + [np.ones(1, np.float32)]).astype(np.float32, copy=False)
+        buf *= np.float32(rows)
+        return buf
+
+    def unpack(self, mean: np.ndarray) -> None:
+        weights = mean[: self.n_weights]
+        if self.synced is not None:
+            moved = self.synced + self.outer_lr * (weights - self.synced)
+            weights = np.where(self.mask, moved, weights).astype(np.float32)  # statistics: plain means
+            self.synced = weights
+        backend.set_weights(self.model, backend.unpack(weights, self.shapes))
+        if self.float_slots:
+            slots = backend.get_optimizer_state(self.model)
+            at = self.n_weights
+            for i in self.float_slots:
+                slots[i] = mean[at: at + slots[i].size].reshape(slots[i].shape)
+                at += slots[i].size
+            backend.set_optimizer_state(self.model, slots)
 
 
 def _steps(blocks: Sequence[Sequence[Any]], sources: dict[int, Any], seed: int, epoch: int, shuffle: bool,

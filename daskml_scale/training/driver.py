@@ -180,9 +180,11 @@ class Fit:
         if sample is None:
             biggest = self.sources[int(np.argmax(self.train_sizes))]
             sample = self.gather([self.client.submit(sample_rows, biggest, pure=False)])[0]
+        from daskml_scale.custom_objects import ship_model
+
         X, y = sample
         backend.ensure_built(self.model, X, y)
-        self.model_bytes = self.put(backend.model_to_bytes(self.model), "model")
+        self.model_bytes = self.put(ship_model(self.model, backend.model_to_bytes(self.model)), "model")
         self.weights = backend.get_weights(self.model)
         trainable = {id(v) for v in self.model.trainable_weights}
         self.trainable_mask = [id(v) in trainable for v in self.model.weights]

@@ -36,7 +36,9 @@ class ParamServerActor:
     ) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
-        self.model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes from our own driver
+        from daskml_scale.custom_objects import load_shipped_model
+
+        self.model = load_shipped_model(model_bytes)  # bytes (and custom objects) from our own driver
         self.apply = backend.make_apply_fn(self.model)
         self._grad_shapes = [tuple(v.shape) for v in self.model.trainable_weights]
         self._grad_size = sum(int(np.prod(sh)) for sh in self._grad_shapes)

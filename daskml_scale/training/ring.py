@@ -69,6 +69,7 @@ class _Port:
 
 
 _PORTS: LRUCache[tuple[str, int], _Port] = LRUCache(16)
+TLS_RINGS = [0]  # rings this process joined over TLS (tests read it)
 
 
 def _worker_tls() -> Any:
@@ -145,13 +146,17 @@ class Ring:
     secret : bytes
         32 bytes every member knows (made by the driver for the fit).
     timeout : float
-        Seconds any wait may take (connecting, a chunk from the previous member).
+        Seconds any wait for a chunk from the previous member may take.
+    connect_timeout : float or None
+        Seconds to connect to the next member and be connected to by the previous one
+        (default ``min(timeout, 10)``): a ring that cannot form fails fast.
     """
 
     def __init__(self, ring_id: str, rank: int, addresses: list[tuple[str, int]], secret: bytes,
-                 timeout: float, attempt: int = 0) -> None:
+                 timeout: float, attempt: int = 0, connect_timeout: float | None = None) -> None:
         self.rank, self.size = int(rank), len(addresses)
         self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout if connect_timeout is not None else min(timeout, 10.0))
         self._secret = bytes(secret)
         self._attempt = int(attempt)
         self.bytes_sent = 0
@@ -169,13 +174,15 @@ class Ring:
         acceptor = threading.Thread(target=lambda: accepted.append(self._accept(port)), daemon=True)
         acceptor.start()
         self.next = self._connect(tuple(nxt), port.tls)
-        acceptor.join(self.timeout + 1)
+        acceptor.join(self.connect_timeout + 1)
         if not accepted or isinstance(accepted[0], BaseException):
             self.close()
             err = accepted[0] if accepted else None
-            raise RingError(f"The ring member at {self.prev_name} did not connect within {self.timeout:.0f}s",
+            raise RingError(f"The ring member at {self.prev_name} did not connect within {self.connect_timeout:.0f}s",
                             peer=self.prev_name) from err
         self.prev = accepted[0]
+        if port.tls is not None:
+            TLS_RINGS[0] += 1
 
     def _tune(self, sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -183,10 +190,10 @@ class Ring:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUF)
 
     def _connect(self, address: tuple[str, int], tls: Any) -> Any:
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.connect_timeout
         while True:
             try:
-                sock = socket.create_connection(address, timeout=min(5.0, self.timeout))
+                sock = socket.create_connection(address, timeout=min(5.0, self.connect_timeout))
                 break
             except OSError as exc:
                 if time.monotonic() > deadline:
@@ -202,7 +209,7 @@ class Ring:
 
     def _accept(self, port: _Port) -> Any:
         """The previous member's connection; strangers (no secret) are closed unanswered."""
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + self.connect_timeout
         expected = (self.rank - 1) % self.size
         try:
             while time.monotonic() < deadline:

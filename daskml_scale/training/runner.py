@@ -169,6 +169,10 @@ class EpochRunner:
 
         return wait_done(futures, timeout)
 
+    def note_timings(self, results: list[dict[str, Any]]) -> None:
+        """Keep the worker-side timings (``result["timings"]``) of tasks in the fit's summary."""
+        self._fit.note_worker_timings(results)
+
     def put(self, value: Any, name: str) -> Any:
         """``value`` in the cluster once, as a task (recomputed if its holders die)."""
         return self._fit.put(value, name)
@@ -244,7 +248,7 @@ class EpochRunner:
         ]
         self.round_begin()
         results = self.gather(futs)
-        fit.note_worker_timings(results)
+        self.note_timings(results)
         return results
 
     # ------------------------------------------------------------ reporting

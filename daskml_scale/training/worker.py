@@ -119,8 +119,10 @@ def model_for(fit_id: str, model_bytes: bytes) -> _CachedModel:
     """The worker's compiled copy of the fit's model, built on first use."""
 
     def build() -> _CachedModel:
+        from daskml_scale.custom_objects import load_shipped_model
+
         t = time.perf_counter()
-        model = backend.model_from_bytes(model_bytes, safe_mode=False)  # bytes made by our own driver
+        model = load_shipped_model(model_bytes)  # bytes (and custom objects) made by our own driver
         _BUILT_COUNT[0] += 1
         return _CachedModel(model, time.perf_counter() - t)
 
@@ -164,9 +166,14 @@ def models_built() -> int:
 
 
 # ------------------------------------------------------------------- the partitions
-def prepare_partition(df: Any, preprocessor: Any, val_fraction: float, seed: int, index: int) -> dict[str, np.ndarray]:
-    """A raw partition -> training and held-out arrays (split deterministically)."""
-    X, y = preprocessor.transform(df)
+def prepare_partition(df: Any, preprocessor: Any, val_fraction: float, seed: int, index: int) -> dict[str, Any]:
+    """A raw partition -> training and held-out arrays (split deterministically).
+
+    ``"dropped"`` counts the rows left out for a missing target
+    (``Preprocessor(missing_target="drop")``); an error about a row names its file
+    and line when the partition was read from a file.
+    """
+    X, y, dropped = preprocessor.transform_training(df)
     if y is None:
         raise MissingColumnError(
             f"The target column {preprocessor.target!r} is missing from the training data",
@@ -174,8 +181,8 @@ def prepare_partition(df: Any, preprocessor: Any, val_fraction: float, seed: int
         )
     if val_fraction > 0:
         held = np.random.default_rng([seed, 7919, index]).random(len(X)) < val_fraction
-        return {"X": X[~held], "y": y[~held], "Xv": X[held], "yv": y[held]}
-    return {"X": X, "y": y, "Xv": X[:0], "yv": y[:0]}
+        return {"X": X[~held], "y": y[~held], "Xv": X[held], "yv": y[held], "dropped": dropped}
+    return {"X": X, "y": y, "Xv": X[:0], "yv": y[:0], "dropped": dropped}
 
 
 _PARTS: LRUCache[str, dict[str, np.ndarray]] = LRUCache(2)

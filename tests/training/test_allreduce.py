@@ -172,6 +172,80 @@ def test_ring_of_one_is_the_identity():
     assert ring.allreduce(v.copy()).tolist() == v.tolist()
 
 
+def test_a_ring_that_cannot_form_fails_fast():
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    address = closed.getsockname()
+    closed.close()  # nothing listens there
+    from daskml_scale.training import ring as ring_module
+
+    port = ring_module._Port("127.0.0.1", None)
+    ring_module._PORTS.put(("unreachable", 0), port)
+    t = time.monotonic()
+    with pytest.raises(RingError, match="connect"):
+        Ring("unreachable", 0, [port.address, address], secrets.token_bytes(32), timeout=60, connect_timeout=1)
+    assert time.monotonic() - t < 10
+    ring_module.close_port("unreachable")
+
+
+class _NoRing(daskml_scale.AllReduce):
+    """AllReduce on a cluster whose workers cannot reach each other."""
+
+    def _attempt(self, *args, **kwargs):
+        raise RingError("Could not connect to the ring member at 10.0.0.1:1 (a firewall)", peer="10.0.0.1:1")
+
+
+@pytest.mark.slow
+def test_a_ring_that_cannot_form_falls_back(diamond_data, fitted_pre, client):
+    n = len(fitted_pre.feature_names_)
+    fallback = daskml_scale.ModelAveraging(sync_every=16)
+    h = daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=2, batch_size=BATCH,
+                         client=client, verbose=0, strategy=_NoRing(every=16, fallback=fallback))
+    assert h.history["allreduce_fallback"] == [1.0, 1.0]
+    assert h.daskml_summary["fallback"]["strategy"] == "averaging"
+    assert h.history["loss"][-1] < h.history["loss"][0]
+    with pytest.raises(daskml_scale.TrainingError, match="AllReduce failed"):
+        daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=1, batch_size=BATCH,
+                         client=client, verbose=0, strategy=_NoRing(every=16))
+
+
 def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="every"):
         daskml_scale.AllReduce(every=0)
+    with pytest.raises(ValueError, match="outer_lr"):
+        daskml_scale.AllReduce(every=1, outer_lr=1.5)
+
+
+@pytest.mark.slow
+def test_on_a_tls_cluster_the_ring_speaks_tls(diamond_data, fitted_pre, tmp_path):
+    """Two TLS-only workers: the ring's connections use the workers' certificates, and the
+    result is the same model as on a tcp:// cluster."""
+    from tests.conftest import ProcessCluster, make_tls_files
+
+    cluster = ProcessCluster(tmp_path, n_workers=2, tls=make_tls_files(tmp_path))
+    try:
+        cluster.wait_for_workers(2)
+        n = len(fitted_pre.feature_names_)
+        ddf = dd.from_pandas(diamond_data.train.iloc[:2000], npartitions=2)
+        with daskml_scale.connect(cluster.address, security=cluster.security()) as c:
+            assert all(w.startswith("tls://") for w in c.nthreads())
+            model = small_model(n)
+            h = daskml_scale.fit(model, ddf, preprocessor=fitted_pre, epochs=1, batch_size=BATCH, client=c,
+                                 verbose=0, shuffle=False, strategy=daskml_scale.AllReduce(every=1))
+            tls_seen = c.run(_ring_used_tls)
+        assert h.history["allreduce_steps"] == [np.ceil(1000 / BATCH)]
+        assert h.history["allreduce_mb_sent"][0] > 0
+        assert any(tls_seen.values())
+        parts = [fitted_pre.transform(ddf.partitions[i].compute()) for i in range(2)]
+        expected = small_model(n)
+        single_process_sgd(expected, parts, BATCH, 1)
+        for got, want in zip(model.get_weights(), expected.get_weights()):
+            np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
+    finally:
+        cluster.close()
+
+
+def _ring_used_tls():
+    from daskml_scale.training import ring
+
+    return ring.TLS_RINGS[0] > 0

@@ -1,0 +1,219 @@
+"""Custom Keras objects (a loss, a metric, a layer, an activation) on the workers of a
+fit: from a module the workers import, from one they cannot import, and from
+``__main__`` as in a notebook; then bundled with their code, loaded and served in a
+fresh process that does not have the module."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import daskml_scale
+from daskml_scale import Preprocessor, TrainingError, load_bundle, save_bundle
+from daskml_scale.custom_objects import _MAGIC, install_objects, ship_model
+from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamonds, diamonds_transform
+
+from . import keras_objects
+
+SOURCE = Path(keras_objects.__file__).read_text()
+NUMERIC = [*DIAMONDS_NUMERIC, "volume"]
+
+
+def _source(package: str) -> str:
+    return SOURCE.replace('PACKAGE = "daskml_test"', f'PACKAGE = "{package}"')
+
+
+def hidden_module(directory: Path) -> ModuleType:
+    """The helper's code as the driver's own module, under a name that no worker (and
+    no fresh process) can import: its file is on no one's path."""
+    name = f"user_objects_{uuid.uuid4().hex[:8]}"
+    path = directory / f"{name}.py"
+    path.write_text(_source("daskml_hidden"))
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def notebook_namespace() -> dict[str, Any]:
+    """The helper's code run as a notebook cell runs: its objects live in ``__main__``."""
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    exec(compile(_source("daskml_notebook"), "<notebook cell>", "exec"), namespace)
+    return namespace
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[pd.DataFrame, pd.DataFrame, Preprocessor]:
+    table = diamonds().sample(n=8000, random_state=0).reset_index(drop=True)
+    train, val = table.iloc[:6000], table.iloc[6000:]
+    pre = Preprocessor(
+        target="log_price", numeric=NUMERIC, categorical=DIAMONDS_CATEGORICAL, transform=diamonds_transform
+    ).fit(train)
+    return train, val, pre
+
+
+def fit_on_workers(client, build_model, data, strategy) -> tuple[Any, dict[str, list[float]]]:
+    train, val, pre = data
+    model = build_model(len(pre.feature_names_))
+    history = daskml_scale.fit(
+        model, train, preprocessor=pre, validation_data=val, epochs=2, batch_size=128, client=client,
+        strategy=strategy, verbose=0,
+    )
+    return model, history.history
+
+
+def check_trained(model, history: dict[str, list[float]], data) -> None:
+    """The custom loss and metric ran on the workers: the validation they computed
+    there equals a single-process evaluation of the driver's trained model."""
+    _, val, pre = data
+    assert history["loss"][-1] < history["loss"][0]
+    assert type(model.layers[0]).__name__ == "Affine"
+    assert not np.allclose(model.layers[0].get_weights()[0], 1.0)  # the custom layer trained
+    X, y = pre.transform(val)
+    local = model.evaluate(X, y, batch_size=1024, verbose=0, return_dict=True)
+    np.testing.assert_allclose(history["val_loss"][-1], local["loss"], rtol=1e-4)
+    np.testing.assert_allclose(history["val_abs_error"][-1], local["abs_error"], rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def hidden_fit(client, data, tmp_path_factory):
+    module = hidden_module(tmp_path_factory.mktemp("user-code"))
+    model, history = fit_on_workers(client, module.build_model, data, daskml_scale.ParameterServer("sync"))
+    return module, model, history
+
+
+# ---------------------------------------------------------------------------- fits
+@pytest.mark.slow
+def test_custom_objects_from_an_importable_module_train_on_workers(client, data):
+    model, history = fit_on_workers(client, keras_objects.build_model, data, daskml_scale.ModelAveraging())
+    check_trained(model, history, data)
+
+
+@pytest.mark.slow
+def test_custom_objects_workers_cannot_import_travel_by_value(client, data, hidden_fit):
+    module, model, history = hidden_fit
+    # no worker can import the module by name: what they used came by value
+    assert not any(client.run(lambda name=module.__name__: importlib.util.find_spec(name) is not None).values())
+    check_trained(model, history, data)  # the parameter server's actor and its workers loaded them
+
+
+@pytest.mark.slow
+def test_custom_objects_defined_in_main_as_in_a_notebook_train_on_workers(client, data):
+    namespace = notebook_namespace()
+    assert namespace["Affine"].__module__ == "__main__"
+    model, history = fit_on_workers(client, namespace["build_model"], data, daskml_scale.AllReduce())
+    check_trained(model, history, data)
+
+
+# ------------------------------------------------------------------ the payload alone
+def test_without_custom_objects_the_keras_bytes_travel_as_they_are(monkeypatch):
+    import keras
+
+    from daskml_scale import backend
+
+    monkeypatch.setattr(keras.saving, "get_custom_objects", lambda: {})  # whatever other tests registered
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="relu")])
+    model.compile("adam", "mse", metrics=["mae"])
+    raw = backend.model_to_bytes(model)
+    assert ship_model(model, raw) == raw
+    shipped = ship_model(keras_objects.build_model(3), backend.model_to_bytes(keras_objects.build_model(3)))
+    names = {e["name"]: e for e in pickle.loads(shipped[len(_MAGIC):])["objects"]}
+    assert {"daskml_test>pinball", "daskml_test>AbsError", "daskml_test>Affine", "leaky_tanh"} <= set(names)
+    assert names["leaky_tanh"]["needed"] and names["leaky_tanh"]["module"] == "tests.keras_objects"
+
+
+def test_a_needed_object_that_cannot_load_names_itself():
+    entries = [
+        {"name": "pkg>gone", "module": "no_such_module_xyz", "qualname": "gone", "needed": True, "value": None,
+         "error": "PicklingError: cannot pickle 'lock' object"},
+        {"name": "pkg>unused", "module": None, "qualname": "unused", "needed": False, "value": None, "error": None},
+    ]
+    with pytest.raises(TrainingError) as err:
+        install_objects(entries)
+    text = str(err.value)
+    assert "'pkg>gone'" in text and "no_such_module_xyz" in text and "cannot pickle" in text
+    assert "upload_file" in text and "unused" not in text
+
+
+# ------------------------------------------------------------------- bundle and serve
+CHILD = r'''
+import asyncio, importlib.util, json, sys
+import httpx
+import pandas as pd
+name, url, rows_path, out_path = sys.argv[1:5]
+assert importlib.util.find_spec(name) is None, "the module must not be importable here"
+from daskml_scale import UnsafeBundleError, load_bundle
+from daskml_scale.serving import create_app
+result = {}
+try:
+    load_bundle(url)
+except UnsafeBundleError as exc:
+    result["refused"] = str(exc)
+assert name not in sys.modules
+bundle = load_bundle(url, safe_mode=False)
+result["module_file"] = sys.modules[name].__file__
+rows = pd.read_json(rows_path, orient="records")
+result["predict_frame"] = bundle.predict_frame(rows)["prediction"].tolist()
+
+async def rest():
+    app = create_app(url, safe_mode=False)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serving.test", timeout=120) as c:
+            for _ in range(1200):
+                if (await c.get("/health")).status_code == 200:
+                    break
+                await asyncio.sleep(0.05)
+            r = await c.post("/predict", json=json.loads(rows.to_json(orient="records")))
+            assert r.status_code == 200, r.text
+            return [o["prediction"] for o in r.json()]
+
+result["rest"] = asyncio.run(rest())
+with open(out_path, "w") as f:
+    json.dump(result, f)
+'''
+
+
+@pytest.mark.slow
+def test_bundle_with_code_loads_and_serves_where_the_module_is_missing(hidden_fit, data, tmp_path):
+    module, model, _ = hidden_fit
+    _, val, pre = data
+    # the same statistics, with the user's own transform (stored by reference, module:fn)
+    served_pre = Preprocessor.from_dict(pre.to_dict(), transform=module.transform)
+    assert served_pre.to_dict()["transform"]["ref"] == f"{module.__name__}:transform"
+    url = save_bundle(model, served_pre, str(tmp_path / "quantile.bundle"), code=[module])
+    rows = val.drop(columns=["price"]).iloc[:64]
+    X, _ = pre.transform(rows, with_target=False)
+    expected = np.asarray(model(X, training=False)).ravel()
+    np.testing.assert_allclose(load_bundle(url, safe_mode=False).predict_frame(rows)["prediction"], expected,
+                               rtol=1e-5, atol=1e-6)
+
+    rows_path, out_path = tmp_path / "rows.json", tmp_path / "out.json"
+    rows.to_json(rows_path, orient="records")
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, module.__name__, url, str(rows_path), str(out_path)],
+        cwd=run_dir, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out_path.read_text())
+    assert f"code/{module.__name__}.py" in result["refused"] and "safe_mode=False" in result["refused"]
+    assert "daskml-scale-code-" in result["module_file"]  # imported from the bundle's own copy
+    np.testing.assert_allclose(result["predict_frame"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result["rest"], expected, rtol=1e-5, atol=1e-6)
