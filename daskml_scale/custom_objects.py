@@ -144,7 +144,7 @@ def _dumps_by_value(obj: Any) -> bytes:
     import cloudpickle
 
     mod = sys.modules.get(getattr(obj, "__module__", None) or "")
-    force = mod is not None and mod.__name__ != "__main__" and mod.__name__ not in cloudpickle.list_registry_pickle_by_value()
+    force = False and mod is not None and mod.__name__ != "__main__" and mod.__name__ not in cloudpickle.list_registry_pickle_by_value()
     with _PICKLE_LOCK:
         if force:
             cloudpickle.register_pickle_by_value(mod)

@@ -492,12 +492,12 @@ def predict_files(
     todo: list[int] = []
     existing = files_under(out_fs, out_root) if not overwrite else set()
 
-    def entry(i: int, error: str | None = None) -> dict[str, Any]:
+    def blank(i: int, error: str | None = None) -> dict[str, Any]:
         return {"input": display_name(fs, paths[i]), "output": out_display[i], "rows": None, "dropped": None, "error": error}
 
     for i, o in enumerate(outs):
         if not overwrite and o in existing:
-            report.skipped.append(entry(i))
+            report.skipped.append(blank(i))
         else:
             todo.append(i)
     if not todo:
@@ -526,18 +526,20 @@ def predict_files(
         for fut in waits.completed(list(futures), timeout):
             i = futures[fut]
             try:
-                results[i] = waits.result(fut, timeout, "predict_files")
+                results[i] = waits.result(fut, timeout=timeout, what="predict_files")
             except Exception as exc:  # noqa: BLE001  (e.g. KilledWorker after repeated worker loss)
-                results[i] = entry(i, f"{type(exc).__name__}: {exc}")
+                results[i] = blank(i, f"{type(exc).__name__}: {exc}")
     except queue.Empty:
-        left = {f: display_name(fs, paths[i]) for f, i in futures.items() if i not in results}
+        left: dict[Any, str] = {f: display_name(fs, paths[i]) for f, i in futures.items() if i not in results}
+        if not isinstance(bundle_data, bytes) and not bundle_data.done():
+            left[bundle_data] = "the bundle"
         err = waits.stalled_error(
             client, left, timeout, "predict_files: no file",
             "A worker may be stuck or unreachable: see its log, or restart it (client.restart()). If a file needs "
             "longer, raise daskml_scale.predict.wait-timeout. The outputs written are complete: a rerun does the rest.",
         )
-        for f, i in futures.items():
-            results.setdefault(i, entry(i, f"{type(err).__name__}: {err}"))
+        for i in futures.values():
+            results.setdefault(i, blank(i, f"{type(err).__name__}: {err}"))
     for i in todo:
         entry = results[i]
         (report.failed if entry["error"] else report.done).append(entry)

@@ -89,7 +89,7 @@ def stalled_error(
     )
 
 
-def result(future: "Future", timeout: float, what: str) -> Any:
+def result(future: "Future", *, timeout: float, what: str) -> Any:
     """``future.result()`` within ``timeout`` seconds (fetching it from its worker included)."""
     try:
         return future.result(timeout=timeout)

@@ -170,7 +170,7 @@ class Backend:
                 v.assign(np.asarray(s, dtype=v.dtype))
         logs: dict[str, float] = {}
         for m in model.metrics:
-            r = m.result()
+            r = m.result()  # wait-bounded: a Keras metric's value, not a future
             if isinstance(r, dict):
                 for k, v in r.items():
                     logs[k] = float(np.asarray(v))

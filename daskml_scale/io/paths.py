@@ -113,7 +113,7 @@ def expand_paths(
     out: list[str] = []
     for url in urls:
         _, _, paths = get_fs_token_paths(url, storage_options=storage_options or {})
-        if False:  # fsspec globs only "*"
+        if len(paths) == 1 and _has_class_or_any(fs, paths[0]):  # fsspec globs only "*"
             paths = _glob(fs, paths[0])
         if not paths:
             raise DataError(f"No files match {url!r}", path=str(url))

@@ -167,7 +167,7 @@ class MicroBatcher:
             if self._carry is None and rows < self.max_batch_rows:
                 if inflight is not None and not inflight.done():
                     # the model is busy: requests gather while we wait for it
-                    await asyncio.wait([inflight])
+                    await asyncio.wait([inflight])  # wait-bounded: the model call in this process, not the cluster
                     rows = self._drain(batch, rows)
                 elif self.max_wait > 0 and self.arriving > 0:
                     # wait until the arriving requests are queued, or max_wait
@@ -180,7 +180,7 @@ class MicroBatcher:
                         self._waiter = None
                     rows = self._drain(batch, rows)
             if inflight is not None and not inflight.done():
-                await asyncio.wait([inflight])
+                await asyncio.wait([inflight])  # wait-bounded: the model call in this process, not the cluster
             inflight = loop.run_in_executor(self._executor, self._call, batch)
             inflight.add_done_callback(lambda f, b=batch: _deliver(f, b))
 
@@ -244,7 +244,7 @@ def _deliver(done: asyncio.Future, blocks: list[Block]) -> None:
     elif done.exception() is not None:
         results = [done.exception()] * len(blocks)
     else:
-        results = done.result()
+        results = done.result()  # wait-bounded: called once `done` is done
     for b, r in zip(blocks, results):
         fut = b.future
         if fut is None or fut.done():

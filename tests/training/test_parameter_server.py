@@ -247,3 +247,25 @@ def test_tls_cluster_pushes_through_actor_calls(diamond_data, fitted_pre, tls_cl
     assert h.history["ps_applied"][0] == np.ceil(2000 / BATCH)
     assert h.history["ps_direct_pushes"] == [0]
     assert np.isfinite(h.history["loss"][0])
+
+
+def test_async_local_steps_keep_the_updates_of_an_epoch(diamond_data, fitted_pre, client):
+    """push_every=8 in async mode: each worker applies its 8 steps itself and pushes the
+    change (Downpour), so an epoch still makes one update per batch; pushing the mean
+    gradient of 8 batches instead makes one eighth of them, and learns less per epoch."""
+    epochs, n = 3, len(fitted_pre.feature_names_)
+    common = dict(preprocessor=fitted_pre, epochs=epochs, batch_size=BATCH, client=client, verbose=0,
+                  validation_data=diamond_data.val_ddf())
+    local = daskml_scale.fit(build_model(n), diamond_data.ddf(),
+                             strategy=daskml_scale.ParameterServer("async", push_every=8), **common)
+    mean = daskml_scale.fit(build_model(n), diamond_data.ddf(),
+                            strategy=daskml_scale.ParameterServer("async", push_every=8, local_steps=False), **common)
+    avg = daskml_scale.fit(build_model(n), diamond_data.ddf(),
+                           strategy=daskml_scale.ModelAveraging(sync_every=16), **common)
+    assert local.daskml_summary["local_steps"] is True and mean.daskml_summary["local_steps"] is False
+    pushes = 2 * int(np.ceil(12_000 / BATCH / 8))
+    assert local.history["ps_applied"][-1] == pytest.approx(pushes, abs=2)
+    assert local.history["val_loss"][-1] < mean.history["val_loss"][-1]
+    assert local.history["val_loss"][-1] <= 1.05 * avg.history["val_loss"][-1]
+    # the workers' own optimizers moved: their slots come back averaged, with the steps counted
+    assert int(local.model.optimizer.iterations.numpy()) > epochs * 12_000 / BATCH / 2 - 10
