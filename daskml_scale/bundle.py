@@ -70,7 +70,9 @@ def _model_to_bytes(model: "keras.Model") -> bytes:
     return backend.model_to_bytes(model)
 
 
-def _model_from_bytes(data: bytes, *, safe_mode: bool, where: str, objects: dict[str, str] | None = None) -> "keras.Model":
+def _model_from_bytes(
+    data: bytes, *, safe_mode: bool, where: str, objects: dict[str, str] | None = None
+) -> "keras.Model":
     import keras
 
     try:  # the custom objects the model needs, imported by name where they import
@@ -161,9 +163,8 @@ class Bundle:
         if self._model is None:
             if self.code and self._safe_mode:
                 raise UnsafeBundleError(bundle_code.unsafe_message(self._where, self.code))
-            self._model = _model_from_bytes(
-                self._model_bytes, safe_mode=self._safe_mode, where=self._where, objects=self.metadata.get("custom_objects")
-            )
+            objects = self.metadata.get("custom_objects")
+            self._model = _model_from_bytes(self._model_bytes, safe_mode=self._safe_mode, where=self._where, objects=objects)
         return self._model
 
     @property

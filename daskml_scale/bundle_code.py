@@ -137,16 +137,17 @@ def _extract(files: dict[str, bytes], key: str, where: str) -> Path:
         root = _ROOTS.get(key)
         if root is not None:
             return root
-        root = Path(tempfile.mkdtemp(prefix="daskml-scale-code-"))
-        atexit.register(shutil.rmtree, root, True)
-        for arc, data in files.items():
-            rel = PurePosixPath(arc[len(CODE_DIR) :])
+        rels = {arc: PurePosixPath(arc[len(CODE_DIR) :]) for arc in files}
+        for arc, rel in rels.items():  # nothing may land outside the folder
             if not arc.startswith(CODE_DIR) or rel.is_absolute() or ".." in rel.parts or not rel.parts:
                 raise BundleError(f"{where}: expected code files under {CODE_DIR!r}. Received: {arc!r}")
+        root = Path(tempfile.mkdtemp(prefix="daskml-scale-code-"))
+        atexit.register(shutil.rmtree, root, True)
+        for arc, rel in rels.items():
             target = root.joinpath(*rel.parts)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-        tops = {PurePosixPath(a[len(CODE_DIR) :]).parts[0].removesuffix(".py") for a in files}
+            target.write_bytes(files[arc])
+        tops = {rel.parts[0].removesuffix(".py") for rel in rels.values()}
         sys.meta_path.insert(0, _BundleFinder(root, tops))
         _ROOTS[key] = root
         return root

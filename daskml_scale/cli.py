@@ -256,16 +256,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume and not args.checkpoint:
         raise CLIError("--resume needs --checkpoint URL (where the last run wrote its checkpoints)")
     strategy = _strategy(args)
-    # the arguments are checked before any pass over the data
     transform = load_callable(args.transform, "--transform") if args.transform else None
+    # reading plans the partitions and infers the schema here, before any cluster starts
+    data = _read(args.data, so, args.data_format)
+    validation = _read(args.validation, so, args.data_format) if args.validation else None
+    # the model and where the results go are checked before the pass over the data
     build = _model_builder(args.model, so)
     for what, url, folder in (("--out", args.out, False), ("--checkpoint", args.checkpoint, True)):
         problem = output_problem(url, so, folder=folder) if url else None
         if problem:
             raise CLIError(f"{what} {url}: {problem}")
-    # reading plans the partitions and infers the schema here, before any cluster starts
-    data = _read(args.data, so, args.data_format)
-    validation = _read(args.validation, so, args.data_format) if args.validation else None
     pre = Preprocessor(
         target=args.target, numeric=args.numeric or (), categorical=args.categorical or (), transform=transform,
         task=args.task, missing_target=args.missing_target,

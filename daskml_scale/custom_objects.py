@@ -38,7 +38,7 @@ _PICKLE_LOCK = threading.Lock()
 
 # ------------------------------------------------------------- finding the objects
 def _is_keras(module: str | None) -> bool:
-    return bool(module) and (module == "keras" or module.startswith("keras."))  # type: ignore[union-attr]
+    return module is not None and (module == "keras" or module.startswith("keras."))
 
 
 def _keras_types() -> tuple[type, ...]:
@@ -144,7 +144,9 @@ def _dumps_by_value(obj: Any) -> bytes:
     import cloudpickle
 
     mod = sys.modules.get(getattr(obj, "__module__", None) or "")
-    force = False and mod is not None and mod.__name__ != "__main__" and mod.__name__ not in cloudpickle.list_registry_pickle_by_value()
+    # cloudpickle sends a function or class of an importable module by reference: force it by value
+    force = mod is not None and mod.__name__ != "__main__"
+    force = force and mod.__name__ not in cloudpickle.list_registry_pickle_by_value()
     with _PICKLE_LOCK:
         if force:
             cloudpickle.register_pickle_by_value(mod)

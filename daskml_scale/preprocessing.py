@@ -129,7 +129,7 @@ def _partition_stats(df: pd.DataFrame, pre: "Preprocessor") -> dict[str, Any]:
 
 def _located_stats(df: pd.DataFrame, pre: "Preprocessor") -> dict[str, Any]:
     """:func:`_partition_stats`, an error about a row naming its file and line."""
-    return _partition_stats(df, pre)
+    return name_rows(_partition_stats, df, pre)
 
 
 def _combine_stats(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:

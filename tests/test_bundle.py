@@ -209,6 +209,37 @@ def test_classification_outputs(tmp_path):
     assert list(b.empty_frame().columns) == b.output_names
 
 
+def test_binary_integer_target_answers_probability_and_label(tmp_path):
+    """An integer 0/1 target (an expensive diamond) is a classification under task="auto":
+    a one-unit sigmoid model's bundle answers both probabilities and the label."""
+    keras.utils.set_random_seed(0)
+    df = diamonds().iloc[:6000]
+    df = df.assign(expensive=(df["price"] > 4000).astype("int64"))
+    pre = Preprocessor(target="expensive", numeric=DIAMONDS_NUMERIC, categorical=DIAMONDS_CATEGORICAL).fit(df)
+    assert pre.task_ == "classification" and pre.classes_ == ["0", "1"]
+    X, y = pre.transform(df)
+    model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dense(1, activation="sigmoid")])
+    model.compile("adam", "binary_crossentropy")
+    model.fit(X, y, epochs=2, batch_size=256, verbose=0)
+    path = save_bundle(model, pre, str(tmp_path / "expensive.bundle"))
+    b = load_bundle(path)
+    assert b.task == "classification" and b.output_names == ["proba_0", "proba_1", "label"]
+    assert b.info()["classes"] == ["0", "1"]
+    out = b.predict_frame(df.drop(columns=["expensive"]).iloc[:500])
+    p = reference(model, pre, df.iloc[:500])[:, 0]
+    np.testing.assert_allclose(out["proba_1"].to_numpy(), p, atol=1e-6)
+    np.testing.assert_allclose(out["proba_0"].to_numpy(), 1 - p, atol=1e-6)
+    assert out["label"].tolist() == ["1" if v > 0.5 else "0" for v in p]
+    # the same target as a regression, on request
+    reg = Preprocessor(target="expensive", numeric=DIAMONDS_NUMERIC, task="regression").fit(df)
+    linear = keras.Sequential([keras.Input((reg.n_features_,)), keras.layers.Dense(1)])
+    assert load_bundle(save_bundle(linear, reg, str(tmp_path / "reg.bundle"))).output_names == ["prediction"]
+    # a linear output cannot be a probability: said when saving (and by the CLI before training)
+    with pytest.raises(BundleError, match="sigmoid"):
+        save_bundle(keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dense(1)]), pre,
+                    str(tmp_path / "bad.bundle"))
+
+
 def test_save_checks_model_against_preprocessor(regressor, tmp_path):
     _, pre, _ = regressor
     wrong = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,16 @@ import pytest
 
 import daskml_scale
 from daskml_scale.cli import main, parse_storage_options
-from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamonds, diamonds_transform, write_csv_shards
+from daskml_scale.datasets import (
+    DIAMONDS_CATEGORICAL,
+    DIAMONDS_NUMERIC,
+    FLIGHTS_CATEGORICAL,
+    FLIGHTS_NUMERIC,
+    diamonds,
+    diamonds_transform,
+    flights,
+    write_csv_shards,
+)
 
 from .conftest import free_port
 
@@ -274,6 +284,10 @@ def test_help_is_there_for_a_newcomer(capsys):
         (["train", "--data", "x.csv", "--target", "y", "--numeric", "a", "--model", "m.keras", "--out", "b",
           "--max-staleness", "2"], "--max-staleness applies to --strategy ps-async only"),
         (["info", "b.bundle", "--transform", "no_function_named"], "Expected --transform as module.py:function"),
+        (["train", "--data", "x.csv", "--target", "y", "--numeric", "a", "--model", "m.keras", "--out", "b",
+          "--missing-target", "skip"], "argument --missing-target: invalid choice: 'skip'"),
+        (["train", "--data", "x.csv", "--target", "y", "--numeric", "a", "--model", "m.keras", "--out", "b",
+          "--task", "binary"], "argument --task: invalid choice: 'binary'"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_2(argv, expected, capsys):
@@ -329,3 +343,71 @@ def test_unreachable_scheduler_gives_one_line_and_exit_1(local_bundle, tmp_path,
     line = _one_line_error(capsys.readouterr().err)
     assert rc == 1
     assert line.startswith("daskml-scale: error: ClusterError:") and address in line
+
+
+# ----------------------------------------------------- messy real data, checks first
+TF_NATIVE_LOG = re.compile(r"^(WARNING: All log messages before absl::InitializeLog\(\)|[IWEF]\d{4} \d\d:\d\d:\d\d)")
+FLIGHTS_FEATURES = ["--numeric", *FLIGHTS_NUMERIC, "--categorical", *FLIGHTS_CATEGORICAL, "--target", "arr_delay"]
+
+
+def _ours(stderr: str) -> list[str]:
+    """stderr without TensorFlow's C++ start-up log (written before Python can configure it)."""
+    return [line for line in stderr.splitlines() if line.strip() and not TF_NATIVE_LOG.match(line)]
+
+
+@pytest.mark.slow
+def test_train_on_raw_flights_missing_targets(model_def, tmp_path):
+    """Raw flights (cancelled flights have no arr_delay) on a local cluster the command starts:
+    the error is one line naming the file and line, with no worker traceback before it;
+    --missing-target drop trains and says how many rows it dropped."""
+    raw = flights().iloc[:3000]
+    n_missing = int(raw["arr_delay"].isna().sum())
+    assert n_missing > 0
+    write_csv_shards(raw, str(tmp_path / "raw"), 2)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = [sys.executable, "-m", "daskml_scale", "train", "--data", str(tmp_path / "raw" / "part-00[01].csv"),
+            *FLIGHTS_FEATURES, "--model", f"{model_def}:build_model", "--out", str(tmp_path / "f.bundle"),
+            "--workers", "1", "--threads-per-worker", "1", "--batch-size", "256"]
+    failed = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert failed.returncode == 1, failed.stderr
+    assert "Compute Failed" not in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+    lines = _ours(failed.stderr)
+    assert len(lines) == 1, failed.stderr
+    match = re.search(r"(part-00[01]\.csv), line (\d+), column 'arr_delay': the target is missing", lines[0])
+    assert lines[0].startswith("daskml-scale: error: NonFiniteValueError:") and match, lines[0]
+    assert "--missing-target drop" in lines[0]
+    name, line = match.group(1), int(match.group(2))
+    assert pd.read_csv(tmp_path / "raw" / name)["arr_delay"].isna().iloc[line - 2]  # that row has no target
+    assert not (tmp_path / "f.bundle").exists()
+
+    dropped = subprocess.run([*argv, "--missing-target", "drop"], capture_output=True, text=True, timeout=300,
+                             env=env, cwd=tmp_path)
+    assert dropped.returncode == 0, dropped.stderr
+    assert f"{n_missing:,} rows without a target 'arr_delay' dropped" in dropped.stdout
+    assert f"{len(raw) - n_missing:,} rows -> " in dropped.stdout
+    assert _ours(dropped.stderr) == [], dropped.stderr
+    summary = daskml_scale.load_bundle(str(tmp_path / "f.bundle")).info()["training_summary"]
+    assert summary["train_rows"] == len(raw) - n_missing
+
+
+def test_train_checks_its_arguments_before_the_pass_over_the_data(tmp_path, model_def, small_diamonds, capsys):
+    """The model, the transform and the output locations are checked before a cluster
+    starts for the pass over the data, each error about its argument."""
+    small_diamonds.iloc[:100].to_csv(tmp_path / "d.csv", index=False)
+    data = ["train", "--data", str(tmp_path / "d.csv"), *FEATURES]
+    good_model = ["--model", f"{model_def}:build_model"]
+    out = ["--out", str(tmp_path / "m.bundle")]
+    cases = [
+        ([*data, "--model", str(tmp_path / "missing.keras"), *out], 1, "--model: no such file"),
+        ([*data, "--model", str(tmp_path / "missing.py") + ":build", *out], 1, "--model: no such file"),
+        ([*data, *good_model, "--transform", f"{model_def}:no_such_function", *out], 1, "no_such_function"),
+        ([*data, *good_model, "--out", str(tmp_path)], 2, "is a folder: expected a file name"),
+        ([*data, *good_model, "--out", str(model_def) + "/m.bundle"], 2, "cannot write there"),
+        ([*data, *good_model, *out, "--checkpoint", str(model_def)], 2, "--checkpoint"),
+    ]
+    for argv, code, expected in cases:
+        rc = main(argv)
+        captured = capsys.readouterr()
+        line = _one_line_error(captured.err)
+        assert rc == code and expected in line, (argv, line)
+        assert "starting a local Dask cluster" not in captured.out  # no cluster, no pass over the data

@@ -56,6 +56,11 @@ def notebook_namespace() -> dict[str, Any]:
     return namespace
 
 
+def child_env() -> dict[str, str]:
+    """A fresh process with this daskml_scale on its path, and nothing else of the tests'."""
+    return {**os.environ, "PYTHONPATH": str(Path(daskml_scale.__file__).resolve().parent.parent)}
+
+
 @pytest.fixture(scope="module")
 def data() -> tuple[pd.DataFrame, pd.DataFrame, Preprocessor]:
     table = diamonds().sample(n=8000, random_state=0).reset_index(drop=True)
@@ -136,6 +141,47 @@ def test_without_custom_objects_the_keras_bytes_travel_as_they_are(monkeypatch):
     assert names["leaky_tanh"]["needed"] and names["leaky_tanh"]["module"] == "tests.keras_objects"
 
 
+LOADERS = r'''
+import sys
+import keras
+import numpy as np
+from daskml_scale.training.ps_actor import ParamServerActor
+from daskml_scale.training.worker import model_for
+data, X = open(sys.argv[1], "rb").read(), np.load(sys.argv[2])
+assert sys.argv[3] not in sys.modules
+actor = ParamServerActor(data, "sync", None, 30.0, direct=False)  # the parameter server's actor
+out = [np.asarray(actor.model(X, training=False))]
+actor.close()
+keras.saving.get_custom_objects().clear()  # what the actor registered: the worker's loader registers again
+out.append(np.asarray(model_for("fit-1", data).model(X, training=False)))
+np.save(sys.argv[4], np.stack(out))
+'''
+
+
+@pytest.mark.slow
+def test_the_parameter_server_actor_and_the_worker_load_shipped_objects_in_a_fresh_process(tmp_path):
+    """Each of the two worker-side loaders on its own, where nothing was registered
+    before and the module cannot be imported."""
+    from daskml_scale import backend
+
+    module = hidden_module(tmp_path)
+    model = module.build_model(5)
+    X = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
+    model.fit(X, X.sum(axis=1), epochs=1, verbose=0)
+    (tmp_path / "model.bin").write_bytes(ship_model(model, backend.model_to_bytes(model)))
+    np.save(tmp_path / "X.npy", X)
+    env = child_env()
+    args = [str(tmp_path / "model.bin"), str(tmp_path / "X.npy"), module.__name__, str(tmp_path / "out.npy")]
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    proc = subprocess.run([sys.executable, "-c", LOADERS, *args], cwd=run_dir, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected = np.asarray(model(X, training=False))
+    for got in np.load(tmp_path / "out.npy"):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_a_needed_object_that_cannot_load_names_itself():
     entries = [
         {"name": "pkg>gone", "module": "no_such_module_xyz", "qualname": "gone", "needed": True, "value": None,
@@ -206,7 +252,7 @@ def test_bundle_with_code_loads_and_serves_where_the_module_is_missing(hidden_fi
     rows.to_json(rows_path, orient="records")
     run_dir = tmp_path / "elsewhere"
     run_dir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env = child_env()
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, module.__name__, url, str(rows_path), str(out_path)],
         cwd=run_dir, env=env, capture_output=True, text=True, timeout=300,

@@ -155,7 +155,6 @@ def test_a_stuck_worker_fails_its_files_with_an_error_naming_it(own_client, bund
     finally:
         os.kill(pid, signal.SIGCONT)
     report = result["report"]
-    print("DEBUGREPORT", report)
     assert report.failed, str(report)
     assert len(report.failed) + len(report.done) == 8
     for e in report.failed:
