@@ -290,5 +290,12 @@ def connect(
         client._owned_cluster = cluster
 
     if plugin:
-        client.register_plugin(KerasWorkerPlugin(threads=None))
+        from daskml_scale._utils import waits
+
+        # the scheduler waits for every worker to run the plugin's setup: bounded, as every wait
+        waits.within(
+            lambda: client.register_plugin(KerasWorkerPlugin(threads=None)), waits.wait_timeout(),
+            "connect(): registering KerasWorkerPlugin on the workers",
+            "A worker may be stuck: see its log or restart it, or connect with plugin=False.", client,
+        )
     return client

@@ -50,7 +50,7 @@ from daskml_scale.io.paths import (
     output_paths,
 )
 from daskml_scale.io.provenance import name_rows
-from daskml_scale.io.writers import check_format, remove_stale_temps, write_frame_atomic
+from daskml_scale.io.writers import check_format, remove_stale_temps, write_bytes_atomic, write_frame_atomic
 from daskml_scale.predict_report import PredictReport
 from daskml_scale.preprocessing import Preprocessor
 
@@ -393,7 +393,13 @@ def _predict_file(
             # them so that the error names the file and line
             _predict_rows(_read_input(reader.with_provenance(), piece), bundle, on_dropped, batch_size)
             raise
-        write_frame_atomic(_assemble(rows, keep_cols, pred), out_path, format=format, fs=out_fs)
+        out = _assemble(rows, keep_cols, pred)
+        if format == "csv" and out.shape[1] == 1 and dropped and on_dropped == "keep":
+            # one column with empty cells: pyarrow's writer makes them blank lines, which CSV
+            # readers skip (the rows would no longer line up); pandas' writes them as ""
+            write_bytes_atomic(out_path, out.to_csv(index=False).encode("utf-8"), fs=out_fs)
+        else:
+            write_frame_atomic(out, out_path, format=format, fs=out_fs)
         entry["rows"], entry["dropped"] = int(len(rows)), int(dropped)
     except Exception as exc:  # noqa: BLE001  (every failure is this file's report entry)
         entry["error"] = f"{type(exc).__name__}: {exc}"

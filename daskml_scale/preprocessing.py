@@ -84,10 +84,6 @@ def _resolve_ref(ref: str) -> Transform:
     return obj
 
 
-_where = where_row
-_numeric_column = numeric_column
-
-
 # --------------------------------------------------------------- partition statistics
 def _partition_stats(df: pd.DataFrame, pre: "Preprocessor") -> dict[str, Any]:
     """Sufficient statistics of one partition (after the user's transform)."""
@@ -96,11 +92,11 @@ def _partition_stats(df: pd.DataFrame, pre: "Preprocessor") -> dict[str, Any]:
     df, dropped = pre._without_missing_target(df)
     out: dict[str, Any] = {"rows": int(len(df)), "dropped": dropped, "numeric": {}, "categorical": {}, "target": None}
     for col in pre.numeric:
-        x = _numeric_column(df, col)
+        x = numeric_column(df, col)
         inf = np.isinf(x)
         if inf.any():
             pos = int(np.flatnonzero(inf)[0])
-            path, line, where = _where(df, pos)
+            path, line, where = where_row(df, pos)
             raise NonFiniteValueError(
                 f"{where}, column {col!r}: found {x[pos]} (an infinite value) in a numeric feature; "
                 "clean it in your transform or drop the row", path=path, line=line, column=col,
@@ -108,7 +104,7 @@ def _partition_stats(df: pd.DataFrame, pre: "Preprocessor") -> dict[str, Any]:
         nan = np.isnan(x)
         if nan.any() and pre.missing == "error":
             pos = int(np.flatnonzero(nan)[0])
-            path, line, where = _where(df, pos)
+            path, line, where = where_row(df, pos)
             raise NonFiniteValueError(
                 f"{where}, column {col!r}: missing value (NaN) where missing='error'; "
                 "use Preprocessor(missing='impute') to fill it with the mean",
@@ -371,9 +367,9 @@ class Preprocessor:
             row is left out of ``X`` and ``y``), or a feature is infinite.
         DataError
             A value cannot be used; the message names its file and line when the rows
-            came from a file.
+            came from a file (see :func:`daskml_scale.io.provenance.name_rows`).
         """
-        X, y, _ = self._transform(df, with_target=with_target)
+        X, y, _ = name_rows(self._transform, df, with_target=with_target)
         return X, y
 
     def transform_training(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None, int]:
@@ -432,7 +428,7 @@ class Preprocessor:
         if all(pd.api.types.is_numeric_dtype(df[c].dtype) or pd.api.types.is_bool_dtype(df[c].dtype) for c in cols):
             block = df[cols].to_numpy(dtype=np.float64, na_value=np.nan)
         else:
-            block = np.column_stack([_numeric_column(df, c) for c in cols])
+            block = np.column_stack([numeric_column(df, c) for c in cols])
         n = len(block)
         if out is None:
             out = np.empty((n, len(cols)), dtype=np.float32)
@@ -452,14 +448,14 @@ class Preprocessor:
                 inf = np.isinf(chunk)
                 if inf.any():
                     pos, j = (int(v[0]) for v in np.nonzero(inf))
-                    path, line, where = _where(df, i + pos)
+                    path, line, where = where_row(df, i + pos)
                     raise NonFiniteValueError(
                         f"{where}, column {cols[j]!r}: found {chunk[pos, j]} (an infinite value) in a numeric feature",
                         path=path, line=line, column=cols[j],
                     )
                 if not finite.all() and self.missing == "error":
                     pos, j = (int(v[0]) for v in np.nonzero(~finite))
-                    path, line, where = _where(df, i + pos)
+                    path, line, where = where_row(df, i + pos)
                     raise NonFiniteValueError(
                         f"{where}, column {cols[j]!r}: missing value (NaN) where missing='error'",
                         path=path, line=line, column=cols[j],

@@ -122,9 +122,10 @@ def partition_target_stats(df: pd.DataFrame, target: str, task: str) -> tuple[An
     m2 = float(((y - mean) ** 2).sum()) if n else 0.0
     values: dict[str, int] | None = None
     if task == "auto" and (_is_integral(t) or n == 0):
-        values = _class_counts(t) if n else {}
-        if len(values) > _BINARY:
-            values = None
+        counts = t.value_counts(dropna=True)  # on the integers: no text per row
+        if len(counts) <= _BINARY:
+            keys = category_keys(pd.Series(counts.index.to_numpy(), dtype=t.dtype))
+            values = {str(k): int(c) for k, c in zip(keys, counts.to_numpy())}
     return ("numeric", n, mean, m2, values)
 
 

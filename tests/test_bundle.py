@@ -213,7 +213,7 @@ def test_binary_integer_target_answers_probability_and_label(tmp_path):
     """An integer 0/1 target (an expensive diamond) is a classification under task="auto":
     a one-unit sigmoid model's bundle answers both probabilities and the label."""
     keras.utils.set_random_seed(0)
-    df = diamonds().iloc[:6000]
+    df = diamonds().sample(n=6000, random_state=0).reset_index(drop=True)
     df = df.assign(expensive=(df["price"] > 4000).astype("int64"))
     pre = Preprocessor(target="expensive", numeric=DIAMONDS_NUMERIC, categorical=DIAMONDS_CATEGORICAL).fit(df)
     assert pre.task_ == "classification" and pre.classes_ == ["0", "1"]

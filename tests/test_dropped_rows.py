@@ -286,3 +286,45 @@ def test_rest_answers_null_with_the_reason_for_dropped_rows(regressor):
     assert [o["id"] for o in omitted] == rows["id"][~gone].tolist()
     refused = _serve(create_app(path, on_dropped="error"), omit_and_error)
     assert refused.status_code == 422 and "on_dropped='error'" in refused.json()["error"], refused.text
+
+
+# ------------------------------------------------------------------------ CLI
+def test_cli_predict_on_dropped_and_serve_flag(client, regressor, tmp_path, capsys):
+    from daskml_scale.cli import CLIError, build_parser, main
+
+    _, _, df, path = regressor
+    write_csv_shards(df, str(tmp_path / "in"), 2)
+    n_gone = int(cancelled(df).sum())
+    common = ["--bundle", path, "--input", str(tmp_path / "in"), "--scheduler", client.scheduler.address]
+    rc = main(["predict", *common, "--output", str(tmp_path / "kept")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"2 done ({len(df):,} rows; {n_gone:,} rows dropped by the transform, written with empty predictions)" in out
+    kept = pd.concat([pd.read_csv(tmp_path / "kept" / f"part-{i:03d}.csv") for i in range(2)])
+    assert len(kept) == len(df) and kept["prediction"].isna().sum() == n_gone
+    rc = main(["predict", *common, "--output", str(tmp_path / "omitted"), "--on-dropped", "omit"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert f"({len(df) - n_gone:,} rows; {n_gone:,} rows dropped by the transform, left out)" in out
+    rc = main(["predict", *common, "--output", str(tmp_path / "refused"), "--on-dropped", "error"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and "on_dropped='error'" in err
+    assert build_parser().parse_args(["serve", path, "--on-dropped", "omit"]).on_dropped == "omit"
+    with pytest.raises(CLIError, match="--on-dropped: invalid choice: 'drop'"):
+        build_parser().parse_args(["serve", path, "--on-dropped", "drop"])
+
+
+def test_jobs_take_on_dropped_and_check_it():
+    from daskml_scale.serving.inputs import RequestError
+    from daskml_scale.serving.jobs import JobManager
+
+    spec = JobManager.parse_request({"input": "in/*.csv", "output": "out/", "on_dropped": "omit"})
+    assert spec["on_dropped"] == "omit"
+    assert JobManager.parse_request({"input": "in/*.csv", "output": "out/"})["on_dropped"] is None  # the server's
+    with pytest.raises(RequestError, match="on_dropped") as err:
+        JobManager.parse_request({"input": "in/*.csv", "output": "out/", "on_dropped": "drop"})
+    assert err.value.status == 422 and err.value.field == "on_dropped"
+    with pytest.raises(ArgumentError, match="on_dropped"):
+        from daskml_scale.serving import ServeOptions
+
+        ServeOptions(on_dropped="drop")

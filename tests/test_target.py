@@ -84,6 +84,28 @@ def test_training_preparation_names_the_file_and_line_of_a_missing_target(raw_fl
         prepare_partition(part, pre, 0.0, 0, 1)
     _check_names_a_missing_target(err.value, missing)
     assert err.value.path == str(root / "part-001.csv")
+    with pytest.raises(NonFiniteValueError) as err:  # and in the preprocessor's own transform
+        pre.transform(part)
+    assert err.value.path == str(root / "part-001.csv")
+
+
+def test_rows_filtered_after_reading_are_not_located_by_the_file(raw_flights, client):
+    """A partition filtered after reading is not the rows of its file: reading the file
+    again would find a row that was filtered out, so the error keeps its row number."""
+    root, df, missing = raw_flights
+    ddf = daskml_scale.read_csv(str(root / "*.csv"), blocksize=None)
+    # the first row without a target of each file is filtered out
+    first_of_file = {}
+    for path, line in sorted(missing):
+        first_of_file.setdefault(path, line)
+    removed = {df["id"].iloc[2000 * int(path[-7:-4]) + line - 2] for path, line in first_of_file.items()}  # part-00i.csv
+    assert df.set_index("id").loc[sorted(removed), "arr_delay"].isna().all()
+    filtered = ddf[~ddf["id"].isin(sorted(removed))]
+    with pytest.raises(NonFiniteValueError) as err:
+        Preprocessor(target="arr_delay", **FEATURES).fit(filtered)
+    kept = missing - set(first_of_file.items())
+    assert err.value.path is None or (err.value.path, err.value.line) in kept, (err.value.path, err.value.line)
+    assert "the target is missing" in str(err.value)
 
 
 def test_missing_target_drop_counts_the_rows(raw_flights, client):

@@ -161,3 +161,16 @@ def test_a_stuck_worker_fails_its_files_with_an_error_naming_it(own_client, bund
         assert e["error"].startswith("ClusterTimeoutError: predict_files: no file finished within 10 s"), e["error"]
         assert stuck in e["error"] and "daskml_scale.predict.wait-timeout" in e["error"], e["error"]
     assert issubclass(ClusterTimeoutError, TimeoutError)
+
+
+def test_a_call_without_a_timeout_of_its_own_is_bounded_in_a_thread():
+    from daskml_scale._utils import waits
+
+    assert waits.within(lambda: 42, 5, "x", "y") == 42
+    with pytest.raises(KeyError):
+        waits.within(lambda: {}["missing"], 5, "x", "y")
+    released = threading.Event()
+    with pytest.raises(ClusterTimeoutError, match=r"registering did not finish within 0.2 s.*Restart it") as err:
+        waits.within(lambda: released.wait(timeout=60), 0.2, "registering", "Restart it.")
+    assert not released.is_set() and err.value.timeout == 0.2  # the caller got its error while the call went on
+    released.set()

@@ -10,7 +10,8 @@ checks it).
 from __future__ import annotations
 
 import queue
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
 
 from daskml_scale import config
 from daskml_scale.exceptions import ClusterTimeoutError
@@ -18,7 +19,9 @@ from daskml_scale.exceptions import ClusterTimeoutError
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client, Future
 
-__all__ = ["wait_timeout", "completed", "stalled_error", "result"]
+__all__ = ["wait_timeout", "completed", "stalled_error", "result", "within"]
+
+T = TypeVar("T")
 
 _SCHEDULER_TIMEOUT = 10.0  # seconds for the scheduler to say who runs what, when a wait has timed out
 
@@ -113,3 +116,42 @@ def _holders(client: "Client", key: Any) -> list[str]:
     except Exception:  # noqa: BLE001
         return []
     return sorted(str(w) for w in (info or {}).get(key, ()))
+
+
+def within(fn: Callable[[], T], timeout: float, what: str, advice: str, client: "Client | None" = None) -> T:
+    """``fn()``, for a call of distributed's that takes no timeout, given ``timeout`` seconds.
+
+    ``fn`` runs in a daemon thread; past the bound the caller gets a
+    :class:`ClusterTimeoutError` naming the cluster's workers (the thread is left to finish).
+    """
+    box: dict[str, Any] = {}
+    finished = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001  (raised again in the caller's thread)
+            box["error"] = exc
+        finally:
+            finished.set()
+
+    threading.Thread(target=run, name="daskml-bounded-call", daemon=True).start()
+    if not finished.wait(timeout=timeout):
+        workers = _workers(client) if client is not None else []
+        raise ClusterTimeoutError(
+            f"{what} did not finish within {timeout:g} s (daskml_scale.predict.wait-timeout); the workers: "
+            f"{', '.join(workers) if workers else 'unknown (the scheduler did not say)'}. {advice}",
+            workers=workers, timeout=timeout,
+        )
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _workers(client: "Client") -> list[str]:
+    """The workers' addresses, as the scheduler says within a few seconds ([] otherwise)."""
+    try:
+        info = client.sync(client.scheduler.identity, callback_timeout=_SCHEDULER_TIMEOUT)
+    except Exception:  # noqa: BLE001
+        return []
+    return sorted(str(w) for w in (info or {}).get("workers", {}))

@@ -227,7 +227,7 @@ class CsvReader:
         df = df.reset_index(drop=True)
         df = df[list(wanted) + ([PATH_COLUMN, LINE_COLUMN] if self.provenance else [])]
         # where the rows came from, for an error about one of them (see io.provenance)
-        df.attrs[SOURCE_ATTR] = RowSource(self, piece)
+        df.attrs[SOURCE_ATTR] = RowSource(self, piece, tuple(wanted), len(df))
         return df
 
     # -- the steps ---------------------------------------------------------------

@@ -32,23 +32,33 @@ T = TypeVar("T")
 
 
 class RowSource:
-    """The piece of a file that a partition's rows were read from, and how it was read.
+    """The piece of a file that a partition's rows were read from, how it was read, and
+    the columns and number of rows it gave.
 
     Kept in ``df.attrs[SOURCE_ATTR]``; pandas copies ``attrs`` along with most
-    operations (the object is immutable, so a copy is the same object).
+    operations (the object is immutable, so a copy is the same object), also into frames
+    derived from the rows: only a frame with the columns and the number of rows read is
+    taken as the rows read.
     """
 
-    __slots__ = ("reader", "piece")
+    __slots__ = ("reader", "piece", "columns", "rows")
 
-    def __init__(self, reader: CsvReader, piece: FilePiece) -> None:
+    def __init__(self, reader: CsvReader, piece: FilePiece, columns: tuple[str, ...], rows: int) -> None:
         self.reader = reader
         self.piece = piece
+        self.columns = tuple(columns)
+        self.rows = rows
 
     def __deepcopy__(self, memo: dict[int, Any]) -> RowSource:
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (RowSource, (self.reader, self.piece))
+        return (RowSource, (self.reader, self.piece, self.columns, self.rows))
+
+    def read_as(self, df: pd.DataFrame) -> bool:
+        """Whether ``df`` is the rows as read, not a frame derived from them (filtered,
+        with other columns)."""
+        return len(df) == self.rows and tuple(df.columns) == self.columns
 
     def read_with_provenance(self) -> pd.DataFrame:
         """The same rows, read again with ``_path`` and ``_line`` columns."""
@@ -69,9 +79,10 @@ def name_rows(fn: Callable[..., T], df: pd.DataFrame, *args: Any, **kwargs: Any)
     """``fn(df, *args, **kwargs)``, with errors about rows naming their file and line.
 
     When ``fn`` raises a :class:`DataError` without a ``path``, ``df`` has no ``_path``
-    column and its rows came from a file (see :class:`RowSource`), the rows are read again
-    with ``_path`` and ``_line`` and ``fn`` runs on them: the error it raises then, if it
-    names a file, is raised instead. Otherwise the first error is raised as it was.
+    column and holds rows as read from a file (see :class:`RowSource`), the rows are read
+    again with ``_path`` and ``_line`` and ``fn`` runs on them: the same error (class and
+    column) raised then, naming the file and line, is raised instead. Otherwise the first
+    error is raised as it was.
 
     Parameters
     ----------
@@ -88,21 +99,24 @@ def name_rows(fn: Callable[..., T], df: pd.DataFrame, *args: Any, **kwargs: Any)
         return fn(df, *args, **kwargs)
     except DataError as exc:
         source = None if exc.path is not None or PATH_COLUMN in df.columns else source_of(df)
-        if source is None:
+        if source is None or not source.read_as(df):
             raise
-        located = _located(source, fn, args, kwargs)
+        located = _located(source, fn, args, kwargs, exc)
         if located is None:
             raise
     raise located from None
 
 
-def _located(source: RowSource, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> DataError | None:
-    """The error ``fn`` raises on the rows of ``source`` read with provenance, if it names a file."""
+def _located(
+    source: RowSource, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], first: DataError
+) -> DataError | None:
+    """The error ``fn`` raises on the rows of ``source`` read with provenance, when it is
+    ``first`` again (class and column) and names a file."""
     try:
         again = source.read_with_provenance()
         fn(again, *args, **kwargs)
     except DataError as exc:
-        if exc.path is not None:
+        if exc.path is not None and type(exc) is type(first) and exc.column == first.column:
             exc.__traceback__ = None
             return exc
     except Exception:  # noqa: BLE001  (the first error stands; this one is only a locator)

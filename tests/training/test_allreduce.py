@@ -16,7 +16,7 @@ import pytest
 
 import daskml_scale
 from daskml_scale.training.ring import Ring, RingError, close_port, open_port
-from tests.training.conftest import build_model
+from tests.training.conftest import build_model, single_process_sgd
 
 BATCH = 128
 
@@ -28,29 +28,6 @@ def small_model(n_features: int, seed: int = 0):
     model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", metrics=["mae"])
     return model
-
-
-def single_process_sgd(model, parts, batch: int, epochs: int) -> int:
-    """The reference: per step, the optimizer applied to the row-weighted mean of the
-    workers' batch gradients (the union of their batches), in this process."""
-    import tensorflow as tf
-
-    steps = max(int(np.ceil(len(X) / batch)) for X, _ in parts)
-    for _ in range(epochs):
-        for i in range(steps):
-            grads, sizes = [], []
-            for X, y in parts:
-                xb, yb = X[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
-                if len(xb) == 0:
-                    continue
-                with tf.GradientTape() as tape:
-                    loss = model.compute_loss(x=xb, y=yb, y_pred=model(xb, training=True))
-                grads.append(tape.gradient(loss, model.trainable_variables))
-                sizes.append(len(xb))
-            w = np.asarray(sizes, np.float64) / sum(sizes)
-            mean = [sum(wi * g[j].numpy() for wi, g in zip(w, grads)).astype(np.float32) for j in range(len(grads[0]))]
-            model.optimizer.apply_gradients(zip(mean, model.trainable_variables))
-    return steps
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import daskml_scale
-from tests.training.conftest import build_model
+from tests.training.conftest import build_model, single_process_sgd
 
 pytestmark = pytest.mark.slow
 
@@ -31,8 +31,6 @@ def small_model(n_features: int, seed: int = 0):
 def test_sync_push_every_1_is_large_batch_sgd(diamond_data, fitted_pre, client):
     """Two workers, one partition each, no shuffle: each server step must be the
     optimizer applied to the mean of the two workers' batch gradients."""
-    import tensorflow as tf
-
     rows = diamond_data.train.iloc[:3000]
     ddf = dd.from_pandas(rows, npartitions=2)
     batch, epochs = 64, 2
@@ -43,21 +41,7 @@ def test_sync_push_every_1_is_large_batch_sgd(diamond_data, fitted_pre, client):
                          shuffle=False, verbose=0, strategy=daskml_scale.ParameterServer("sync", push_every=1))
 
     parts = [fitted_pre.transform(ddf.partitions[i].compute()) for i in range(2)]
-    steps = max(int(np.ceil(len(X) / batch)) for X, _ in parts)
-    for _ in range(epochs):
-        for i in range(steps):
-            grads, sizes = [], []
-            for X, y in parts:
-                xb, yb = X[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]
-                if len(xb) == 0:
-                    continue
-                with tf.GradientTape() as tape:
-                    loss = expected.compute_loss(x=xb, y=yb, y_pred=expected(xb, training=True))
-                grads.append(tape.gradient(loss, expected.trainable_variables))
-                sizes.append(len(xb))
-            w = np.asarray(sizes, np.float64) / sum(sizes)
-            mean = [sum(wi * g[j].numpy() for wi, g in zip(w, grads)).astype(np.float32) for j in range(len(grads[0]))]
-            expected.optimizer.apply_gradients(zip(mean, expected.trainable_variables))
+    steps = single_process_sgd(expected, parts, batch, epochs)
     for got, want in zip(model.get_weights(), expected.get_weights()):
         np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-5)
     # the server's optimizer state came back too (momentum slots, step count)
