@@ -68,8 +68,9 @@ class _SyncOwner:
             return self.result, self.round, True
 
 
-def _serve(n: int, pushes: int, ready: Any) -> int:
-    """A task: a parameter server on this worker for ``pushes`` rounds of N pushes."""
+def _serve(n: int, ready: Any, stop: Any) -> int:
+    """A task: a parameter server on this worker until ``stop`` is set (after the pushers
+    got their last answers)."""
     from distributed import get_worker
     from distributed.comm.addressing import get_address_host
 
@@ -78,9 +79,7 @@ def _serve(n: int, pushes: int, ready: Any) -> int:
     owner = _SyncOwner(n)
     server = ChannelServer(get_address_host(get_worker().address), owner, "handle")
     ready.set(list(server.address))
-    deadline = time.monotonic() + 600
-    while owner.round < pushes and time.monotonic() < deadline:
-        time.sleep(0.01)
+    stop.wait(timeout=600)
     server.close()
     return owner.round
 
@@ -104,7 +103,7 @@ def _train_like(state: np.ndarray) -> np.ndarray:
 
 
 def reduce_scaling(bench: Benchmark, *, quick: bool) -> None:
-    from distributed import Client, LocalCluster, Variable
+    from distributed import Client, Event, LocalCluster, Variable
 
     from daskml_scale.training.ring import close_port, open_port
 
@@ -132,12 +131,16 @@ def reduce_scaling(bench: Benchmark, *, quick: bool) -> None:
                     return {"seconds": secs, "mb_per_worker": 2 * (n - 1) / n * mb}
 
                 def ps() -> dict:
-                    ready = Variable(f"ps-{secrets.token_hex(4)}", client=client)
-                    server = client.submit(_serve, n, REPEATS + 1, ready, workers=[hub], pure=False)
+                    tag = secrets.token_hex(4)
+                    ready, stop = Variable(f"ps-{tag}", client=client), Event(f"stop-{tag}", client=client)
+                    server = client.submit(_serve, n, ready, stop, workers=[hub], pure=False)
                     address = ready.get(timeout=60)
                     futs = [client.submit(_push, address, r, size, REPEATS, workers=[w], pure=False)
                             for r, w in enumerate(members)]
-                    secs = max(client.gather(futs))
+                    try:
+                        secs = max(client.gather(futs))
+                    finally:
+                        stop.set()
                     server.result(timeout=120)
                     return {"seconds": secs, "mb_per_worker": 2 * mb, "mb_at_hub": 2 * n * mb}
 
