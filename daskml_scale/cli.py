@@ -212,11 +212,15 @@ def _load_model(spec: str, n_features: int, storage_options: dict[str, Any], bui
 def _strategy(args: argparse.Namespace) -> Any:
     from daskml_scale.training import AllReduce, ModelAveraging, ParameterServer
 
-    if args.strategy is None:
-        if args.sync_every is not None or args.outer_lr != "1.0":
-            args.strategy = "averaging"  # the settings name the strategy
+    if args.strategy is None:  # settings of one strategy name it; none: fit()'s default
+        if args.every is not None:
+            args.strategy = "allreduce"
+        elif args.sync_every is not None or args.outer_lr != "1.0" or args.max_staleness is not None:
+            args.strategy = "averaging"  # as before the default changed: --max-staleness is refused there
+        elif args.push_every is not None:
+            raise CLIError("--push-every applies to --strategy ps-sync/ps-async only")
         else:
-            return None  # fit()'s default
+            return None
     if args.strategy != "averaging" and args.outer_lr != "1.0":
         raise CLIError("--outer-lr applies to --strategy averaging only")
     if args.strategy == "allreduce":

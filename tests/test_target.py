@@ -128,6 +128,7 @@ def test_missing_target_drop_counts_the_rows(raw_flights, client):
     # training runs on the rows kept
     history = daskml_scale.fit(small_model(pre.n_features_), ddf, preprocessor=pre, epochs=1, verbose=0)
     assert history.daskml_summary["train_rows"] == len(df) - 53
+    assert history.daskml_summary["dropped_missing_target"] == 53
     # and the policy survives a round trip (a bundle's preprocessor)
     back = Preprocessor.from_json(pre.to_json())
     assert back.missing_target == "drop" and back.dropped_missing_target_ == 53

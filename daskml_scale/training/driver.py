@@ -76,6 +76,7 @@ class Fit:
         self.cached = False
         self.train_sizes: list[int] = []
         self.val_sizes: list[int] = []
+        self.dropped_missing_target = 0
         self.streams: list[list[int]] = []
         self.val_sources: list[Any] | None = None
         self.val_streams: list[list[int]] = []
@@ -132,6 +133,7 @@ class Fit:
         sizes = self._sizes(self.sources, self.cached, workers)
         self.train_sizes = [s[0] for s in sizes]
         self.val_sizes = [s[1] for s in sizes]
+        self.dropped_missing_target = sum(s[2] for s in sizes)
         if sum(self.train_sizes) == 0:
             raise DataError("Expected training rows. Received: 0 rows after reading and preprocessing the data")
         self.streams = self._assign(self.train_sizes, len(workers))
@@ -295,7 +297,7 @@ class Fit:
         per_part = dask.utils.parse_bytes(str(config.get("io.blocksize", "64MiB")))
         return npartitions * per_part * 2 < 0.3 * total
 
-    def _sizes(self, sources: list[Any], cached: bool, workers: list[str]) -> list[tuple[int, int]]:
+    def _sizes(self, sources: list[Any], cached: bool, workers: list[str]) -> list[tuple[int, int, int]]:
         if cached:
             futs = self.client.map(partition_sizes, sources, pure=False)
         else:
@@ -464,7 +466,7 @@ class Fit:
             **self.strategy.describe(), "epochs": self.epochs, "batch_size": self.batch_size,
             "workers": len(self.workers), "partitions": len(self.sources),
             "train_rows": int(sum(self.train_sizes)), "validation_rows": int(sum(self.val_sizes)),
-            "cached": bool(self.cached), "seed": self.seed,
+            "cached": bool(self.cached), "seed": self.seed, "dropped_missing_target": int(self.dropped_missing_target),
         }
 
     def _warm_timings(self) -> None:

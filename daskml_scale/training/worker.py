@@ -334,9 +334,10 @@ def sample_rows(source: Any) -> tuple[np.ndarray, np.ndarray]:
     return a["X"][:2], a["y"][:2]
 
 
-def partition_sizes(source: Any) -> tuple[int, int]:
+def partition_sizes(source: Any) -> tuple[int, int, int]:
+    """Training rows, held-out rows, and rows dropped for a missing target."""
     arrays = _materialize(source)
-    return int(len(arrays["X"])), int(len(arrays["Xv"]))
+    return int(len(arrays["X"])), int(len(arrays["Xv"])), int(arrays.get("dropped", 0))
 
 
 def _worker_address() -> str | None:
