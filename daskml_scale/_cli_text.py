@@ -1,8 +1,11 @@
-"""The help texts of ``daskml-scale`` (the epilogs of its commands)."""
+"""The texts of ``daskml-scale``: the epilogs of its commands, the bundle description of ``info``."""
 
 from __future__ import annotations
 
-__all__ = ["EPILOG_MAIN", "EPILOG_TRAIN", "EPILOG_PREDICT", "EPILOG_INFO", "EPILOG_SERVE"]
+import json
+from typing import Any
+
+__all__ = ["EPILOG_MAIN", "EPILOG_TRAIN", "EPILOG_PREDICT", "EPILOG_INFO", "EPILOG_SERVE", "format_info"]
 
 EPILOG_MAIN = """\
 examples:
@@ -88,3 +91,47 @@ examples:
   curl -s localhost:8000/predict -H 'content-type: application/json' \\
       -d '[{"carat": 0.3, "cut": "Ideal", "color": "E", "clarity": "SI1", "depth": 61.5, "table": 55, "x": 4.3, "y": 4.3, "z": 2.7}]'
 """
+
+
+def format_info(url: str, info: dict[str, Any]) -> str:
+    """The text of ``daskml-scale info``: what a bundle holds, for a person."""
+    lines = [f"bundle   {url}"]
+    versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items())
+    lines.append(f"created  {info.get('created')}  ({info.get('format')} v{info.get('format_version')}; {versions})")
+    lines.append(f"task     {info.get('task')}, target {info.get('target')!r} -> outputs {info.get('output_names')}")
+    if info.get("classes"):
+        lines.append(f"classes  {info['classes']}")
+    feats = info.get("feature_names") or []
+    lines.append(f"features ({len(feats)}): {', '.join(feats)}")
+    schema = info.get("input_schema") or {}
+    lines.append(f"input schema ({len(schema)} columns):")
+    width = max((len(c) for c in schema), default=0)
+    lines += [f"  {c:<{width}}  {t}" for c, t in schema.items()]
+    ts = info.get("training_summary") or {}
+    if ts:
+        head = ", ".join(
+            f"{k} {ts[k]}" for k in ("strategy", "sync_every", "outer_lr", "epochs_run", "batch_size", "workers",
+                                      "partitions", "train_rows", "validation_rows") if k in ts
+        )
+        lines.append(f"training {head}")
+        final = ts.get("final") or {}
+        if final:
+            lines.append("metrics  " + ", ".join(
+                f"{k} {v:.5g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in final.items()))
+        hist = ts.get("history") or {}
+        keys = [k for k, v in hist.items() if isinstance(v, list) and v]
+        if keys:
+            lines.append("history  epoch  " + "  ".join(f"{k:>10s}" for k in keys))
+            for e in range(max(len(hist[k]) for k in keys)):
+                vals = "  ".join(f"{hist[k][e]:>10.5g}" if e < len(hist[k]) else " " * 10 for k in keys)
+                lines.append(f"         {e + 1:>5d}  {vals}")
+        if ts.get("lost_workers"):
+            lines.append(f"lost workers during training: {ts['lost_workers']}")
+    else:
+        lines.append("training (no summary stored)")
+    if (info.get("code") or {}).get("files"):
+        lines.append(f"code     {', '.join(info['code']['files'])} (loads only with --unsafe)")
+    if info.get("metadata"):
+        lines.append(f"metadata {json.dumps(info['metadata'], default=str)}")
+    lines.append(f"sha256   {info.get('content_hash')}")
+    return "\n".join(lines)

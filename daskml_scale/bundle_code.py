@@ -203,7 +203,7 @@ def unsafe_message(where: str, code: dict[str, list[str]]) -> str:
     return (
         f"{where}: the bundle holds Python code ({', '.join(code['files'])}), which loading it would import and "
         "run, so safe loading refuses it. If you trust this bundle, pass safe_mode=False "
-        "(load_bundle(url, safe_mode=False), serve(url, safe_mode=False))."
+        "(load_bundle(url, safe_mode=False), serve(url, safe_mode=False); the CLI: --unsafe)."
     )
 
 

@@ -36,7 +36,14 @@ __all__ = ["main", "build_parser", "parse_storage_options", "load_callable"]
 
 PROG = "daskml-scale"
 
-from daskml_scale._cli_text import EPILOG_INFO, EPILOG_MAIN, EPILOG_PREDICT, EPILOG_SERVE, EPILOG_TRAIN  # noqa: E402
+from daskml_scale._cli_text import (  # noqa: E402
+    EPILOG_INFO,
+    EPILOG_MAIN,
+    EPILOG_PREDICT,
+    EPILOG_SERVE,
+    EPILOG_TRAIN,
+    format_info,
+)
 
 
 class CLIError(Exception):
@@ -311,7 +318,8 @@ def _load_bundle(args: argparse.Namespace) -> Any:
     from daskml_scale.bundle import load_bundle
 
     transform = load_callable(args.transform, "--transform") if args.transform else None
-    bundle = load_bundle(args.bundle, storage_options=args.storage_options or None, transform=transform)
+    bundle = load_bundle(args.bundle, storage_options=args.storage_options or None, transform=transform,
+                         safe_mode=not getattr(args, "unsafe", False))
     described = bundle.preprocessor.to_dict().get("transform") or {}
     if transform is None and described.get("name") and not described.get("ref"):
         raise CLIError(
@@ -364,54 +372,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_info(url: str, info: dict[str, Any]) -> str:
-    lines = [f"bundle   {url}"]
-    versions = ", ".join(f"{k} {v}" for k, v in (info.get("versions") or {}).items())
-    lines.append(f"created  {info.get('created')}  ({info.get('format')} v{info.get('format_version')}; {versions})")
-    lines.append(f"task     {info.get('task')}, target {info.get('target')!r} -> outputs {info.get('output_names')}")
-    if info.get("classes"):
-        lines.append(f"classes  {info['classes']}")
-    feats = info.get("feature_names") or []
-    lines.append(f"features ({len(feats)}): {', '.join(feats)}")
-    schema = info.get("input_schema") or {}
-    lines.append(f"input schema ({len(schema)} columns):")
-    width = max((len(c) for c in schema), default=0)
-    lines += [f"  {c:<{width}}  {t}" for c, t in schema.items()]
-    ts = info.get("training_summary") or {}
-    if ts:
-        head = ", ".join(
-            f"{k} {ts[k]}" for k in ("strategy", "sync_every", "outer_lr", "epochs_run", "batch_size", "workers",
-                                      "partitions", "train_rows", "validation_rows") if k in ts
-        )
-        lines.append(f"training {head}")
-        final = ts.get("final") or {}
-        if final:
-            lines.append("metrics  " + ", ".join(
-                f"{k} {v:.5g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in final.items()))
-        hist = ts.get("history") or {}
-        keys = [k for k, v in hist.items() if isinstance(v, list) and v]
-        if keys:
-            lines.append("history  epoch  " + "  ".join(f"{k:>10s}" for k in keys))
-            for e in range(max(len(hist[k]) for k in keys)):
-                vals = "  ".join(f"{hist[k][e]:>10.5g}" if e < len(hist[k]) else " " * 10 for k in keys)
-                lines.append(f"         {e + 1:>5d}  {vals}")
-        if ts.get("lost_workers"):
-            lines.append(f"lost workers during training: {ts['lost_workers']}")
-    else:
-        lines.append("training (no summary stored)")
-    if info.get("metadata"):
-        lines.append(f"metadata {json.dumps(info['metadata'], default=str)}")
-    lines.append(f"sha256   {info.get('content_hash')}")
-    return "\n".join(lines)
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     """``daskml-scale info``: what a bundle holds (no cluster needed)."""
     info = _load_bundle(args).info()
     if args.json:
         print(json.dumps(_jsonable(info), indent=2, default=str))
     else:
-        print(_format_info(args.bundle, info))
+        print(format_info(args.bundle, info))
     return 0
 
 
@@ -434,7 +401,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
             micro_batching=not args.no_micro_batching, max_body_bytes=args.max_body_bytes,
             id_column=args.id_column, tf_threads=args.tf_threads, freeze_gc=not args.no_gc_freeze,
-            on_dropped=args.on_dropped,
+            on_dropped=args.on_dropped, safe_mode=not args.unsafe,
         )
     return 0
 
@@ -454,6 +421,9 @@ def _common(p: argparse.ArgumentParser, cluster: bool = True) -> None:
     o = p.add_argument_group("output")
     o.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error, and more logs")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+
+
+UNSAFE_HELP = "load a bundle that holds code (saved with code=, a Lambda layer): it runs that code; only for bundles you trust"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -526,6 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows the transform drops: keep them with empty predictions, omit them (both counted), "
                    "or fail the file (default: config predict.on-dropped, keep)")
     p.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
+    p.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     p.add_argument("--max-lines", type=int, default=20, metavar="N", help="files listed per status (default 20)")
     _common(p)
     p.set_defaults(func=cmd_predict)
@@ -535,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("bundle", metavar="BUNDLE_URL")
     i.add_argument("--json", action="store_true", help="machine-readable JSON")
     i.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
+    i.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     _common(i, cluster=False)
     i.set_defaults(func=cmd_info)
 
@@ -543,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
+    s.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
     s.add_argument("--max-batch-rows", type=int, metavar="N", help="most rows in one coalesced model call (config serve.max-batch-rows)")
     s.add_argument("--max-wait-ms", type=float, metavar="MS", help="longest wait to fill a batch (config serve.max-wait-ms)")
     s.add_argument("--no-micro-batching", action="store_true", help="one model call per request")

@@ -140,3 +140,18 @@ def test_a_module_imported_from_other_source_is_kept_with_a_warning(tmp_path, mo
         install_code(code, {f"code/{name}.py": b"VALUE = 1\n"}, key=uuid.uuid4().hex)  # same source: silent
     finally:
         _forget(name)
+
+
+def test_the_cli_needs_unsafe_for_a_bundle_with_code(tmp_path, table, capsys):
+    from daskml_scale.cli import main
+
+    pre = Preprocessor(target="price", numeric=DIAMONDS_NUMERIC).fit(table)
+    model = _model(len(pre.feature_names_))
+    model.compile(optimizer="adam", loss="mse")
+    url = save_bundle(model, pre, str(tmp_path / "m.bundle"), code=[keras_objects])
+    assert main(["info", url]) == 1
+    err = capsys.readouterr().err
+    assert "--unsafe" in err and "keras_objects.py" in err and len(err.strip().splitlines()) == 1
+    assert main(["info", url, "--unsafe", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "tests/keras_objects.py" in out

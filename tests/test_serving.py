@@ -533,3 +533,27 @@ def test_real_server_runs_a_job_on_the_cluster(server, table, tmp_path):
     assert job["state"] == "done", (job["error"], job["report"])
     assert sorted(Path(e["output"]).name for e in job["report"]["done"]) == ["part-000.parquet", "part-001.parquet"]
     assert sum(len(pd.read_parquet(e["output"])) for e in job["report"]["done"]) == 200
+
+
+def _broken_transform(df: pd.DataFrame) -> pd.DataFrame:
+    raise ValueError("this transform is broken")
+
+
+def test_a_warm_up_that_fails_is_reported_at_startup(bundle_url):
+    """A bundle that cannot predict a made-up row of valid columns: /health says so at once,
+    with the cause, instead of the first request failing."""
+
+    async def go():
+        app = create_app(bundle_url, transform=_broken_transform)
+        async with served(app) as c:
+            for _ in range(200):
+                h = await c.get("/health")
+                if h.json()["status"] != "loading":
+                    return h
+                await asyncio.sleep(0.05)
+            return h
+
+    h = asyncio.run(go())
+    assert h.status_code == 503
+    assert h.json()["ready"] is False and h.json()["status"] == "failed"
+    assert "warm-up" in h.json()["error"] and "this transform is broken" in h.json()["error"]

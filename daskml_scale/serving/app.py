@@ -140,8 +140,10 @@ class ServingState:
                 row[c.name] = ""
         try:
             self._predict(self.spec.records_to_frame([row]))
-        except Exception as exc:  # a transform that needs more columns: no warm-up, no harm
-            logger.info("daskml_scale serve: warm-up skipped (%s)", exc)
+        except Exception as exc:
+            # a row with every required column, at the training means, that the bundle cannot
+            # predict: requests would fail the same way, so the server says so now (/health)
+            raise RuntimeError(f"the warm-up prediction on a made-up row failed: {type(exc).__name__}: {exc}") from exc
 
     # -- the model call (in the model thread) -------------------------------------------------
     def _build_frame(self, blocks: Sequence[Block]) -> pd.DataFrame:

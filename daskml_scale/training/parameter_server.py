@@ -105,6 +105,8 @@ class ParameterServer(Strategy):
     local_steps: bool | None = None
 
     name = "parameter_server"
+    #: the actor's class (a subclass can add to what the server does)
+    actor_class = ParamServerActor
 
     def __post_init__(self) -> None:
         if self.mode not in ("sync", "async"):
@@ -228,7 +230,7 @@ class ParameterServer(Strategy):
             time.sleep(0.5)
         host = live[-1]
         future = runner.client.submit(
-            ParamServerActor, runner.model_bytes, self.mode, self.max_staleness, self._timeout(),
+            self.actor_class, runner.model_bytes, self.mode, self.max_staleness, self._timeout(),
             bool(config.get("training.ps-direct", True)), actor=True, workers=[host], allow_other_workers=False,
             key=f"daskml-ps-server-{runner.fit_id}-{uuid.uuid4().hex[:6]}",
         )

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import daskml_scale
+from daskml_scale.training.ps_actor import ParamServerActor
 from tests.training.conftest import build_model, single_process_sgd
 
 pytestmark = pytest.mark.slow
@@ -253,3 +254,30 @@ def test_async_local_steps_keep_the_updates_of_an_epoch(diamond_data, fitted_pre
     assert local.history["val_loss"][-1] <= 1.05 * avg.history["val_loss"][-1]
     # the workers' own optimizers moved: their slots come back averaged, with the steps counted
     assert int(local.model.optimizer.iterations.numpy()) > epochs * 12_000 / BATCH / 2 - 10
+
+
+class _RaisingActor(ParamServerActor):
+    """A server whose optimizer step fails (e.g. a bug in a custom optimizer)."""
+
+    def _step(self, gradients):
+        raise ValueError("injected failure in the server's step")
+
+
+class _RaisingPS(daskml_scale.ParameterServer):
+    actor_class = _RaisingActor
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_an_error_inside_the_server_reaches_the_user_with_its_cause(diamond_data, fitted_pre, client, direct):
+    """Not a lost worker: the server is not restarted, and the error says what failed."""
+    import dask
+
+    n = len(fitted_pre.feature_names_)
+    ddf = dd.from_pandas(diamond_data.train.iloc[:2000], npartitions=2)
+    t = time.monotonic()
+    with dask.config.set({"daskml_scale.training.ps-direct": direct}):
+        with pytest.raises(Exception, match="injected failure in the server's step") as info:
+            daskml_scale.fit(small_model(n), ddf, preprocessor=fitted_pre, epochs=1, batch_size=BATCH, client=client,
+                             verbose=0, strategy=_RaisingPS("async"))
+    assert time.monotonic() - t < 60  # no restarts of a server that was never lost
+    assert "lost" not in str(info.value)
