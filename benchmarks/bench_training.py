@@ -69,14 +69,13 @@ def build_k(n_features: int, k: int):
 
 
 STRATEGIES = {
+    "default": lambda: None,
     "averaging": lambda: daskml_scale.ModelAveraging(),
-    "averaging-64": lambda: daskml_scale.ModelAveraging(sync_every=64),
+    "averaging-64-lr1.5": lambda: daskml_scale.ModelAveraging(sync_every=64, outer_lr=1.5),
     "allreduce-1": lambda: daskml_scale.AllReduce(every=1),
-    "allreduce-16": lambda: daskml_scale.AllReduce(every=16),
     "allreduce-64": lambda: daskml_scale.AllReduce(every=64),
     "ps-sync-1": lambda: daskml_scale.ParameterServer("sync", push_every=1),
     "ps-async-8": lambda: daskml_scale.ParameterServer("async", push_every=8),
-    "default": lambda: None,
 }
 
 
@@ -146,7 +145,7 @@ def ours_fit(client, ddf, vddf, data: Data, strategy, target: float, max_epochs:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated: " + ", ".join(STRATEGIES))
-    ap.add_argument("--max-epochs", type=int, default=30)
+    ap.add_argument("--max-epochs", type=int, default=24)
     ap.add_argument("--skip-reduce", action="store_true", help="skip the reduce-scaling comparison")
     add_arguments(ap)
     args = ap.parse_args()
