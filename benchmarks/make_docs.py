@@ -177,7 +177,10 @@ def render_speed(results: dict[str, dict[str, Any]]) -> str:
             target = f", target {r['target']}" if r.get("target") else ""
             parts.append(f"{label}: **{_x(r['median'])}** (best {_x(r.get('best'))}; {c.get('rounds', '?')} rounds{target})")
         quick = " QUICK RUN, not a figure:" if data.get("quick") else ""
-        what = f"{data['description'][:1].upper()}{data['description'][1:]} " if data.get("description") else ""
+        desc = data.get("description") or ""
+        first = desc.split(" ", 1)[0]
+        # a sentence starts with a capital; a name from the code (daskml_scale.fit) keeps its case
+        what = (desc if ("_" in first or "." in first) else desc[:1].upper() + desc[1:]) + " " if desc else ""
         lines.append(f"* {what}(`{n}`, {_date(data.get('date'))[:10]}):{quick} " + "; ".join(parts) + ".")
     lines.append("")
     return "\n".join(lines)
