@@ -68,7 +68,13 @@ def remove_stale_temps(outputs: list[str]) -> None:
 
 # ------------------------------------------------------------------------- frames
 def frame_to_table(df: pd.DataFrame) -> pa.Table:
-    """``df`` (without its index) as an Arrow table."""
+    """``df`` (without its index) as an Arrow table.
+
+    ``df.attrs`` stays out: the reader keeps where a partition's rows came from there
+    (``io/provenance.py``), which is not data, and Arrow would try to store it."""
+    if df.attrs:
+        df = df.copy(deep=False)
+        df.attrs = {}
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
