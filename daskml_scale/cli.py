@@ -319,7 +319,7 @@ def _load_bundle(args: argparse.Namespace) -> Any:
 
     transform = load_callable(args.transform, "--transform") if args.transform else None
     bundle = load_bundle(args.bundle, storage_options=args.storage_options or None, transform=transform,
-                         safe_mode=not getattr(args, "unsafe", False))
+                         safe_mode=not args.unsafe)
     described = bundle.preprocessor.to_dict().get("transform") or {}
     if transform is None and described.get("name") and not described.get("ref"):
         raise CLIError(

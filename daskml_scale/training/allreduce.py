@@ -351,12 +351,12 @@ class _LocalState:
         self.mask = np.concatenate([np.full(int(np.prod(v.shape)), id(v) in trainable) for v in model.weights])
         slots = backend.get_optimizer_state(model)
         self.float_slots = [i for i, a in enumerate(slots) if a.dtype == np.float32]
+        self.size = self.n_weights + sum(slots[i].size for i in self.float_slots) + 1
         self.synced = backend.pack(backend.get_weights(model)) if self.outer_lr != 1 else None
 
     def pack(self, rows: int) -> np.ndarray:
         if not rows:  # nothing trained here: take part with nothing
-            return np.zeros(self.n_weights + sum(backend.get_optimizer_state(self.model)[i].size
-                                                 for i in self.float_slots) + 1, np.float32)
+            return np.zeros(self.size, np.float32)
         slots = backend.get_optimizer_state(self.model)
         parts = [backend.pack(backend.get_weights(self.model))] + [np.ravel(slots[i]) for i in self.float_slots]
         buf = np.concatenate(parts + [np.ones(1, np.float32)]).astype(np.float32, copy=False)
