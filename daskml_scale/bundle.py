@@ -40,6 +40,7 @@ from daskml_scale._version import __version__
 from daskml_scale.dropped_rows import apply_on_dropped, check_on_dropped, kept_rows
 from daskml_scale.exceptions import BundleError, UnsafeBundleError
 from daskml_scale.io.writers import write_bytes_atomic
+from daskml_scale.features import attach_layout
 from daskml_scale.outputs import check_model, output_meta, outputs_to_frame
 from daskml_scale.preprocessing import Preprocessor
 
@@ -164,7 +165,9 @@ class Bundle:
             if self.code and self._safe_mode:
                 raise UnsafeBundleError(bundle_code.unsafe_message(self._where, self.code))
             objects = self.metadata.get("custom_objects")
-            self._model = _model_from_bytes(self._model_bytes, safe_mode=self._safe_mode, where=self._where, objects=objects)
+            model = _model_from_bytes(self._model_bytes, safe_mode=self._safe_mode, where=self._where, objects=objects)
+            attach_layout(model, self.preprocessor)  # named inputs get X cut into them
+            self._model = model
         return self._model
 
     @property

@@ -193,8 +193,10 @@ def _model_builder(spec: str, storage_options: dict[str, Any]) -> Callable[..., 
     return load_callable(spec, "--model")
 
 
-def _load_model(spec: str, n_features: int, storage_options: dict[str, Any], build: Callable[..., Any] | None = None) -> Any:
-    """A compiled Keras model from ``FILE.keras`` (any fsspec URL) or ``module.py:build_fn``."""
+def _load_model(spec: str, pre: Any, storage_options: dict[str, Any], build: Callable[..., Any] | None = None) -> Any:
+    """A compiled Keras model from ``FILE.keras`` (any fsspec URL) or ``module.py:build_fn``:
+    ``build_fn(n_features)``, or ``build_fn(preprocessor)`` (its parameter named so) for a
+    model with named inputs (``--embed``; see :func:`daskml_scale.model_inputs`)."""
     import fsspec
     import keras
 
@@ -210,7 +212,10 @@ def _load_model(spec: str, n_features: int, storage_options: dict[str, Any], bui
             raise CLIError(f"--model {spec}: the model was saved without compile(); compile it before model.save()")
         return model
     build = build or load_callable(spec, "--model")
-    model = build(n_features)
+    import inspect
+
+    takes_pre = "preprocessor" in inspect.signature(build).parameters
+    model = build(preprocessor=pre) if takes_pre else build(pre.n_features_)
     if not hasattr(model, "get_weights"):
         raise CLIError(f"--model {spec}: expected build_fn(n_features) to return a keras.Model. Received: {type(model).__name__}")
     return model
@@ -260,8 +265,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from daskml_scale.training import fit
 
     so = args.storage_options
-    if not args.numeric and not args.categorical:
-        raise CLIError("Expected feature columns: give --numeric and/or --categorical column names")
+    if not args.numeric and not args.categorical and not args.embed:
+        raise CLIError("Expected feature columns: give --numeric, --categorical and/or --embed column names")
     if args.validation and args.validation_fraction:
         raise CLIError("Expected --validation URL or --validation-fraction F, not both")
     if args.resume and not args.checkpoint:
@@ -277,9 +282,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         problem = output_problem(url, so, folder=folder) if url else None
         if problem:
             raise CLIError(f"{what} {url}: {problem}")
+    embed = list(args.embed or ())
     pre = Preprocessor(
-        target=args.target, numeric=args.numeric or (), categorical=args.categorical or (), transform=transform,
-        task=args.task, missing_target=args.missing_target,
+        target=args.target, numeric=args.numeric or (), transform=transform, task=args.task,
+        categorical=[*(args.categorical or ()), *(c for c in embed if c not in (args.categorical or ()))],
+        missing_target=args.missing_target, categorical_encoding={c: "int" for c in embed},
+        max_categories=args.max_categories,
     )
     with _cluster(args) as client:
         t0 = time.perf_counter()
@@ -290,7 +298,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if pre.dropped_missing_target_:
             _say(args, f"  {pre.dropped_missing_target_:,} rows without a target {args.target!r} dropped "
                        "(--missing-target drop)")
-        model = _load_model(args.model, pre.n_features_, so, build)
+        model = _load_model(args.model, pre, so, build)
         check_model(model, pre)  # the model's outputs fit the task, before training
         described = (strategy or default_strategy()).describe()
         _say(args, "training: " + ", ".join(f"{k} {v}" for k, v in described.items()) + f", {args.epochs} epochs ...")
@@ -448,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target", required=True, metavar="COL", help="the column to predict")
     d.add_argument("--numeric", nargs="+", metavar="COL", help="numeric feature columns (standardized)")
     d.add_argument("--categorical", nargs="+", metavar="COL", help="categorical feature columns (one-hot)")
+    d.add_argument("--embed", nargs="+", metavar="COL", help="categorical columns as integer codes, one model "
+                   "input each, for embeddings (the model function takes `preprocessor`)")
+    d.add_argument("--max-categories", type=int, default=1000, metavar="N", help="categories kept per column (default 1000)")
     d.add_argument("--transform", metavar="MODULE:FN", help="pandas function applied to every partition first")
     d.add_argument("--missing-target", choices=["error", "drop"], default="error",
                    help="rows without a target: stop at the first, naming its file and line (default), "

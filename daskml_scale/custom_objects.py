@@ -187,10 +187,11 @@ def ship_model(model: Any, keras_bytes: bytes) -> bytes:
     custom object and Keras's registry is empty; else the ``.keras`` bytes together
     with the custom objects (see the module's docstring). Read by :func:`load_shipped_model`."""
     objects = custom_objects_of(model, keras_bytes)
-    if not objects:
+    layout = backend.input_layout_of(model)  # how X is cut into named inputs travels with the model
+    if not objects and not layout:
         return keras_bytes
     entries = [_entry(name, obj, needed) for name, (obj, needed) in sorted(objects.items())]
-    return _MAGIC + pickle.dumps({"keras": keras_bytes, "objects": entries}, protocol=5)
+    return _MAGIC + pickle.dumps({"keras": keras_bytes, "objects": entries, "layout": layout}, protocol=5)
 
 
 def _register(name: str, obj: Any) -> None:
@@ -244,7 +245,9 @@ def load_shipped_model(data: bytes) -> Any:
         return backend.model_from_bytes(data, safe_mode=False)
     payload = pickle.loads(memoryview(data)[len(_MAGIC) :])
     install_objects(payload["objects"])
-    return backend.model_from_bytes(payload["keras"], safe_mode=False)
+    model = backend.model_from_bytes(payload["keras"], safe_mode=False)
+    backend.set_input_layout(model, payload.get("layout"))
+    return model
 
 
 # ------------------------------------------------------------ references for a bundle

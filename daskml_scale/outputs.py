@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from daskml_scale.exceptions import BundleError
+from daskml_scale.features import attach_layout
 from daskml_scale.preprocessing import Preprocessor
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -95,12 +96,7 @@ def check_model(model: "keras.Model", preprocessor: Preprocessor) -> tuple[str, 
             f"with classes {classes}{why}. Received: a model with a linear output. End the model with a sigmoid, "
             "or pass Preprocessor(task='regression') to predict the target as a number."
         )
-    in_shape = tuple(model.inputs[0].shape) if getattr(model, "inputs", None) else None
-    if in_shape is not None and in_shape[-1] is not None and in_shape[-1] != len(preprocessor.feature_names_):
-        raise BundleError(
-            f"Expected the model to take the preprocessor's {len(preprocessor.feature_names_)} features. "
-            f"Received: a model with input shape {in_shape}."
-        )
+    attach_layout(model, preprocessor)  # the model takes the features, whole or by named inputs
     return task, names, width
 
 

@@ -11,7 +11,10 @@
   transforms a partition on a worker and a single frame in a server, with identical
   numbers. ``y`` is ``None`` when the target column is absent (prediction time).
 * Unseen categories (and missing ones) encode as all zeros in that column's one-hot
-  block: the stated rule, never an exception in the middle of a job.
+  block: the stated rule, never an exception in the middle of a job. With
+  ``categorical_encoding="int"`` a column is instead ONE integer code (0 for unseen or
+  missing), for an ``Embedding`` in the model: O(columns) memory per row, whatever the
+  number of categories (see :mod:`daskml_scale.encoding`).
 * The target (see :mod:`daskml_scale.target`): ``task="auto"`` makes a text target
   or a two-valued integer target (0/1) a classification, other numbers a regression;
   ``missing_target="error"`` refuses a row without a target, naming its file and
@@ -34,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from daskml_scale._utils.columns import category_keys, merge_moments, numeric_column, where_row
+from daskml_scale.encoding import category_codes, check_encoding, resolve_encodings
 from daskml_scale.exceptions import (
     ArgumentError,
     DataError,
@@ -155,7 +159,8 @@ class Preprocessor:
         Numeric feature columns: missing values imputed with the mean, then
         standardized (``(x - mean) / std``; a constant column gets scale 1).
     categorical : list of str
-        Categorical feature columns, one-hot encoded with columns sorted by value.
+        Categorical feature columns, one-hot encoded with columns sorted by value (or
+        integer codes: see ``categorical_encoding``).
     transform : callable, optional
         The user's pandas function, DataFrame -> DataFrame, row-wise. It runs before
         everything else, on every partition and on every served frame.
@@ -174,6 +179,11 @@ class Preprocessor:
         :class:`NonFiniteValueError` naming its file and line; ``"drop"`` leaves it out
         of the statistics and of training and counts it (``dropped_missing_target_``;
         ``transform_training`` returns the count per partition).
+    categorical_encoding : {"one_hot", "int"} or dict
+        ``"one_hot"``: a float column per category. ``"int"``: one column per
+        categorical holding its code (0 unseen or missing, 1..n the categories), for a
+        model with named inputs (``"numeric"`` and one per coded column; build them with
+        :func:`daskml_scale.model_inputs`). A dict picks per column (default one-hot).
 
     Attributes
     ----------
@@ -183,6 +193,11 @@ class Preprocessor:
         Per numeric column.
     categories_ : dict of list of str
         Per categorical column.
+    encodings_ : dict of str
+        Per categorical column: ``"one_hot"`` or ``"int"``.
+    vocabulary_sizes_ : dict of int
+        Per ``"int"`` column: its number of categories + 1 (code 0), the ``input_dim``
+        of its ``Embedding``.
     task_ : str or None
         ``"regression"`` or ``"classification"`` (``None`` without a target).
     classes_ : list of str or None
@@ -206,6 +221,7 @@ class Preprocessor:
         max_categories: int = 1000,
         task: str = "auto",
         missing_target: str = "error",
+        categorical_encoding: Any = "one_hot",
     ) -> None:
         self.target = target
         self.numeric = list(numeric)
@@ -222,6 +238,7 @@ class Preprocessor:
             raise ArgumentError(f"Columns cannot be both numeric and categorical. Received: {sorted(overlap)}")
         if target is not None and target in set(self.numeric) | set(self.categorical):
             raise ArgumentError(f"The target {target!r} cannot also be a feature")
+        self.categorical_encoding = check_encoding(categorical_encoding, self.categorical)
 
     # -- helpers ----------------------------------------------------------------
     def _apply_user_transform(self, df: pd.DataFrame) -> pd.DataFrame:
@@ -324,22 +341,32 @@ class Preprocessor:
             counts = stats["categorical"].get(col, {})
             top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.max_categories]
             self.categories_[col] = sorted(k for k, _ in top)
+        self.encodings_ = resolve_encodings(self.categorical_encoding, self.categorical)
         found = resolve_task(stats["target"], self.task)
         self.task_ = found.task if self.target is not None else None
         self.classes_ = found.classes
         self.target_stats_: dict[str, Any] = found.stats
-        self.feature_names_ = list(self.numeric) + [
-            f"{col}={value}" for col in self.categorical for value in self.categories_[col]
-        ]
+        self.feature_names_ = self._feature_names()
         self.input_schema_ = {
             str(c): str(d) for c, d in schema.items() if c not in (PATH_COLUMN, LINE_COLUMN)
         }
+
+    def _feature_names(self) -> list[str]:
+        """Numeric columns, one-hot blocks, then one code column per ``"int"`` categorical."""
+        one_hot = [c for c in self.categorical if self.encodings_[c] == "one_hot"]
+        coded = [c for c in self.categorical if self.encodings_[c] == "int"]
+        return [*self.numeric, *(f"{c}={v}" for c in one_hot for v in self.categories_[c]), *coded]
 
     # -- transform ------------------------------------------------------------------
     @property
     def n_features_(self) -> int:
         self._check_fitted()
         return len(self.feature_names_)
+
+    @property
+    def vocabulary_sizes_(self) -> dict[str, int]:
+        self._check_fitted()
+        return {c: len(self.categories_[c]) + 1 for c in self.categorical if self.encodings_[c] == "int"}
 
     def transform(self, df: pd.DataFrame, *, with_target: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Features and target of a pandas frame, as float32 arrays.
@@ -404,13 +431,20 @@ class Preprocessor:
         width = X.shape[1]
         flat = X.reshape(-1)
         row_starts = np.arange(n, dtype=np.int64) * width
+        coded = []
         for col in self.categorical:
+            if self.encodings_[col] == "int":
+                coded.append(col)
+                continue
             cats = self.categories_[col]
             if cats:
-                codes = self._category_codes(df[col], col)
+                codes = category_codes(self, df[col], col)
                 hit = codes >= 0  # unseen and missing values: all zeros (the stated rule)
                 flat[row_starts[hit] + offset + codes[hit]] = 1.0
             offset += len(cats)
+        for col in coded:  # 0: unseen or missing (the out-of-vocabulary code), 1..n: the categories
+            X[:, offset] = category_codes(self, df[col], col) + 1 if self.categories_[col] else 0
+            offset += 1
         y = None
         if with_target and self.target is not None and self.target in df.columns:
             y = encode_target(df, self.target, self.classes_)
@@ -467,28 +501,6 @@ class Preprocessor:
             out[i : i + m] = tmp
         return out
 
-    def _category_codes(self, values: pd.Series, col: str) -> np.ndarray:
-        """Position of every value in the fitted categories, -1 when unseen or missing."""
-        arr = getattr(values.array, "_pa_array", None)
-        if arr is not None and isinstance(values.dtype, pd.StringDtype):
-            import pyarrow as pa
-            import pyarrow.compute as pc
-
-            cache = self.__dict__.setdefault("_value_sets", {})
-            value_set = cache.get(col)
-            if value_set is None or len(value_set) != len(self.categories_[col]):
-                value_set = cache[col] = pa.array(self.categories_[col], type=pa.string())
-            found = pc.index_in(arr.cast(pa.string()) if arr.type != pa.string() else arr, value_set=value_set)
-            return np.asarray(pc.fill_null(found, -1).to_numpy(zero_copy_only=False), dtype=np.int64)
-        return self._category_index(col).get_indexer(category_keys(values))
-
-    def _category_index(self, col: str) -> pd.Index:
-        cache = self.__dict__.setdefault("_index_cache", {})
-        idx = cache.get(col)
-        if idx is None or len(idx) != len(self.categories_[col]):
-            idx = cache[col] = pd.Index(self.categories_[col])
-        return idx
-
     def fit_transform(self, df: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
         return self.fit(df).transform(df)
 
@@ -503,6 +515,7 @@ class Preprocessor:
                 "target": self.target, "numeric": self.numeric, "categorical": self.categorical,
                 "missing": self.missing, "max_categories": self.max_categories,
                 "task": self.task, "missing_target": self.missing_target,
+                "categorical_encoding": self.categorical_encoding,
             },
             "transform": {
                 "ref": ref,
@@ -552,6 +565,7 @@ class Preprocessor:
             default_task = None if pre.target is None else ("classification" if pre.classes_ else "regression")
             pre.task_ = f.get("task", default_task)
             pre.dropped_missing_target_ = int(f.get("dropped_missing_target", 0))
+            pre.encodings_ = resolve_encodings(pre.categorical_encoding, pre.categorical)
         return pre
 
     @classmethod

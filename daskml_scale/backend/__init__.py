@@ -19,9 +19,12 @@ from daskml_scale.backend.base import (
     Backend,
     BackendUnsupportedError,
     TrainFn,
+    input_layout_of,
     model_from_bytes,
     model_to_bytes,
     pack,
+    set_input_layout,
+    split_inputs,
     unpack,
 )
 
@@ -34,6 +37,9 @@ __all__ = [
     "model_from_bytes",
     "pack",
     "unpack",
+    "set_input_layout",
+    "input_layout_of",
+    "split_inputs",
     "ensure_built",
     "get_weights",
     "set_weights",

@@ -20,7 +20,10 @@ import numpy as np
 
 from daskml_scale.exceptions import ArgumentError, DaskmlScaleError
 
-__all__ = ["Backend", "BackendUnsupportedError", "pack", "unpack", "model_to_bytes", "model_from_bytes"]
+__all__ = [
+    "Backend", "BackendUnsupportedError", "pack", "unpack", "model_to_bytes", "model_from_bytes",
+    "set_input_layout", "input_layout_of", "split_inputs",
+]
 
 TrainFn = Callable[[np.ndarray, np.ndarray, int], int]
 
@@ -74,6 +77,40 @@ def unpack(packed: np.ndarray | Sequence[np.ndarray], shapes: Sequence[tuple[int
     return out
 
 
+# ------------------------------------------------------------- named model inputs
+_LAYOUT = "_daskml_input_layout"
+
+
+def set_input_layout(model: Any, layout: Sequence[Any] | None) -> None:
+    """Record how ``X`` (one float32 matrix) is cut into ``model``'s named inputs: a
+    sequence of :class:`daskml_scale.encoding.InputSlot`, or ``None`` for a model that
+    takes ``X`` whole. Every compiled function of a backend reads it when it is made."""
+    object.__setattr__(model, _LAYOUT, None if layout is None else tuple(layout))  # not a tracked Keras attribute
+
+
+def input_layout_of(model: Any) -> tuple[Any, ...] | None:
+    return getattr(model, _LAYOUT, None)
+
+
+def split_inputs(layout: Sequence[Any] | None, x: Any) -> Any:
+    """``x`` cut into the model's inputs by ``layout`` (columns ``[start, stop)`` each,
+    cast to the input's dtype, squeezed for a rank-1 input); ``x`` itself without a
+    layout. Works on NumPy arrays and, inside a compiled function, on tensors."""
+    if not layout:
+        return x
+    if isinstance(x, np.ndarray):
+        cast = lambda part, dtype: part.astype(dtype)  # noqa: E731
+    else:
+        import keras
+
+        cast = keras.ops.cast
+    out = {}
+    for s in layout:
+        part = x[:, s.start] if s.squeeze else x[:, s.start : s.stop]
+        out[s.name] = part if s.dtype == "float32" else cast(part, s.dtype)
+    return out
+
+
 # ------------------------------------------------------------------- the contract
 class Backend:
     """One Keras backend's implementation of what daskml_scale needs.
@@ -114,14 +151,15 @@ class Backend:
     def ensure_built(self, model: Any, X: np.ndarray, y: np.ndarray) -> None:
         """Build the model, its optimizer's slots and its metrics on a sample batch, so
         every state list (weights, optimizer, metrics) has its final length."""
-        if not model.built:
+        layout = input_layout_of(model)
+        if not model.built and not layout:
             model.build((None,) + tuple(X.shape[1:]))
         opt = model.optimizer
         if opt is not None and not opt.built:
             opt.build(model.trainable_variables)
         if not getattr(model, "_daskml_metrics_built", False):
             # one eager test step creates the metrics' variables: no graph to trace here
-            model.test_step((X[:1], y[:1]))
+            model.test_step((split_inputs(layout, X[:1]), y[:1]))
             self.reset_metrics(model)
             model._daskml_metrics_built = True
 
@@ -200,8 +238,18 @@ class Backend:
         gradient on a new batch, in one call (AllReduce with ``every=1``)."""
         raise self._unsupported("AllReduce's fused step")
 
+    def make_stacked_trainer(self, spec: Any) -> Any:
+        """Many models of one stackable architecture (:class:`daskml_scale.groups.spec.StackSpec`)
+        trained as one compiled program: stacked weights, one optimizer state per group."""
+        raise self._unsupported("Training many models as one stacked program (fit_groups)")
+
+    def make_stacked_forward(self, spec: Any, weights: Sequence[np.ndarray]) -> Callable[..., np.ndarray]:
+        """``fn(X, codes) -> outputs``: each row through the stacked weights of group ``codes[i]``."""
+        raise self._unsupported("Prediction with stacked group weights (fit_groups)")
+
     def compiled_forward(self, model: Any) -> Callable[[np.ndarray], np.ndarray]:
         """``x -> model(x, training=False)``, NumPy in and out (prediction, serving)."""
         import keras
 
-        return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
+        layout = input_layout_of(model)
+        return lambda x: keras.ops.convert_to_numpy(model(split_inputs(layout, x), training=False))

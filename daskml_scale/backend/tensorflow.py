@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from daskml_scale.backend.base import Backend, TrainFn, unpack
+from daskml_scale.backend.base import Backend, TrainFn, input_layout_of, split_inputs, unpack
 from daskml_scale.exceptions import ArgumentError
 
 __all__ = ["TensorFlowBackend"]
@@ -46,7 +46,14 @@ def _cached_assign(model: Any, name: str, variables: list[Any]) -> Callable[[lis
     return fn[1]
 
 
-def _batch_loop(step: Callable[[Any], Any]) -> TrainFn:
+def _inputs_of(model: Any) -> Callable[[Any], Any]:
+    """Rows of ``X`` -> what ``model`` takes: ``X`` itself, or a dict of its named inputs
+    cut inside the graph (:func:`~daskml_scale.backend.base.split_inputs`)."""
+    layout = input_layout_of(model)
+    return lambda x: split_inputs(layout, x)
+
+
+def _batch_loop(model: Any, step: Callable[[Any], Any]) -> TrainFn:
     """``fn(X, y, batch_size)``: one graph execution that calls ``step((x, y))`` per batch.
 
     The graph is traced once, on the first call, with the batch dimension left open, so
@@ -55,6 +62,7 @@ def _batch_loop(step: Callable[[Any], Any]) -> TrainFn:
     import tensorflow as tf
 
     compiled: list[Any] = []
+    inputs = _inputs_of(model)
 
     def run(X, y, batch_size):
         n = tf.shape(X)[0]
@@ -62,7 +70,7 @@ def _batch_loop(step: Callable[[Any], Any]) -> TrainFn:
         for i in tf.range(steps):
             lo = i * batch_size
             hi = tf.minimum(lo + batch_size, n)
-            step((X[lo:hi], y[lo:hi]))
+            step((inputs(X[lo:hi]), y[lo:hi]))
         return steps
 
     def call(X: np.ndarray, y: np.ndarray, batch_size: int) -> int:
@@ -165,10 +173,10 @@ class TensorFlowBackend(Backend):
 
     # ---------------------------------------------------------------- compiled loops
     def make_train_fn(self, model: Any) -> TrainFn:
-        return _batch_loop(model.train_step)
+        return _batch_loop(model, model.train_step)
 
     def make_eval_fn(self, model: Any) -> TrainFn:
-        return _batch_loop(model.test_step)
+        return _batch_loop(model, model.test_step)
 
     def make_gradient_loop_fn(self, model: Any) -> Callable[..., tuple[Any, list[list[np.ndarray]]]]:
         """``fn(X, y, batch_size, weights) -> (gradients, metric_state)`` in one graph call.
@@ -184,6 +192,7 @@ class TensorFlowBackend(Backend):
         import tensorflow as tf
 
         compute_loss, loss_tracker = _loss_and_metrics(model)
+        inputs = _inputs_of(model)
         metric_vars = [list(m.variables) for m in model.metrics]
         all_vars = list(model.weights)
 
@@ -196,11 +205,13 @@ class TensorFlowBackend(Backend):
 
         def batch_grads(xb, yb):
             """Gradients of the batch's mean loss; the metrics take the batch in."""
+            n_rows = tf.shape(xb)[0]
+            xb = inputs(xb)
             with tf.GradientTape() as tape:
                 y_pred = model(xb, training=True)
                 loss = compute_loss(x=xb, y=yb, y_pred=y_pred, sample_weight=None, training=True)
             grads = tape.gradient(loss, model.trainable_variables)
-            loss_tracker.update_state(loss, sample_weight=tf.shape(xb)[0])
+            loss_tracker.update_state(loss, sample_weight=n_rows)
             model.compute_metrics(xb, yb, y_pred, sample_weight=None)
             return grads
 
@@ -307,6 +318,7 @@ class TensorFlowBackend(Backend):
         import tensorflow as tf
 
         compute_loss, loss_tracker = _loss_and_metrics(model)
+        inputs = _inputs_of(model)
         opt = model.optimizer
         tvars = list(model.trainable_variables)
         if not opt.built:
@@ -321,11 +333,13 @@ class TensorFlowBackend(Backend):
             return tf.constant(0)
 
         def grads_of(xb, yb):
+            n_rows = tf.shape(xb)[0]
+            xb = inputs(xb)
             with tf.GradientTape() as tape:
                 y_pred = model(xb, training=True)
                 loss = compute_loss(x=xb, y=yb, y_pred=y_pred, sample_weight=None, training=True)
             grads = tape.gradient(loss, tvars)
-            loss_tracker.update_state(loss, sample_weight=tf.shape(xb)[0])
+            loss_tracker.update_state(loss, sample_weight=n_rows)
             model.compute_metrics(xb, yb, y_pred, sample_weight=None)
             return tf.concat([tf.reshape(g, [-1]) for g in grads], 0)
 
@@ -352,14 +366,29 @@ class TensorFlowBackend(Backend):
 
         return call
 
+    def make_stacked_trainer(self, spec: Any) -> Any:
+        from daskml_scale.backend.tf_stacked import StackedTrainer
+
+        return StackedTrainer(spec)
+
+    def make_stacked_forward(self, spec: Any, weights: Any) -> Callable[..., np.ndarray]:
+        from daskml_scale.backend.tf_stacked import StackedForward
+
+        return StackedForward(spec, weights)
+
     def compiled_forward(self, model: Any) -> Callable[[np.ndarray], np.ndarray]:
         """A ``tf.function`` with a ``(None, n_features)`` signature: one trace for every
-        batch size."""
+        batch size (a model with named inputs gets ``X`` cut inside the graph)."""
         import tensorflow as tf
 
-        width = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
+        layout = input_layout_of(model)
+        inputs = _inputs_of(model)
+        if layout:
+            width = max(s.stop for s in layout)
+        else:
+            width = model.inputs[0].shape[-1] if getattr(model, "inputs", None) else None
         fn = tf.function(
-            lambda x: model(x, training=False),
+            lambda x: model(inputs(x), training=False),
             input_signature=[tf.TensorSpec([None, width], tf.float32)],
             reduce_retracing=True,
         )

@@ -9,13 +9,16 @@ import pandas as pd
 from daskml_scale import config
 from daskml_scale._utils.client import default_client
 from daskml_scale.exceptions import ArgumentError, DataError, MissingColumnError
+from daskml_scale.features import attach_layout
 from daskml_scale.training.allreduce import AllReduce
 from daskml_scale.training.averaging import ModelAveraging
+from daskml_scale.training.gossip import Gossip
 from daskml_scale.training.parameter_server import ParameterServer
 from daskml_scale.training.runner import EpochRunner
 from daskml_scale.training.strategy import Strategy
 
-__all__ = ["fit", "default_strategy", "Strategy", "EpochRunner", "AllReduce", "ModelAveraging", "ParameterServer"]
+__all__ = ["fit", "default_strategy", "Strategy", "EpochRunner", "AllReduce", "ModelAveraging", "ParameterServer",
+           "Gossip"]
 
 
 def default_strategy() -> Strategy:
@@ -145,6 +148,8 @@ def fit(
     _check_target(data, preprocessor)
     if not hasattr(preprocessor, "feature_names_"):
         preprocessor.fit(data, client=client)
+    # a model with named inputs gets X cut into them; names and widths checked before any work
+    attach_layout(model, preprocessor, error=ArgumentError)
 
     run = Fit(
         client=client, model=model, data=data, preprocessor=preprocessor, strategy=strategy, epochs=epochs,
