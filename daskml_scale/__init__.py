@@ -12,6 +12,7 @@ from daskml_scale import exceptions as _exceptions
 from daskml_scale._version import __version__
 from daskml_scale.bundle import Bundle, load_bundle, save_bundle
 from daskml_scale.cluster import KerasWorkerPlugin, connect
+from daskml_scale.features import model_inputs
 from daskml_scale.exceptions import *  # noqa: F403  (the names of exceptions.__all__)
 from daskml_scale.io import bad_rows_report, read_csv, read_parquet
 from daskml_scale.predict import PredictReport, predict, predict_files
@@ -29,6 +30,7 @@ __all__ = [
     "read_parquet",
     "bad_rows_report",
     "Preprocessor",
+    "model_inputs",
     # training
     "fit",
     "Strategy",
