@@ -28,7 +28,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow" tests
 
-BENCHMARKS ?= training data predict parameter_server serving
+BENCHMARKS ?= training data predict parameter_server serving wide
 BENCH_ARGS ?=
 
 # every benchmark runs, one after the other, even when one fails (its results file says
