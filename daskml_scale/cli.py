@@ -27,10 +27,10 @@ import traceback
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
+from daskml_scale import _cli_args as _args
 from daskml_scale._cli_checks import output_problem
 from daskml_scale._cli_logs import quiet_logs, quiet_worker_logs
 from daskml_scale._utils.jsonable import jsonable as _jsonable
-from daskml_scale.io.writers import FORMATS
 
 __all__ = ["main", "build_parser", "parse_storage_options", "load_callable"]
 
@@ -415,25 +415,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------ parser
-def _common(p: argparse.ArgumentParser, cluster: bool = True) -> None:
-    g = p.add_argument_group("cluster and storage")
-    g.add_argument("--scheduler", metavar="ADDRESS",
-                   help="a running Dask scheduler (tcp://host:8786); default: start a local cluster"
-                   + ("" if cluster else " (not needed by this command)"))
-    g.add_argument("--workers", type=int, metavar="N", help="local cluster: worker processes (default: one per core)")
-    g.add_argument("--threads-per-worker", type=int, metavar="N", help="local cluster: threads per worker (default 1)")
-    g.add_argument("--timeout", default="30s", metavar="T", help="how long to wait for --scheduler (default 30s)")
-    g.add_argument("--storage-option", action="append", dest="storage_option", metavar="KEY=VALUE", default=[],
-                   help="fsspec option for every URL, repeatable; JSON values; dotted keys nest "
-                   "(client_kwargs.endpoint_url=http://127.0.0.1:9000)")
-    o = p.add_argument_group("output")
-    o.add_argument("-v", "--verbose", action="store_true", help="show the traceback of an error, and more logs")
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
-
-
-UNSAFE_HELP = "load a bundle that holds code (saved with code=, a Lambda layer): it runs that code; only for bundles you trust"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``daskml-scale`` (one sub-parser per command)."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -449,98 +430,26 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a Keras model data-parallel and save a bundle", formatter_class=fmt,
                        epilog=EPILOG_TRAIN, description="Read data, fit a Preprocessor in one pass, train the model "
                        "data-parallel on the cluster and save model + preprocessor as one bundle file.")
-    d = t.add_argument_group("data")
-    d.add_argument("--data", required=True, metavar="URL", help="training CSV/Parquet: file, glob, folder; local or s3://...")
-    d.add_argument("--data-format", choices=["auto", "csv", "parquet"], default="auto",
-                   help="input format (default: from the suffix, else CSV)")
-    d.add_argument("--target", required=True, metavar="COL", help="the column to predict")
-    d.add_argument("--numeric", nargs="+", metavar="COL", help="numeric feature columns (standardized)")
-    d.add_argument("--categorical", nargs="+", metavar="COL", help="categorical feature columns (one-hot)")
-    d.add_argument("--embed", nargs="+", metavar="COL", help="categorical columns as integer codes, one model "
-                   "input each, for embeddings (the model function takes `preprocessor`)")
-    d.add_argument("--max-categories", type=int, default=1000, metavar="N", help="categories kept per column (default 1000)")
-    d.add_argument("--transform", metavar="MODULE:FN", help="pandas function applied to every partition first")
-    d.add_argument("--missing-target", choices=["error", "drop"], default="error",
-                   help="rows without a target: stop at the first, naming its file and line (default), "
-                   "or drop them and count them")
-    d.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
-                   help="auto (default): text or a two-valued integer target (0/1) is a classification, "
-                   "other numbers a regression")
-    v = d.add_mutually_exclusive_group()
-    v.add_argument("--validation", metavar="URL", help="validation rows, read like --data")
-    v.add_argument("--validation-fraction", type=float, metavar="F", help="hold out this fraction of --data instead")
-    m = t.add_argument_group("model and training")
-    m.add_argument("--model", required=True, metavar="FILE.keras|MODULE:FN",
-                   help="a compiled .keras file, or build_fn(n_features) returning a compiled model")
-    m.add_argument("--strategy", choices=["averaging", "allreduce", "ps-sync", "ps-async"], default=None,
-                   help="how workers combine: model averaging, all-reduce among the workers, or a parameter "
-                   "server, synchronous or asynchronous (default: fit()'s default strategy)")
-    m.add_argument("--epochs", type=int, default=1, metavar="N", help="passes over the data (default 1)")
-    m.add_argument("--batch-size", type=int, metavar="B", help="rows per step on each worker (default 256)")
-    m.add_argument("--sync-every", type=int, metavar="K",
-                   help="averaging: local steps between averages (default: once per epoch; 16 is a good start)")
-    m.add_argument("--every", type=int, metavar="K",
-                   help="allreduce: 1 reduces gradients every step (default), K > 1 averages weights every K steps")
-    m.add_argument("--push-every", type=int, metavar="K",
-                   help="ps-*: batches per push (default 1; --sync-every is accepted as its old name)")
-    m.add_argument("--max-staleness", type=int, metavar="V",
-                   help="ps-async: refuse gradients computed on weights more than V versions old")
-    m.add_argument("--outer-lr", default="1.0", metavar="LR|workers",
-                   help="averaging: scale of each averaged step (default 1.0); 'workers' sums the workers' steps")
-    m.add_argument("--seed", type=int, metavar="S", help="seed for shuffles and the held-out split")
-    m.add_argument("--checkpoint", metavar="URL", help="write a checkpoint here after every epoch")
-    m.add_argument("--resume", action="store_true", help="continue from the checkpoint at --checkpoint")
-    m.add_argument("--out", required=True, metavar="BUNDLE_URL", help="where to write the bundle (local or s3://...)")
-    _common(t)
+    _args.add_train(t)
+    _args.add_common(t)
     t.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="predict file by file (atomic, resumable)", formatter_class=fmt,
                        epilog=EPILOG_PREDICT, description="Map a bundle over input files on the cluster: "
                        "one output file per input file.")
-    p.add_argument("--bundle", required=True, metavar="URL", help="the bundle written by 'train'")
-    p.add_argument("--input", required=True, metavar="URL", help="CSV/Parquet files: file, glob or folder")
-    p.add_argument("--output", required=True, metavar="URL", help="output folder")
-    p.add_argument("--format", choices=list(FORMATS), default="csv", help="output format (default csv)")
-    p.add_argument("--keep", metavar="COLS", help="input columns to copy before the predictions, comma-separated, or 'all'")
-    p.add_argument("--overwrite", action="store_true", help="redo files whose output already exists")
-    p.add_argument("--on-dropped", choices=["keep", "omit", "error"], metavar="{keep,omit,error}",
-                   help="rows the transform drops: keep them with empty predictions, omit them (both counted), "
-                   "or fail the file (default: config predict.on-dropped, keep)")
-    p.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
-    p.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
-    p.add_argument("--max-lines", type=int, default=20, metavar="N", help="files listed per status (default 20)")
-    _common(p)
+    _args.add_predict(p)
+    _args.add_common(p)
     p.set_defaults(func=cmd_predict)
 
     i = sub.add_parser("info", help="show a bundle's features, schema, training summary and metrics",
                        formatter_class=fmt, epilog=EPILOG_INFO)
-    i.add_argument("bundle", metavar="BUNDLE_URL")
-    i.add_argument("--json", action="store_true", help="machine-readable JSON")
-    i.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
-    i.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
-    _common(i, cluster=False)
+    _args.add_info(i)
+    _args.add_common(i, cluster=False)
     i.set_defaults(func=cmd_info)
 
     s = sub.add_parser("serve", help="serve a bundle over REST", formatter_class=fmt, epilog=EPILOG_SERVE)
-    s.add_argument("bundle", metavar="BUNDLE_URL")
-    s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    s.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
-    s.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
-    s.add_argument("--max-batch-rows", type=int, metavar="N", help="most rows in one coalesced model call (config serve.max-batch-rows)")
-    s.add_argument("--max-wait-ms", type=float, metavar="MS", help="longest wait to fill a batch (config serve.max-wait-ms)")
-    s.add_argument("--no-micro-batching", action="store_true", help="one model call per request")
-    s.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request body (config serve.max-body-bytes)")
-    s.add_argument("--id-column", metavar="COL", help="column passed through next to the predictions")
-    s.add_argument("--on-dropped", choices=["keep", "omit", "error"], metavar="{keep,omit,error}",
-                   help="rows the transform drops: null predictions with the reason, left out, or a 422 "
-                   "(default: config predict.on-dropped, keep)")
-    s.add_argument("--tf-threads", type=int, metavar="N", help="TensorFlow threads in the server process")
-    s.add_argument("--no-gc-freeze", action="store_true",
-                   help="keep the garbage collector walking every object (default: gc.freeze() after loading)")
-    s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"],
-                   help="uvicorn's log level (default warning, info with --verbose)")
-    _common(s)
+    _args.add_serve(s)
+    _args.add_common(s)
     s.set_defaults(func=cmd_serve)
     return parser
 
