@@ -87,6 +87,7 @@ class KerasWorkerPlugin(WorkerPlugin):
         os.environ.update(env)
         settings = backend.current().configure_threads(threads, gpu_memory_growth=bool(self.gpu_memory_growth))
         settings["log_level"] = int(self.log_level)
+        settings["backend"] = backend.name()
         worker._daskml_scale_tf = settings  # read back by worker_tensorflow_settings()
 
 
@@ -298,4 +299,30 @@ def connect(
             "connect(): registering KerasWorkerPlugin on the workers",
             "A worker may be stuck: see its log or restart it, or connect with plugin=False.", client,
         )
+    _check_backends(client)
     return client
+
+
+def _keras_backend_name() -> str:
+    return backend.name()
+
+
+def _check_backends(client: Client) -> None:
+    """Workers run the driver's Keras backend (``client.keras_backend``); a worker on
+    another one is named in the error."""
+    from daskml_scale._utils import waits
+
+    here = backend.name()
+    found = waits.within(
+        lambda: client.run(_keras_backend_name), waits.wait_timeout(), "connect(): asking the workers' Keras backend",
+        "A worker may be stuck: see its log or restart it.", client,
+    )
+    other = {w: b for w, b in found.items() if b != here}
+    if other:
+        client.close()
+        raise ClusterError(
+            f"Expected every worker to run the driver's Keras backend {here!r}. Received: "
+            + ", ".join(f"{w} runs {b!r}" for w, b in sorted(other.items()))
+            + f". Start the workers with KERAS_BACKEND={here}, or set the driver's backend to theirs."
+        )
+    client.keras_backend = here

@@ -183,15 +183,15 @@ def _entry(name: str, obj: Any, needed: bool) -> dict[str, Any]:
 
 
 def ship_model(model: Any, keras_bytes: bytes) -> bytes:
-    """What a fit sends its workers: ``keras_bytes`` as they are when the model uses no
-    custom object and Keras's registry is empty; else the ``.keras`` bytes together
-    with the custom objects (see the module's docstring). Read by :func:`load_shipped_model`."""
+    """What a fit sends its workers: the ``.keras`` bytes together with the custom
+    objects (see the module's docstring), the layout of the model's named inputs and
+    the driver's Keras backend (a worker on another backend refuses it by name). Read
+    by :func:`load_shipped_model`."""
     objects = custom_objects_of(model, keras_bytes)
     layout = backend.input_layout_of(model)  # how X is cut into named inputs travels with the model
-    if not objects and not layout:
-        return keras_bytes
     entries = [_entry(name, obj, needed) for name, (obj, needed) in sorted(objects.items())]
-    return _MAGIC + pickle.dumps({"keras": keras_bytes, "objects": entries, "layout": layout}, protocol=5)
+    payload = {"keras": keras_bytes, "objects": entries, "layout": layout, "backend": backend.name()}
+    return _MAGIC + pickle.dumps(payload, protocol=5)
 
 
 def _register(name: str, obj: Any) -> None:
@@ -238,12 +238,31 @@ def install_objects(entries: Iterable[dict[str, Any]]) -> None:
         )
 
 
+def check_backend(driver: str | None) -> None:
+    """Workers run the driver's Keras backend: a mismatch is an error that says how to fix it."""
+    here = backend.name()
+    if driver is not None and driver != here:
+        where = ""
+        try:
+            from distributed import get_worker
+
+            where = f" {get_worker().address}"
+        except (ImportError, ValueError):
+            pass
+        raise TrainingError(
+            f"Expected the workers to run the driver's Keras backend {driver!r}. Received: worker{where} runs "
+            f"{here!r}. Start the workers with KERAS_BACKEND={driver} (daskml_scale.connect() does it for a local "
+            "cluster), or run the driver with the workers' backend."
+        )
+
+
 def load_shipped_model(data: bytes) -> Any:
     """The model from :func:`ship_model`'s bytes, its custom objects registered first.
     Only for bytes made by our own driver: it unpickles and loads without safe mode."""
     if data[: len(_MAGIC)] != _MAGIC:
         return backend.model_from_bytes(data, safe_mode=False)
     payload = pickle.loads(memoryview(data)[len(_MAGIC) :])
+    check_backend(payload.get("backend"))
     install_objects(payload["objects"])
     model = backend.model_from_bytes(payload["keras"], safe_mode=False)
     backend.set_input_layout(model, payload.get("layout"))

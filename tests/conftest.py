@@ -62,7 +62,9 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 class ProcessCluster:
     """`dask scheduler` + `dask worker` as separate OS processes on 127.0.0.1."""
 
-    def __init__(self, logdir: Path, n_workers: int = 1, tls: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, logdir: Path, n_workers: int = 1, tls: dict[str, str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.protocol = "tls" if tls else "tcp"
         self.address = f"{self.protocol}://127.0.0.1:{self.port}"
@@ -72,7 +74,8 @@ class ProcessCluster:
             tls_args = ["--tls-ca-file", tls["ca"], "--tls-cert", tls["cert"], "--tls-key", tls["key"]]
         # the test modules' functions are pickled by reference: let the workers import them
         root = str(Path(__file__).resolve().parent.parent)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+               **(env or {})}
         self.procs: list[subprocess.Popen] = []
         sched_cmd = [
             DASK_BIN, "scheduler", "--host", "127.0.0.1", "--port", str(self.port),

@@ -125,7 +125,7 @@ def test_custom_objects_defined_in_main_as_in_a_notebook_train_on_workers(client
 
 
 # ------------------------------------------------------------------ the payload alone
-def test_without_custom_objects_the_keras_bytes_travel_as_they_are(monkeypatch):
+def test_without_custom_objects_the_keras_bytes_travel_with_the_backend_name(monkeypatch):
     import keras
 
     from daskml_scale import backend
@@ -134,7 +134,8 @@ def test_without_custom_objects_the_keras_bytes_travel_as_they_are(monkeypatch):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1, activation="relu")])
     model.compile("adam", "mse", metrics=["mae"])
     raw = backend.model_to_bytes(model)
-    assert ship_model(model, raw) == raw
+    plain = pickle.loads(ship_model(model, raw)[len(_MAGIC):])
+    assert plain["keras"] == raw and plain["objects"] == [] and plain["backend"] == backend.name()
     shipped = ship_model(keras_objects.build_model(3), backend.model_to_bytes(keras_objects.build_model(3)))
     names = {e["name"]: e for e in pickle.loads(shipped[len(_MAGIC):])["objects"]}
     assert {"daskml_test>pinball", "daskml_test>AbsError", "daskml_test>Affine", "leaky_tanh"} <= set(names)
@@ -263,3 +264,19 @@ def test_bundle_with_code_loads_and_serves_where_the_module_is_missing(hidden_fi
     assert "daskml-scale-code-" in result["module_file"]  # imported from the bundle's own copy
     np.testing.assert_allclose(result["predict_frame"], expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result["rest"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_worker_on_another_keras_backend_refuses_the_model_by_name():
+    import keras
+
+    from daskml_scale import backend
+    from daskml_scale.custom_objects import load_shipped_model
+    from daskml_scale.exceptions import TrainingError
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    payload = pickle.loads(ship_model(model, backend.model_to_bytes(model))[len(_MAGIC):])
+    other = "jax" if backend.name() != "jax" else "tensorflow"
+    forged = _MAGIC + pickle.dumps({**payload, "backend": other})
+    with pytest.raises(TrainingError, match=f"driver's Keras backend '{other}'.*KERAS_BACKEND={other}"):
+        load_shipped_model(forged)

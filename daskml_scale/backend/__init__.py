@@ -75,6 +75,10 @@ def current() -> Backend:
             from daskml_scale.backend.tensorflow import TensorFlowBackend
 
             impl = TensorFlowBackend()
+        elif key == "jax":
+            from daskml_scale.backend.jax import JaxBackend
+
+            impl = JaxBackend()
         else:
             impl = Backend()
             impl.name = key

@@ -1,0 +1,136 @@
+"""Keras backends: the compiled loops against Keras's own, bundles across backends,
+workers on another backend refused by name, and the GPU check script run on CPU.
+
+The whole module runs under whatever ``KERAS_BACKEND`` the session has; CI runs it
+under TensorFlow and under JAX (``make test``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import daskml_scale
+from daskml_scale import backend
+from daskml_scale.bundle import save_bundle
+from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamonds, diamonds_transform
+from daskml_scale.exceptions import ClusterError
+
+from .conftest import ProcessCluster
+
+ROOT = Path(__file__).resolve().parent.parent
+OTHER = "jax" if backend.name() != "jax" else "tensorflow"
+
+
+def _other_backend_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("jax" if OTHER == "jax" else "tensorflow") is not None
+
+
+needs_other = pytest.mark.skipif(not _other_backend_installed(), reason=f"the {OTHER} backend is not installed")
+
+
+@pytest.fixture(scope="module")
+def table():
+    return diamonds().iloc[:2000]
+
+
+@pytest.fixture(scope="module")
+def pre(table):
+    return daskml_scale.Preprocessor(
+        target="log_price", numeric=[*DIAMONDS_NUMERIC, "volume"], categorical=DIAMONDS_CATEGORICAL,
+        transform=diamonds_transform,
+    ).fit(table)
+
+
+def build(n: int):
+    import keras
+
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((n,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    model.compile(keras.optimizers.SGD(0.01), "mse", metrics=["mae"])
+    return model
+
+
+def test_the_compiled_train_loop_is_kerass_own_fit_step_for_step(table, pre):
+    X, y = pre.transform(table)
+    ours, keras_own = build(X.shape[1]), build(X.shape[1])
+    backend.ensure_built(ours, X, y)
+    steps = backend.make_train_fn(ours)(X[:1000], y[:1000], 64)  # 15 full batches and a partial one
+    keras_own.fit(X[:1000], y[:1000], batch_size=64, epochs=1, shuffle=False, verbose=0)
+    assert steps == 16
+    for a, b in zip(backend.get_weights(ours), keras_own.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    backend.reset_metrics(ours)
+    backend.make_eval_fn(ours)(X[1000:], y[1000:], 128)
+    got = backend.metric_results(ours, backend.metric_state(ours))
+    expected = keras_own.evaluate(X[1000:], y[1000:], batch_size=128, verbose=0, return_dict=True)
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+    forward = backend.compiled_forward(ours)
+    np.testing.assert_allclose(forward(X[:77]), keras_own.predict(X[:77], verbose=0), rtol=1e-4, atol=1e-5)
+
+
+@needs_other
+@pytest.mark.slow
+def test_a_bundle_saved_on_one_backend_predicts_the_same_on_the_other(tmp_path, table, pre):
+    X, y = pre.transform(table)
+    model = build(X.shape[1])
+    model.fit(X, y, epochs=2, batch_size=128, verbose=0)
+    url = str(tmp_path / "m.bundle")
+    save_bundle(model, pre, url)
+    rows = table.drop(columns=["price"]).iloc[:200]
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    here = daskml_scale.load_bundle(url).predict_frame(rows)["prediction"].to_numpy()
+    script = (
+        "import sys, pandas as pd, daskml_scale\n"
+        "from daskml_scale import backend\n"
+        "b = daskml_scale.load_bundle(sys.argv[1])\n"
+        "p = b.predict_frame(pd.read_csv(sys.argv[2]))\n"
+        "p['prediction'].to_csv(sys.argv[3], index=False)\n"
+        "print(backend.name())\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": OTHER, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", script, url, str(tmp_path / "rows.csv"), str(tmp_path / "out.csv")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == OTHER
+    import pandas as pd
+
+    there = pd.read_csv(tmp_path / "out.csv")["prediction"].to_numpy()
+    np.testing.assert_allclose(there, here, rtol=1e-4, atol=1e-4)
+
+
+@needs_other
+@pytest.mark.slow
+def test_connect_refuses_workers_on_another_backend(tmp_path):
+    cluster = ProcessCluster(tmp_path, n_workers=1, env={"KERAS_BACKEND": OTHER})
+    try:
+        cluster.wait_for_workers(1)
+        with pytest.raises(ClusterError, match=f"driver's Keras backend '{backend.name()}'.*runs '{OTHER}'"):
+            daskml_scale.connect(cluster.address)
+    finally:
+        cluster.close()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib").util.find_spec("jax") is None, reason="jax is not installed")
+def test_the_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu", "--rows", "40000", "--train-rows", "20000",
+         "--epochs", "1", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["backend"] == "jax" and result["mode"] == "cpu" and result["workers"] == 2
+    assert set(result["fit"]) == {"averaging", "allreduce"}
+    assert all(np.isfinite(f["val_loss"]) for f in result["fit"].values())
+    assert result["predict"]["rows"] == 40000 and result["predict"]["features_array_rows_s"] > 0
+    assert result["csv"]["failed"] == 0 and result["csv"]["files"] >= 2
