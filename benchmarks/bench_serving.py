@@ -1,5 +1,8 @@
 """Online serving under load: micro-batching on vs off (per-request prediction, the
-baseline), 1/16/64 concurrent clients, 1- and 100-row requests.
+baseline), 1/16/64 concurrent clients, 1- and 100-row requests; in the same run, single-row
+requests of every protocol (v2 JSON, v2 with the binary body tritonclient makes, TF Serving,
+MLflow) against ``/predict`` on the same server, and an overload run (many connections
+against a short queue: accepted and refused requests/s, p99 of the accepted).
 
 Two real server processes (``python -m daskml_scale.serving``) on 127.0.0.1, one
 micro-batched and one with ``--no-micro-batching``, and a load generator in ANOTHER
@@ -43,13 +46,18 @@ sys.path.insert(0, str(HERE.parent))
 
 
 # ----------------------------------------------------------------------------- load
-async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: float) -> dict:
-    """``requests`` POSTs of ``body`` from ``clients`` concurrent connections."""
+async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: float,
+                extra_headers: dict[str, str] | None = None, overload: bool = False) -> dict:
+    """``requests`` POSTs of ``body`` from ``clients`` concurrent connections.
+
+    ``overload``: a 503 is a refusal (counted in ``refused``), not an error.
+    """
     latencies: list[float] = []
     errors = 0
+    refused = 0
     issued = 0
     deadline = time.monotonic() + time_limit
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **(extra_headers or {})}
     try:
         import aiohttp
     except ImportError:  # pragma: no cover
@@ -75,7 +83,7 @@ async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: 
     first_error: list[str] = []
 
     async def worker() -> None:
-        nonlocal issued, errors
+        nonlocal issued, errors, refused
         while issued < requests and time.monotonic() < deadline:
             issued += 1
             t0 = time.perf_counter()
@@ -87,6 +95,8 @@ async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: 
                 detail = f"HTTP {status}"
             if status == 200:  # only answered requests count toward requests/s and latency
                 latencies.append(time.perf_counter() - t0)
+            elif overload and status == 503:
+                refused += 1
             else:
                 errors += 1
                 if not first_error:
@@ -102,7 +112,8 @@ async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: 
     n = len(latencies)
     return {
         "requests": n, "issued": issued, "errors": errors, "error": first_error[0] if first_error else None,
-        "truncated": issued < requests, "wall_s": wall, "req_s": n / wall,
+        "truncated": issued < requests, "wall_s": wall, "req_s": n / wall, "refused": refused,
+        "refused_s": refused / wall,
         "p50_ms": latencies[n // 2] * 1e3 if n else float("nan"),
         "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1e3 if n else float("nan"),
     }
@@ -110,9 +121,11 @@ async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: 
 
 def load_main(args: argparse.Namespace) -> None:
     body = Path(args.body).read_bytes()
+    headers = json.loads(args.headers) if args.headers else None
     # warm-up: connections, server caches; its failed requests count too
-    warm = asyncio.run(_load(args.url, body, args.clients, min(args.requests, 4 * args.clients), 30))
-    out = asyncio.run(_load(args.url, body, args.clients, args.requests, args.time_limit))
+    warm = asyncio.run(_load(args.url, body, args.clients, min(args.requests, 4 * args.clients), 30, headers,
+                             args.overload))
+    out = asyncio.run(_load(args.url, body, args.clients, args.requests, args.time_limit, headers, args.overload))
     out["warmup_errors"] = warm["errors"]
     out["errors"] += warm["errors"]
     out["error"] = out["error"] or warm["error"]
@@ -246,8 +259,8 @@ def make_bundle(directory: str) -> str:
     return save_bundle(model, pre, os.path.join(directory, "diamonds.bundle"))
 
 
-def start_server(bundle: str, port: int, extra: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)}
+def start_server(bundle: str, port: int, extra: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT), **(env_extra or {})}
     cmd = [sys.executable, "-m", "daskml_scale.serving", bundle, "--port", str(port), *extra]
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
@@ -279,14 +292,16 @@ def batch_stats(port: int) -> tuple[float, float]:
     return calls, rows
 
 
-def _load_run(port: int, body: str, clients: int, rows: int, requests: int, time_limit: float):
+def _load_run(port: int, body: str, clients: int, rows: int, requests: int, time_limit: float,
+              path: str = "/predict", headers: dict[str, str] | None = None, overload: bool = False):
     """A variant: one load-generator run against the server on ``port``."""
 
     def run() -> dict:
         calls0, rows0 = batch_stats(port)
         cmd = [
-            sys.executable, str(HERE), "--load", "--url", f"http://127.0.0.1:{port}/predict",
+            sys.executable, str(HERE), "--load", "--url", f"http://127.0.0.1:{port}{path}",
             "--body", body, "--clients", str(clients), "--requests", str(requests), "--time-limit", str(time_limit),
+            *(["--headers", json.dumps(headers)] if headers else []), *(["--overload"] if overload else []),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit + 120)
         if out.returncode != 0:
@@ -298,6 +313,106 @@ def _load_run(port: int, body: str, clients: int, rows: int, requests: int, time
         return res
 
     return run
+
+
+def protocol_bodies(tmp: str, rows_df, bundle_url: str) -> dict[str, tuple[str, str, dict[str, str] | None]]:
+    """One single-row request per dialect: name -> (path, body file, extra headers).
+
+    The v2 binary body is made by ``tritonclient`` itself (``generate_request_body``), as
+    ``InferenceServerClient.infer`` sends it.
+    """
+    import numpy as np
+
+    from daskml_scale.bundle import load_bundle
+
+    one = rows_df.iloc[:1]
+    spec_cols = [c for c in load_bundle(bundle_url).input_schema if c in one.columns]
+    one = one[spec_cols]
+    name = Path(bundle_url).name.removesuffix(".bundle")
+    out: dict[str, tuple[str, str, dict[str, str] | None]] = {}
+
+    def write(key: str, data: bytes) -> str:
+        p = Path(tmp) / f"proto-{key}.body"
+        p.write_bytes(data)
+        return str(p)
+
+    out["predict"] = ("/predict", write("predict", json.dumps(one.to_dict("records")).encode()), None)
+    cols = []
+    for c in one.columns:
+        v = one[c].tolist()
+        dt = "FP64" if isinstance(v[0], float) else ("INT64" if isinstance(v[0], int) else "BYTES")
+        cols.append({"name": c, "datatype": dt, "shape": [1, 1], "data": [str(x) for x in v] if dt == "BYTES" else v})
+    out["v2_json"] = (f"/v2/models/{name}/infer",
+                      write("v2_json", json.dumps({"parameters": {"content_type": "pd"}, "inputs": cols}).encode()), None)
+    try:
+        import tritonclient.http as triton
+    except ImportError:
+        print("tritonclient is not installed: no v2 binary requests")
+    else:
+        inputs = []
+        for c in one.columns:
+            v = one[c].to_numpy()
+            if v.dtype.kind == "f":
+                t, arr = triton.InferInput(c, [1, 1], "FP32"), v.astype(np.float32).reshape(1, 1)
+            elif v.dtype.kind in "iu":
+                t, arr = triton.InferInput(c, [1, 1], "INT64"), v.astype(np.int64).reshape(1, 1)
+            else:
+                t, arr = triton.InferInput(c, [1, 1], "BYTES"), np.array([str(x).encode() for x in v], dtype=object).reshape(1, 1)
+            t.set_data_from_numpy(arr)
+            inputs.append(t)
+        body, json_size = triton.InferenceServerClient.generate_request_body(inputs)
+        headers = {"content-type": "application/octet-stream"}
+        if json_size is not None:
+            headers["Inference-Header-Content-Length"] = str(json_size)
+        out["v2_tritonclient"] = (f"/v2/models/{name}/infer", write("v2_triton", body), headers)
+    out["tfserving"] = (f"/v1/models/{name}:predict", write("tf", json.dumps({"instances": one.to_dict("records")}).encode()), None)
+    split = {"columns": list(one.columns), "data": one.values.tolist()}
+    out["mlflow"] = ("/invocations", write("mlflow", json.dumps({"dataframe_split": split}).encode()), None)
+    return out
+
+
+def run_protocols(bench, args: argparse.Namespace, port: int, bodies: dict, server_flags: list[str]) -> None:
+    """Single-row requests of every dialect against the same (micro-batched) server."""
+    from _method import Ratio, Variant
+
+    labels = {"predict": "POST /predict, a JSON list of records", "v2_json": "v2 infer, JSON, content_type pd",
+              "v2_tritonclient": "v2 infer, the binary body tritonclient sends",
+              "tfserving": "TF Serving :predict, instances as objects", "mlflow": "MLflow /invocations, dataframe_split"}
+    for clients in sorted({min(args.clients), max(args.clients)}):
+        n = args.requests
+        variants = [
+            Variant(key, _load_run(port, body, clients, 1, n, args.time_limit, path, headers), labels[key],
+                    {"server": f"python -m daskml_scale.serving BUNDLE {' '.join(server_flags)}".strip(), "path": path,
+                     "clients": clients, "rows_per_request": 1, "requests_per_run": n})
+            for key, (path, body, headers) in bodies.items()
+        ]
+        ratios = [Ratio(k, "predict", f"{labels[k]} vs /predict, requests/s, {clients} clients", target=">= 0.9")
+                  for k in bodies if k != "predict"]
+        bench.compare(f"protocols_c{clients}", f"Protocols, {clients} concurrent clients, 1-row requests", variants,
+                      metric="req_s", unit="requests/s", better="higher", ratios=ratios, show=["p50_ms", "p99_ms"])
+
+
+def run_overload(bench, args: argparse.Namespace, bundle: str, body: str) -> None:
+    """Far past capacity: many connections against a short queue; accepted and refused requests/s, p99."""
+    from _method import Variant
+
+    port = free_port()
+    rows = args.overload_queue_rows
+    server = start_server(bundle, port, list(args.server_args), {"DASK_DASKML_SCALE__SERVE__MAX_QUEUE_ROWS": str(rows)})
+    try:
+        clients = args.overload_clients
+        n = args.requests * 2
+        bench.compare(
+            f"overload_c{clients}", f"Overload: {clients} connections, 1-row requests, serve.max-queue-rows={rows}",
+            [Variant("overload", _load_run(port, body, clients, 1, n, args.time_limit, overload=True),
+                     "every request gets 200 or 503 + Retry-After at once",
+                     {"server": "python -m daskml_scale.serving BUNDLE", "max_queue_rows": rows, "clients": clients,
+                      "requests_per_run": n})],
+            metric="req_s", unit="accepted requests/s", better="higher", show=["refused_s", "p50_ms", "p99_ms"],
+            notes=["p99 target for the accepted requests while overloaded: under 100 ms"],
+        )
+    finally:
+        _stop({"overload": server})
 
 
 def run_matrix(args: argparse.Namespace) -> int:
@@ -315,6 +430,8 @@ def run_matrix(args: argparse.Namespace) -> int:
         p.write_bytes(json.dumps(rows_df.iloc[:r].to_dict("records")).encode())
         bodies[r] = str(p)
     modes = {"per_request": ["--no-micro-batching"], "batched": []}
+    if args.protocols_only:
+        modes.pop("per_request")
     labels = {"per_request": "one model call per request (--no-micro-batching)",
               "batched": "micro-batching (the default)"}
     servers, ports = {}, {}
@@ -325,6 +442,12 @@ def run_matrix(args: argparse.Namespace) -> int:
         bench.note(f"{os.cpu_count()} cores shared by both servers (one idle while the other is measured) and the "
                    "load generator; the generator uses aiohttp (or httpx), one connection per client")
         top = max(args.clients)
+        if not args.no_protocols:
+            run_protocols(bench, args, ports["batched"], protocol_bodies(tmp, rows_df, bundle), args.server_args)
+        if not args.no_overload:
+            run_overload(bench, args, bundle, bodies[min(bodies)])
+        if args.protocols_only:
+            return _finish(bench, servers)
         for clients in args.clients:
             for r in args.rows:
                 n = args.requests if r == 1 else max(args.requests // 4, 50)
@@ -344,10 +467,21 @@ def run_matrix(args: argparse.Namespace) -> int:
                     show=["req_s", "p50_ms", "p99_ms", "mean_batch_rows"],
                 )
     finally:
-        for server in servers.values():
+        _stop(servers)
+    bench.write()
+    return bench.exit_code()
+
+
+def _stop(servers: dict) -> None:
+    for server in servers.values():
+        if server.poll() is None:
             server.terminate()
-        for server in servers.values():
-            server.wait(timeout=30)
+    for server in servers.values():
+        server.wait(timeout=30)
+
+
+def _finish(bench, servers: dict) -> int:
+    _stop(servers)
     bench.write()
     return bench.exit_code()
 
@@ -365,6 +499,15 @@ def main() -> int:
     p.add_argument("--time-limit", type=float, default=60.0)
     p.add_argument("--bundle", default=None, help="serve this bundle instead of training a small one")
     p.add_argument("--frameworks", action="store_true", help="only compare Starlette and FastAPI overhead")
+    p.add_argument("--headers", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-protocols", action="store_true", help="skip the v2 / TF Serving / MLflow comparison")
+    p.add_argument("--protocols-only", action="store_true",
+                   help="only the v2 / TF Serving / MLflow comparison and the overload run")
+    p.add_argument("--overload", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-overload", action="store_true", help="skip the overload run")
+    p.add_argument("--overload-clients", type=int, default=256, help="connections of the overload run (default 256)")
+    p.add_argument("--overload-queue-rows", type=int, default=64,
+                   help="the overload server's serve.max-queue-rows (default 64)")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="extra server flags, last")
     add_arguments(p)
     args = p.parse_args()

@@ -413,7 +413,11 @@ def test_jobs_run_predict_files_on_the_cluster(client, bundle, table, tmp_path):
     scheduler = client.scheduler.address
 
     async def go():
-        async with served(create_app(bundle, scheduler=scheduler)) as c:
+        # jobs are on with a token and URL prefixes only (test_serving_auth.py)
+        app = create_app(bundle, scheduler=scheduler, token="job-token", jobs_allow_read=[str(tmp_path)],
+                         jobs_allow_write=[str(tmp_path)])
+        async with served(app) as c:
+            c.headers["authorization"] = "Bearer job-token"
             r = await c.post("/jobs", json={"input": str(tmp_path / "in"), "output": str(tmp_path / "out"), "keep": ["id"]})
             assert r.status_code == 202, r.text
             assert r.headers["location"] == f"/jobs/{r.json()['id']}"
@@ -442,11 +446,20 @@ def test_import_daskml_scale_does_not_import_starlette():
 
 
 # -------------------------------------------------------------------- a real process
+SERVER_TOKEN = "real-server-token"
+AUTH = {"authorization": f"Bearer {SERVER_TOKEN}"}
+
+
 @pytest.fixture(scope="module")
 def server(bundle_url, client):
     """``python -m daskml_scale.serving`` on a free loopback port, pointed at the cluster."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    import tempfile
+
+    tmp = tempfile.gettempdir()  # the jobs' URLs: pytest's tmp_path is under it
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DASKML_SCALE_SERVE_TOKEN": SERVER_TOKEN,
+           "DASK_DASKML_SCALE__SERVE__JOBS__ALLOW_READ": repr([tmp]),
+           "DASK_DASKML_SCALE__SERVE__JOBS__ALLOW_WRITE": repr([tmp])}
     cmd = [
         sys.executable, "-m", "daskml_scale.serving", bundle_url, "--host", "127.0.0.1", "--port", str(port),
         "--scheduler", client.scheduler.address, "--id-column", "id", "--max-body-bytes", "100000",
@@ -480,7 +493,7 @@ def server(bundle_url, client):
 def test_real_server_predicts_rejects_and_keeps_serving(server, bundle, table):
     rows = _rows(table, 500, 20)
     expected = bundle.predict_frame(pd.DataFrame(rows))["prediction"].to_numpy()
-    with httpx.Client(base_url=server, timeout=60) as c:
+    with httpx.Client(base_url=server, timeout=60, headers=AUTH) as c:
         h = c.get("/health").json()
         assert h["ready"] is True and h["content_hash"] == bundle.content_hash
         r = c.post("/predict", json=rows)
@@ -506,7 +519,7 @@ def test_real_server_coalesces_concurrent_clients(server, table):
     rows = _rows(table, 0, 48)
 
     async def go():
-        async with httpx.AsyncClient(base_url=server, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=server, timeout=60, headers=AUTH) as c:
             m0 = (await c.get("/metrics")).text
             answers = await asyncio.gather(*[c.post("/predict", json=[r]) for r in rows])
             m1 = (await c.get("/metrics")).text
@@ -523,7 +536,7 @@ def test_real_server_runs_a_job_on_the_cluster(server, table, tmp_path):
     from daskml_scale.datasets import write_csv_shards
 
     write_csv_shards(table.iloc[:200], str(tmp_path / "in"), 2)
-    with httpx.Client(base_url=server, timeout=60) as c:
+    with httpx.Client(base_url=server, timeout=60, headers=AUTH) as c:
         r = c.post("/jobs", json={"input": str(tmp_path / "in" / "*.csv"), "output": str(tmp_path / "out"), "format": "parquet"})
         assert r.status_code == 202, r.text
         deadline = time.monotonic() + 180

@@ -9,7 +9,12 @@
 * ``GET /health``    liveness and readiness (200 once the model is loaded, 503 before);
 * ``GET /info``      versions, input schema, features, outputs, training summary;
 * ``POST /jobs``, ``GET /jobs/{id}``  ``predict_files`` on the Dask cluster, in the background;
-* ``GET /openapi.json``, ``GET /metrics`` (Prometheus text format).
+* ``GET /openapi.json``, ``GET /metrics`` (Prometheus text format);
+* the standard protocols (:mod:`daskml_scale.serving.protocols`): the Open Inference
+  Protocol v2 (``/v2/...``), TensorFlow Serving's REST API (``/v1/models/...``) and
+  MLflow's scoring server (``/ping``, ``/version``, ``/invocations``);
+* several models by name, and new versions swapped in without losing a request
+  (:mod:`daskml_scale.serving.models`).
 
 Concurrent requests are coalesced into one model call (``serve.max-batch-rows``,
 ``serve.max-wait-ms`` in :mod:`daskml_scale.config`), which runs in one thread off
@@ -19,7 +24,7 @@ the event loop. This module imports Starlette only when an app is built, so
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from daskml_scale.serving.options import ServeOptions
 
@@ -34,7 +39,7 @@ __all__ = ["create_app", "serve", "ServeOptions"]
 
 
 def create_app(
-    bundle_or_url: "Bundle | str",
+    bundle_or_url: "Bundle | str | Mapping[str, Bundle | str]",
     *,
     client: "Client | None" = None,
     scheduler: str | None = None,
@@ -43,21 +48,31 @@ def create_app(
     max_wait_ms: float | None = None,
     micro_batching: bool = True,
     max_body_bytes: int | None = None,
+    max_queue_rows: int | None = None,
     id_column: str | None = None,
     transform: "Callable[[pd.DataFrame], pd.DataFrame] | None" = None,
     safe_mode: bool = True,
     warmup: bool = True,
     freeze_gc: bool = False,
     on_dropped: str | None = None,
+    model_name: str | None = None,
+    token: str | None = None,
+    token_file: str | None = None,
+    jobs_allow_read: "Sequence[str] | None" = None,
+    jobs_allow_write: "Sequence[str] | None" = None,
 ) -> "Starlette":
     """An ASGI application serving a bundle.
 
     Parameters
     ----------
-    bundle_or_url : Bundle or str
+    bundle_or_url : Bundle, str or mapping
         A loaded :class:`~daskml_scale.bundle.Bundle`, or the URL of a bundle file
         (loaded in the background when the app starts; ``/health`` answers 503
-        ``"loading"`` until it is ready).
+        ``"loading"`` until it is ready). Several models: a mapping
+        ``{name: bundle or URL}``, or the URL of a folder of ``*.bundle`` files (each
+        served under its file's name); every protocol routes by name
+        (``/models/NAME/predict``, ``/v2/models/NAME/infer``, ``/v1/models/NAME:predict``)
+        and the first is also served at ``/predict`` (see :mod:`daskml_scale.serving.models`).
     client : distributed.Client, optional
         The Dask cluster that runs ``POST /jobs``.
     scheduler : str, optional
@@ -71,6 +86,9 @@ def create_app(
         ``False``: one model call per request (the baseline).
     max_body_bytes : int, optional
         Larger bodies are refused with 413; default ``serve.max-body-bytes``.
+    max_queue_rows : int, optional
+        Most rows waiting for the model; beyond, requests get 503 with ``Retry-After``
+        at once instead of waiting; default ``serve.max-queue-rows`` (0: unbounded).
     id_column : str, optional
         A field copied from each input row to its prediction (``?id=`` overrides it);
         default ``serve.id-column`` (none).
@@ -92,6 +110,17 @@ def create_app(
         ``"dropped": true`` and ``"reason"`` (CSV: empty cells and a ``dropped``
         column); ``"omit"`` leaves them out of the answer (match rows with ``?id=``);
         ``"error"`` refuses the request with 422. Also the default of ``POST /jobs``.
+    model_name : str, optional
+        The name of the model on the protocol endpoints (``/v2/models/NAME/infer``,
+        ``/v1/models/NAME:predict``); default: the bundle file's name without
+        ``.bundle`` (``model`` for a loaded bundle).
+    token, token_file : str, optional
+        The bearer token (or a file holding it) every request but the health checks must
+        carry; default ``$DASKML_SCALE_SERVE_TOKEN``, else ``serve.token-file``, else none
+        (an open server; ``POST /jobs`` off). See :mod:`daskml_scale.serving.auth`.
+    jobs_allow_read, jobs_allow_write : sequence of str, optional
+        URL prefixes ``POST /jobs`` may read from and write to (``serve.jobs.allow-read``,
+        ``serve.jobs.allow-write``); jobs are off unless both are set and a token is.
 
     Returns
     -------
@@ -108,14 +137,16 @@ def create_app(
     options = ServeOptions.from_config(
         scheduler=scheduler, storage_options=storage_options, max_batch_rows=max_batch_rows,
         max_wait_ms=max_wait_ms, micro_batching=micro_batching, max_body_bytes=max_body_bytes,
+        max_queue_rows=max_queue_rows,
         id_column=id_column, transform=transform, safe_mode=safe_mode, warmup=warmup, freeze_gc=freeze_gc,
-        on_dropped=on_dropped,
+        on_dropped=on_dropped, model_name=model_name, token=token, token_file=token_file,
+        jobs_allow_read=jobs_allow_read, jobs_allow_write=jobs_allow_write,
     )
     return app.create_app(bundle_or_url, options, client=client)
 
 
 def serve(
-    bundle_url: "str | Bundle",
+    bundle_url: "str | Bundle | Mapping[str, Bundle | str]",
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
@@ -125,6 +156,7 @@ def serve(
     max_wait_ms: float | None = None,
     micro_batching: bool = True,
     max_body_bytes: int | None = None,
+    max_queue_rows: int | None = None,
     id_column: str | None = None,
     transform: "Callable[[pd.DataFrame], pd.DataFrame] | None" = None,
     safe_mode: bool = True,
@@ -133,13 +165,20 @@ def serve(
     access_log: bool = False,
     freeze_gc: bool = True,
     on_dropped: str | None = None,
+    model_name: str | None = None,
+    token: str | None = None,
+    token_file: str | None = None,
+    jobs_allow_read: "Sequence[str] | None" = None,
+    jobs_allow_write: "Sequence[str] | None" = None,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
 ) -> None:
     """Serve a bundle over HTTP with uvicorn; blocks until the server stops.
 
     Parameters
     ----------
-    bundle_url : str or Bundle
-        The bundle file's URL (or a loaded bundle).
+    bundle_url : str, Bundle or mapping
+        The bundle file's URL (or a loaded bundle); several models as in :func:`create_app`.
     host, port : str, int
         Where to listen (loopback by default).
     scheduler : str, optional
@@ -150,6 +189,8 @@ def serve(
         uvicorn's logging; the access log costs throughput and is off by default.
     freeze_gc : bool
         See :func:`create_app`; on by default here.
+    ssl_certfile, ssl_keyfile : str, optional
+        A PEM certificate (chain) and its private key: serve HTTPS (passed to uvicorn).
     **others :
         As in :func:`create_app`.
 
@@ -170,14 +211,25 @@ def serve(
     options = ServeOptions.from_config(
         scheduler=scheduler, storage_options=storage_options, max_batch_rows=max_batch_rows,
         max_wait_ms=max_wait_ms, micro_batching=micro_batching, max_body_bytes=max_body_bytes,
+        max_queue_rows=max_queue_rows,
         id_column=id_column, transform=transform, safe_mode=safe_mode, freeze_gc=freeze_gc, on_dropped=on_dropped,
+        model_name=model_name, token=token, token_file=token_file, jobs_allow_read=jobs_allow_read,
+        jobs_allow_write=jobs_allow_write,
     )
     if tf_threads is not None:
         _set_tf_threads(int(tf_threads))
     from daskml_scale.serving import app
 
     application = app.create_app(bundle_url, options)
-    uvicorn.run(application, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on")
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        from daskml_scale.exceptions import ArgumentError
+
+        raise ArgumentError(f"HTTPS needs both ssl_certfile and ssl_keyfile. Received: ssl_certfile={ssl_certfile!r}, "
+                            f"ssl_keyfile={ssl_keyfile!r}")
+    uvicorn.run(
+        application, host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on",
+        ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+    )
 
 
 def _set_tf_threads(n: int) -> None:

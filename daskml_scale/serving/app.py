@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from urllib.parse import parse_qs
-from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,19 +21,25 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from daskml_scale._version import __version__
 from daskml_scale.dropped_rows import apply_on_dropped
 from daskml_scale.exceptions import DataError
+from daskml_scale.serving.auth import AuthMiddleware
 from daskml_scale.serving.batcher import Block, MicroBatcher
-from daskml_scale.serving.errors import RequestError, ServiceUnavailableError, ServingError
+from daskml_scale.serving.errors import RequestError, ServingError
+from daskml_scale.serving.http import receive_body as _receive_body
+from daskml_scale.serving.http import require_ready as _require_ready
 from daskml_scale.serving.inputs import DROPPED_COLUMN, InputSpec, dumps, loads, output_csv, output_records
 from daskml_scale.serving.jobs import JobManager
 from daskml_scale.serving.metrics import CONTENT_TYPE, Registry
+from daskml_scale.serving.models import ModelSet, Named, list_models, sources_of
 from daskml_scale.serving.openapi import openapi_document
 from daskml_scale.serving.options import ServeOptions
+from daskml_scale.serving.protocols import routes as protocol_routes
+from daskml_scale.serving.protocols.common import FeatureModel
 
 if TYPE_CHECKING:  # pragma: no cover
     from distributed import Client
@@ -70,15 +76,20 @@ class ServingState:
         The app's settings.
     client : distributed.Client, optional
         The cluster for ``POST /jobs``.
+    metrics : Registry, optional
+        The model's metrics (a new version of a model keeps those of the old one).
     """
 
-    def __init__(self, bundle_or_url: "Bundle | str", options: ServeOptions, *, client: "Client | None" = None) -> None:
+    def __init__(
+        self, bundle_or_url: "Bundle | str", options: ServeOptions, *, client: "Client | None" = None,
+        metrics: Registry | None = None,
+    ) -> None:
         self.url = bundle_or_url if isinstance(bundle_or_url, str) else None
         self.bundle: "Bundle | None" = None if isinstance(bundle_or_url, str) else bundle_or_url
         self.options = options
         self.max_body_bytes = options.max_body_bytes
         self.id_column = options.id_column
-        self.metrics = Registry()
+        self.metrics = metrics or Registry()
         self.spec: InputSpec | None = None
         self.preprocessor: Any = None
         self.load_error: str | None = None
@@ -86,10 +97,14 @@ class ServingState:
         self.batcher = MicroBatcher(
             self._predict, self._build_frame, max_batch_rows=options.max_batch_rows,
             max_wait_ms=options.max_wait_ms, enabled=options.micro_batching, metrics=self.metrics,
+            max_queue_rows=options.max_queue_rows,
         )
+        #: the model alone, for rows already transformed (the protocols' feature tensors)
+        self.features = FeatureModel(self)
         self.jobs = JobManager(
             client=client, scheduler=options.scheduler, storage_options=options.storage_options, metrics=self.metrics,
-            on_dropped=options.on_dropped,
+            on_dropped=options.on_dropped, allow_read=options.jobs_allow_read, allow_write=options.jobs_allow_write,
+            locked=options.token is not None,
         )
 
     # -- loading (in the model thread) ------------------------------------------------
@@ -106,7 +121,10 @@ class ServingState:
                 )
             b = self.bundle
             pre = b.preprocessor
-            self.spec = InputSpec(b.input_schema, [*pre.numeric, *pre.categorical], target=pre.target)
+            from daskml_scale.groups.bundle import GroupBundle  # one model per group: its key is required too
+
+            groups = list(b.by) if isinstance(b, GroupBundle) else []
+            self.spec = InputSpec(b.input_schema, [*pre.numeric, *pre.categorical, *groups], target=pre.target)
             self.preprocessor = pre
             b.model  # noqa: B018  (load the model now, not on the first request)
             if o.warmup:
@@ -200,14 +218,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _state(request: Request) -> ServingState:
-    return request.app.state.serving
-
-
-def _require_ready(state: ServingState) -> None:
-    if not state.ready.is_set():
-        if state.load_error:
-            raise ServiceUnavailableError(f"The model failed to load: {state.load_error}")
-        raise ServiceUnavailableError("The model is still loading; retry when GET /health says ready")
+    """The model a request names (``/models/{name}/...``), else the default model."""
+    return request.app.state.models.resolve(request.scope).state
 
 
 class PredictEndpoint:
@@ -219,15 +231,18 @@ class PredictEndpoint:
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        state: ServingState = scope["app"].state.serving
         try:
+            state: ServingState = scope["app"].state.models.resolve(scope).state
             status, ctype, body = await self._handle(state, scope, receive)
         except ServingError as err:
             status, ctype, body = err.status, b"application/json", dumps(err.to_dict())
+            extra = err.headers()  # Retry-After on 503 overloaded
+        else:
+            extra = []
         await send({
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode())],
+            "headers": [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *extra],
         })
         await send({"type": "http.response.body", "body": body})
 
@@ -250,6 +265,7 @@ class PredictEndpoint:
                 415, f"Unsupported Content-Type {ctype!r}: send application/json (a list of records) or text/csv"
             )
         batcher = state.batcher
+        batcher.check_room()  # a full queue: 503 at once, before reading the body
         with batcher.arrival():
             body = await _receive_body(receive, length, state.max_body_bytes)
             if is_csv:
@@ -257,35 +273,11 @@ class PredictEndpoint:
                 n = len(rows)
             else:
                 rows, n, ids = spec.parse_json(body, id_column)
-        cols = await batcher.submit(rows, n)
+        cols = await batcher.submit(rows, n, receive)
         omit = state.options.on_dropped == "omit"
         if is_csv:
             return 200, b"text/csv; charset=utf-8", output_csv(cols, ids, id_column, omit_dropped=omit)
         return 200, b"application/json", dumps(output_records(cols, ids, id_column, omit_dropped=omit))
-
-
-async def _receive_body(receive: Receive, length: bytes | str | None, limit: int) -> bytes:
-    """Read an ASGI body, refusing one over ``limit`` bytes by its header or while reading."""
-    if length is not None:
-        try:
-            n = int(length)
-        except ValueError:
-            raise RequestError(400, f"Malformed Content-Length header: {length!r}") from None
-        if n > limit:
-            raise RequestError(413, f"The body is {n} bytes; the limit is {limit} bytes (serve.max-body-bytes)")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise RequestError(400, "The client disconnected before sending the whole body")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"The body is over the limit of {limit} bytes (serve.max-body-bytes)")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
 async def health(request: Request) -> Response:
@@ -320,7 +312,8 @@ async def info(request: Request) -> Response:
         "id_column": state.id_column,
         "on_dropped": state.options.on_dropped,
         "required_fields": state.spec.required if state.spec else None,
-        "jobs": state.jobs.configured,
+        "jobs": state.jobs.enabled,
+        "token": state.options.token is not None,
     }
     return _Json(body)
 
@@ -370,9 +363,9 @@ async def openapi(request: Request) -> Response:
 class MetricsMiddleware:
     """Count requests and errors and time them (plain ASGI: no per-request task)."""
 
-    def __init__(self, app: ASGIApp, registry: Registry) -> None:
+    def __init__(self, app: ASGIApp, registry_for: Callable[[Scope], Registry]) -> None:
         self.app = app
-        self.registry = registry
+        self.registry_for = registry_for  # the metrics of the model a request was for
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -391,16 +384,26 @@ class MetricsMiddleware:
             await self.app(scope, receive, send_wrapper)
         finally:
             path = scope.get("path", "")
-            endpoint = "/jobs/{id}" if path.startswith("/jobs/") else (path if path in _ENDPOINTS else "other")
-            r = self.registry
+            endpoint = "/jobs/{id}" if path.startswith("/jobs/") else (path if path in _ENDPOINTS else _route(scope))
+            r = self.registry_for(scope)
             r.requests.inc(1, endpoint, scope.get("method", ""), str(status))
             if status >= 400:
                 r.errors.inc(1, endpoint, str(status))
             r.latency.observe(time.perf_counter() - t0)
 
 
+def _route(scope: Scope) -> str:
+    """The path template of the route that answered (``/v2/models/{name}/infer``), or ``other``."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    prefixes = ("/v1/", "/v2", "/ping", "/version", "/invocations", "/models")
+    return path if isinstance(path, str) and path.startswith(prefixes) else "other"
+
+
 # ----------------------------------------------------------------------------- factory
-def create_app(bundle_or_url: "Bundle | str", options: ServeOptions, *, client: "Client | None" = None) -> Starlette:
+def create_app(
+    bundle_or_url: "Bundle | str | Mapping[str, Bundle | str]", options: ServeOptions, *, client: "Client | None" = None,
+) -> Starlette:
     """The application serving a bundle with these options.
 
     The public entry, with the options as keyword arguments and their defaults from
@@ -408,8 +411,10 @@ def create_app(bundle_or_url: "Bundle | str", options: ServeOptions, *, client: 
 
     Parameters
     ----------
-    bundle_or_url : Bundle or str
-        The bundle, or its URL (loaded in the background when the app starts).
+    bundle_or_url : Bundle, str or mapping
+        The bundle, or its URL (loaded in the background when the app starts); a
+        mapping ``{name: bundle or URL}``, or the URL of a folder of ``*.bundle`` files,
+        for several models (:mod:`daskml_scale.serving.models`; the first is the default).
     options : ServeOptions
         The app's settings.
     client : distributed.Client, optional
@@ -419,23 +424,34 @@ def create_app(bundle_or_url: "Bundle | str", options: ServeOptions, *, client: 
     -------
     starlette.applications.Starlette
     """
-    state = ServingState(bundle_or_url, options, client=client)
+    models = ModelSet(
+        sources_of(bundle_or_url, options.model_name, options.storage_options), options,
+        lambda src, opts, metrics: ServingState(src, opts, client=client, metrics=metrics),
+    )
+    state = models.served[models.default].state
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        state.batcher.start()
-        # load in the model thread, in the background: /health answers "loading" meanwhile
-        loading = asyncio.get_running_loop().create_task(state.batcher.run_in_model_thread(state.load))
+        # each model loads in its own model thread, in the background: /health answers "loading" meanwhile
+        await models.start()
+        hup = models.install_sighup()
         try:
             yield
         finally:
-            if not loading.done():
-                loading.cancel()
-            await state.batcher.stop()
-            state.jobs.close()
+            models.remove_sighup(hup)
+            await models.stop()
 
+    per_model = [
+        Route("/models", list_models, methods=["GET"]),
+        Route("/models/{name}/predict", Named(PredictEndpoint()), methods=["POST"]),
+        *[Route(f"/models/{{name}}/{p}", Named(request_response(f)), methods=["GET"])
+          for p, f in (("health", health), ("info", info), ("metrics", metrics))],
+    ]
     app = Starlette(
-        middleware=[Middleware(MetricsMiddleware, registry=state.metrics)],
+        middleware=[
+            Middleware(MetricsMiddleware, registry_for=models.registry_for),
+            *([Middleware(AuthMiddleware, token=options.token)] if options.token else []),
+        ],
         routes=[
             Route("/predict", PredictEndpoint(), methods=["POST"]),
             Route("/health", health, methods=["GET"]),
@@ -445,8 +461,12 @@ def create_app(bundle_or_url: "Bundle | str", options: ServeOptions, *, client: 
             Route("/jobs", submit_job, methods=["POST"]),
             Route("/jobs", list_jobs, methods=["GET"]),
             Route("/jobs/{job_id}", get_job, methods=["GET"]),
+            *per_model,
+            *protocol_routes(),
         ],
         lifespan=lifespan,
     )
+    app.state.models = models
+    models.on_default = lambda new: setattr(app.state, "serving", new)
     app.state.serving = state
     return app

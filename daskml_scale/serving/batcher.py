@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from daskml_scale.exceptions import ArgumentError
+from daskml_scale.serving.errors import ClientGoneError, OverloadedError
 from daskml_scale.serving.metrics import Registry
 
 __all__ = ["Block", "Columns", "MicroBatcher"]
@@ -62,6 +63,13 @@ class MicroBatcher:
         ``False`` runs every request as its own model call (same thread, no
         coalescing): the per-request baseline.
     metrics : Registry, optional
+    max_queue_rows : int, optional
+        Most rows waiting for the model (queued or in a model call); a request that would
+        go past it gets :class:`OverloadedError` (503, ``Retry-After``) at once. ``None``
+        or 0: unbounded. A request larger than the bound still runs when the queue is empty.
+    executor : ThreadPoolExecutor, optional
+        The model thread to run in, shared with another batcher (one model call at a
+        time in the process); by default a thread of its own, released by ``stop``.
     """
 
     def __init__(
@@ -73,6 +81,8 @@ class MicroBatcher:
         max_wait_ms: float = 2.0,
         enabled: bool = True,
         metrics: Registry | None = None,
+        executor: ThreadPoolExecutor | None = None,
+        max_queue_rows: int | None = None,
     ) -> None:
         if max_batch_rows < 1:
             raise ArgumentError(f"Expected max_batch_rows >= 1. Received: max_batch_rows={max_batch_rows}")
@@ -84,12 +94,17 @@ class MicroBatcher:
         self.max_wait = float(max_wait_ms) / 1000.0
         self.enabled = enabled
         self.metrics = metrics or Registry()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daskml-serve-model")
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="daskml-serve-model")
         self._queue: asyncio.Queue[Block] | None = None
         self._task: asyncio.Task | None = None
         self._carry: Block | None = None
         #: requests whose handler has started but not yet submitted (see ``arrival``)
         self.arriving = 0
+        #: requests submitted and not yet answered, and their rows
+        self.pending = 0
+        self.queued_rows = 0
+        self.max_queue_rows = int(max_queue_rows or 0)
         self._waiter: asyncio.Future | None = None
 
     # -- lifecycle ----------------------------------------------------------------
@@ -108,7 +123,13 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The model thread (one worker), to share with another batcher."""
+        return self._executor
 
     async def run_in_model_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` in the model thread (used for loading and warm-up)."""
@@ -123,18 +144,54 @@ class MicroBatcher:
         """
         return _Arrival(self)
 
-    async def submit(self, rows: Any, n: int) -> Columns:
-        """Predict the rows of one request; returns output column -> list of values."""
+    @property
+    def idle(self) -> bool:
+        """No request on its way in (reading a body) and none waiting for its answer."""
+        return self.arriving == 0 and self.pending == 0
+
+    def check_room(self, n: int = 0) -> None:
+        """Raise :class:`OverloadedError` when ``n`` more rows would go past ``max_queue_rows``
+        (``n=0``: when the queue is full already; a cheap check before reading a body)."""
+        limit = self.max_queue_rows
+        if limit and self.queued_rows and self.queued_rows + max(n, 1) > limit:
+            self.metrics.overloaded.inc(1)
+            raise OverloadedError(
+                f"The server is overloaded: {self.queued_rows} rows are waiting for the model (serve.max-queue-rows "
+                f"{limit}); retry later", retry_after=1.0,
+            )
+
+    async def submit(self, rows: Any, n: int, receive: Any = None) -> Columns:
+        """Predict the rows of one request; returns output column -> list of values.
+
+        With the request's ASGI ``receive``, a request that will wait for at least one
+        model call (the queue holds ``max_batch_rows`` rows already) watches its client
+        meanwhile: when it goes, the request is dropped before the model call.
+
+        Raises
+        ------
+        OverloadedError
+            The queue has no room for these rows (``max_queue_rows``).
+        ClientGoneError
+            The client disconnected while the request waited.
+        """
+        self.check_room(n)
         loop = asyncio.get_running_loop()
         block = Block(rows, n)
-        if not self.enabled or self._task is None:
-            (result,) = await loop.run_in_executor(self._executor, self._call, [block])
-        else:
-            block.future = loop.create_future()
-            self._queue.put_nowait(block)  # type: ignore[union-attr]
-            if self.arriving == 0 and self._waiter is not None:
-                _wake(self._waiter)
-            result = await block.future
+        self.pending += 1
+        self.queued_rows += n
+        try:
+            if not self.enabled or self._task is None:
+                (result,) = await loop.run_in_executor(self._executor, self._call, [block])
+            else:
+                block.future = loop.create_future()
+                watch = receive is not None and self.queued_rows - n >= self.max_batch_rows
+                self._queue.put_nowait(block)  # type: ignore[union-attr]
+                if self.arriving == 0 and self._waiter is not None:
+                    _wake(self._waiter)
+                result = await (_unless_gone(block.future, receive) if watch else block.future)
+        finally:
+            self.pending -= 1
+            self.queued_rows -= n
         if isinstance(result, BaseException):
             raise result
         return result
@@ -181,6 +238,12 @@ class MicroBatcher:
                     rows = self._drain(batch, rows)
             if inflight is not None and not inflight.done():
                 await asyncio.wait([inflight])  # wait-bounded: the model call in this process, not the cluster
+            live = [b for b in batch if b.future is None or not b.future.done()]  # clients gone: dropped here
+            if len(live) < len(batch):
+                self.metrics.client_gone.inc(len(batch) - len(live))
+                if not live:
+                    continue
+                batch = live
             inflight = loop.run_in_executor(self._executor, self._call, batch)
             inflight.add_done_callback(lambda f, b=batch: _deliver(f, b))
 
@@ -217,6 +280,24 @@ class MicroBatcher:
             results.append({c: v[start : start + b.n] for c, v in cols.items()})
             start += b.n
         return results
+
+
+async def _unless_gone(future: asyncio.Future, receive: Any) -> Any:
+    """The future's result, unless the client disconnects first: then the future is
+    cancelled (the collector drops its block) and :class:`ClientGoneError` raised."""
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(gone())
+    try:
+        await asyncio.wait([future, watcher], return_when=asyncio.FIRST_COMPLETED)  # wait-bounded: the model call
+    finally:
+        watcher.cancel()
+    if not future.done():
+        future.cancel()
+        raise ClientGoneError("The client disconnected while its request waited; it was dropped before the model call")
+    return future.result()  # wait-bounded: the future is done here
 
 
 def _wake(waiter: asyncio.Future) -> None:

@@ -13,7 +13,8 @@ from typing import Any
 
 from daskml_scale.exceptions import DaskmlScaleError, DataError
 
-__all__ = ["ServingError", "RequestError", "NotFoundError", "ServiceUnavailableError"]
+__all__ = ["ServingError", "RequestError", "NotFoundError", "ServiceUnavailableError", "OverloadedError",
+           "ClientGoneError"]
 
 
 class ServingError(DaskmlScaleError):
@@ -38,6 +39,10 @@ class ServingError(DaskmlScaleError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep the attributes across a process boundary
         return (_rebuild, (type(self), str(self), self.status, self.field, self.line))
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """HTTP headers the answer carries besides the content type (none here)."""
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON body of the answer."""
@@ -85,6 +90,24 @@ class ServiceUnavailableError(ServingError, RuntimeError):
     to load; ``POST /jobs`` on a server without a Dask cluster)."""
 
     status = 503
+
+
+class OverloadedError(ServiceUnavailableError):
+    """503 at once, with ``Retry-After``: the request queue holds ``serve.max-queue-rows``
+    rows already, so this request would wait too long (nothing of it was run)."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(max(1, round(self.retry_after))).encode())]
+
+
+class ClientGoneError(ServingError, ConnectionError):
+    """The client disconnected while its request waited (nginx's 499: nobody reads the answer)."""
+
+    status = 499
 
 
 def _rebuild(cls: type[ServingError], message: str, status: int, field: str | None, line: int | None) -> ServingError:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from daskml_scale._utils.jsonable import jsonable
 from daskml_scale.dropped_rows import ON_DROPPED
 from daskml_scale.io.writers import FORMATS as _FORMATS
+from daskml_scale.serving.auth import ForbiddenError, check_url
 from daskml_scale.serving.errors import NotFoundError, RequestError, ServiceUnavailableError
 from daskml_scale.serving.metrics import Registry
 
@@ -47,6 +48,11 @@ class JobManager:
         How many finished jobs to remember.
     on_dropped : str, optional
         The jobs' ``on_dropped`` when a request does not say (``predict_files``' default).
+    allow_read, allow_write : sequence of str
+        The URL prefixes jobs may read from and write to; jobs are off unless both are
+        given and ``locked``.
+    locked : bool
+        The server asks every request for a bearer token (jobs are off otherwise).
     """
 
     def __init__(
@@ -58,8 +64,12 @@ class JobManager:
         max_jobs: int = 1000,
         metrics: Registry | None = None,
         on_dropped: str | None = None,
+        allow_read: tuple[str, ...] = (),
+        allow_write: tuple[str, ...] = (),
+        locked: bool = False,
     ) -> None:
         self._client = client
+        self.allow_read, self.allow_write, self.locked = tuple(allow_read), tuple(allow_write), locked
         self.on_dropped = on_dropped
         self._own_client: "Client | None" = None
         self.scheduler = scheduler
@@ -72,7 +82,23 @@ class JobManager:
 
     @property
     def configured(self) -> bool:
+        """A cluster to run jobs on is known."""
         return self._client is not None or self.scheduler is not None
+
+    @property
+    def enabled(self) -> bool:
+        """Jobs are on: a cluster, a token, and URL prefixes to read from and write to."""
+        return self.configured and self.locked and bool(self.allow_read) and bool(self.allow_write)
+
+    def check_access(self, spec: dict[str, Any]) -> None:
+        """403 unless jobs are on and the request's URLs fall under the allowed prefixes."""
+        if not self.enabled:
+            missing = [what for what, ok in (("a bearer token (--token-file or $DASKML_SCALE_SERVE_TOKEN)", self.locked),
+                                             ("serve.jobs.allow-read", bool(self.allow_read)),
+                                             ("serve.jobs.allow-write", bool(self.allow_write))) if not ok]
+            raise ForbiddenError(f"Batch jobs are off on this server: they read and write URLs, so they need {missing}")
+        check_url(spec["input"], self.allow_read, "input")
+        check_url(spec["output"], self.allow_write, "output")
 
     def _get_client(self) -> "Client":
         if self._client is not None:
@@ -140,6 +166,7 @@ class JobManager:
                 "This server has no Dask cluster for batch jobs: start it with scheduler=ADDRESS "
                 "(daskml-scale serve BUNDLE --scheduler ADDRESS) or create_app(..., client=client)",
             )
+        self.check_access(spec)
         job_id = uuid.uuid4().hex
         job = {
             "id": job_id, "state": "queued", "request": spec, "submitted": time.time(),

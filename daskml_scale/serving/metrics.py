@@ -128,12 +128,16 @@ class Registry:
         )
         self.rows = Counter("daskml_scale_predicted_rows_total", "Rows predicted.")
         self.jobs = Counter("daskml_scale_jobs_total", "Batch jobs, by final state.", ("state",))
+        self.client_gone = Counter("daskml_scale_client_gone_total",
+                                   "Requests dropped before the model call: their client had disconnected.")
+        self.overloaded = Counter("daskml_scale_overloaded_total",
+                                  "Requests refused with 503 because the queue was full (serve.max-queue-rows).")
 
     def render(self) -> str:
         lines: list[str] = []
         for m in (
             self.requests, self.errors, self.latency, self.batch_rows,
-            self.batch_requests, self.model_seconds, self.rows, self.jobs,
+            self.batch_requests, self.model_seconds, self.rows, self.jobs, self.overloaded, self.client_gone,
         ):
             lines.extend(m.render())
         return "\n".join(lines) + "\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 from daskml_scale.io.writers import FORMATS
+from daskml_scale.serving.protocols.openapi import protocol_paths, protocol_schemas
 
 __all__ = ["openapi_document"]
 
@@ -66,7 +67,8 @@ def openapi_document(
                         "415": problem("Unsupported content type"),
                         "422": problem("A missing field or a value of the wrong type, or rows the transform "
                                        "dropped under on_dropped='error'"),
-                        "503": problem("The model is not loaded yet"),
+                        "401": problem("No bearer token, or the wrong one (when the server has a token)"),
+                        "503": problem("The model is not loaded yet, or the queue is full (with Retry-After)"),
                     },
                 }
             },
@@ -97,6 +99,7 @@ def openapi_document(
                 "parameters": [{"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "The job"}, "404": problem("No such job")},
             }},
+            **protocol_paths(problem),
         },
         "components": {"schemas": {
             "Record": record,
@@ -109,6 +112,7 @@ def openapi_document(
             "Error": {"type": "object", "properties": {
                 "error": {"type": "string"}, "status": {"type": "integer"}, "field": {"type": "string"},
                 "line": {"type": "integer"}}},
+            **protocol_schemas(),
         }},
     }
 
