@@ -9,7 +9,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-docs venv clean
+.PHONY: demo test test-fast browser bench bench-docs venv clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,24 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
-test: $(STAMP)
-	$(PY) -m pytest -ra tests
+# the whole suite on TensorFlow (Keras's default here), then the tests that touch the
+# backend seam again on JAX: data, training (averaging, parameter server, all-reduce,
+# custom strategies), custom objects, bundles, prediction, serving, backends
+JAX_TESTS ?= tests/test_io.py tests/test_preprocessing.py tests/training/test_averaging.py \
+	tests/training/test_parameter_server.py tests/training/test_allreduce.py tests/training/test_strategy.py \
+	tests/test_custom_objects.py tests/test_bundle.py tests/test_predict.py tests/test_serving.py \
+	tests/test_wide_categoricals.py tests/test_backends.py
+
+test: $(STAMP) browser
+	KERAS_BACKEND=tensorflow $(PY) -m pytest -ra tests
+	KERAS_BACKEND=jax $(PY) -m pytest -ra $(JAX_TESTS)
+
+# headless Chromium for the dashboard's screenshot test (Debian's package; the test skips without it)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "chromium is not installed: the dashboard screenshot test will skip"
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow" tests

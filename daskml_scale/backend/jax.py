@@ -6,10 +6,11 @@ variables, runs ONE jitted XLA program over many batches (``lax.fori_loop``), an
 writes the values back, so the rest of the package sees the same mutable model as on
 TensorFlow.
 
-Retracing is bounded: the full batches of a call run over ``X`` padded to a bucket of
-rows (a power of two of batches), with the number of steps a traced value, so arrays
-of many lengths share a few programs; a last, partial batch is one jitted step per
-distinct size (XLA's own cache).
+Retracing is bounded: the full batches of a call are one ``lax.scan`` over ``X`` cut
+into batches and padded to a bucket (a power of two of batches; the padded ones are
+skipped by a ``cond``), with the number of steps a traced value, so arrays of many
+lengths share a few programs; a last, partial batch is one jitted step per distinct
+size (XLA's own cache).
 """
 
 from __future__ import annotations
@@ -49,16 +50,17 @@ class _Loop:
         layout = input_layout_of(model)
         self.inputs = lambda x: split_inputs(layout, x)
 
-        def full(state, X, y, steps, batch_size):
-            def body(i, state):
-                lo = i * batch_size
-                xb = jax.lax.dynamic_slice_in_dim(X, lo, batch_size, 0)
-                yb = jax.lax.dynamic_slice_in_dim(y, lo, batch_size, 0)
-                return step(state, xb, yb)
+        def full(state, Xb, yb, steps):
+            # a scan over the batches (a while loop slicing one big X copies it each step on
+            # CPU); the padded batches past `steps` are skipped by a cond, not computed
+            def body(state, batch):
+                i, xb, yb_ = batch
+                return jax.lax.cond(i < steps, lambda s: step(s, xb, yb_), lambda s: s, state), None
 
-            return jax.lax.fori_loop(0, steps, body, state)
+            state, _ = jax.lax.scan(body, state, (jax.numpy.arange(Xb.shape[0]), Xb, yb))
+            return state
 
-        self._full = jax.jit(full, static_argnums=(4,))
+        self._full = jax.jit(full)
         self._one = jax.jit(step)
 
     def run(self, state: Any, X: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[Any, int]:
@@ -70,7 +72,9 @@ class _Loop:
             if rows > len(Xp):  # padding rows are never read: the loop stops at `full`
                 Xp = np.concatenate([Xp, np.zeros((rows - len(Xp),) + X.shape[1:], X.dtype)])
                 yp = np.concatenate([yp, np.zeros((rows - len(yp),) + y.shape[1:], y.dtype)])
-            state = self._full(state, Xp, yp, full, batch_size)
+            Xb = Xp.reshape((-1, batch_size) + X.shape[1:])
+            yb = yp.reshape((-1, batch_size) + y.shape[1:])
+            state = self._full(state, Xb, yb, full)
         if n > full * batch_size:
             state = self._one(state, X[full * batch_size :], y[full * batch_size :])
         return state, full + (1 if n > full * batch_size else 0)
