@@ -457,7 +457,12 @@ def save_bundle(
     >>> bundle = load_bundle("s3://models/price.bundle")  # doctest: +SKIP
     >>> save_bundle(model, pre, "price.bundle", code=[my_losses])  # doctest: +SKIP
     """
-    data = bundle_bytes(model, preprocessor, training_summary=training_summary, metadata=metadata, code=code)
+    from daskml_scale.groups.models import GroupModels  # many models (fit_groups): one file too
+
+    make = bundle_bytes
+    if isinstance(model, GroupModels):
+        from daskml_scale.groups.bundle import group_bundle_bytes as make
+    data = make(model, preprocessor, training_summary=training_summary, metadata=metadata, code=code)
     write_bytes_atomic(url, data, storage_options=storage_options)
     return url
 
@@ -507,4 +512,12 @@ def load_bundle(
     UnsafeBundleError
         The model or the bundle holds code and ``safe_mode`` is on.
     """
-    return Bundle(read_bundle_bytes(url, storage_options), safe_mode=safe_mode, transform=transform, where=url)
+    return open_bundle(read_bundle_bytes(url, storage_options), safe_mode=safe_mode, transform=transform, where=url)
+
+
+def open_bundle(data: bytes, **kwargs: Any) -> Bundle:
+    """A :class:`Bundle` from a bundle file's bytes (``Bundle(data, **kwargs)``), or a
+    :class:`daskml_scale.groups.GroupBundle` when the file holds one model per group."""
+    from daskml_scale.groups.bundle import GroupBundle, is_group_bundle
+
+    return (GroupBundle if is_group_bundle(data) else Bundle)(data, **kwargs)

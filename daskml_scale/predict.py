@@ -33,7 +33,7 @@ import pandas as pd
 from daskml_scale._utils.client import default_client
 from daskml_scale._utils import waits
 from daskml_scale._utils.lru import LRUCache
-from daskml_scale.bundle import Bundle, bundle_bytes, read_bundle_bytes
+from daskml_scale.bundle import Bundle, bundle_bytes, open_bundle, read_bundle_bytes
 from daskml_scale.dropped_rows import apply_on_dropped, check_on_dropped
 from daskml_scale.exceptions import BundleError, DataError
 from daskml_scale.io.bad_rows import check_on_bad_rows
@@ -75,7 +75,7 @@ def cached_bundle(key: str, bundle_data: bytes, safe_mode: bool, transform: Tran
     with _CACHE_LOCK:
         bundle = _CACHE.get((key, safe_mode))
         if bundle is None:
-            bundle = Bundle(bundle_data, safe_mode=safe_mode, transform=transform)
+            bundle = open_bundle(bundle_data, safe_mode=safe_mode, transform=transform)  # or a GroupBundle
             if bundle.content_hash != key:
                 raise BundleError(f"Expected bundle bytes with hash {key[:12]}. Received: {bundle.content_hash[:12]}")
             _CACHE.put((key, safe_mode), bundle)
@@ -114,7 +114,7 @@ def _as_bundle(
         if preprocessor is not None:
             raise ValueError("Expected preprocessor=None with a bundle URL (it holds its own). Received a preprocessor.")
         url = os.fspath(bundle_or_model)
-        return Bundle(read_bundle_bytes(url, storage_options), lazy=True, where=url), None
+        return open_bundle(read_bundle_bytes(url, storage_options), lazy=True, where=url), None
     if hasattr(bundle_or_model, "__call__") and hasattr(bundle_or_model, "get_weights"):
         if preprocessor is None:
             raise ValueError(
