@@ -335,7 +335,7 @@ def plot_predictions(bundle: Any, data: Any, *, max_rows: int = 50_000, bins: in
     y_true, y_pred = pairs["y_true"], pairs["y_pred"]
     if pairs["task"] == "regression":
         scores = regression_scores(y_true, y_pred)
-        ax1.scatter(y_true, y_pred, s=6, alpha=0.4, linewidths=0)
+        ax1.scatter(y_true, y_pred, s=6, alpha=0.4, linewidths=0)  # wait-bounded: matplotlib's scatter, not Dask's
         lo, hi = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
         ax1.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="predicted = actual")
         ax1.set_xlabel("actual")
