@@ -52,15 +52,16 @@ def add_train(t: argparse.ArgumentParser) -> None:
     m = t.add_argument_group("model and training")
     m.add_argument("--model", required=True, metavar="FILE.keras|MODULE:FN",
                    help="a compiled .keras file, or build_fn(n_features) returning a compiled model")
-    m.add_argument("--strategy", choices=["averaging", "allreduce", "ps-sync", "ps-async"], default=None,
-                   help="how workers combine: model averaging, all-reduce among the workers, or a parameter "
-                   "server, synchronous or asynchronous (default: fit()'s default strategy)")
+    m.add_argument("--strategy", choices=["averaging", "allreduce", "gossip", "ps-sync", "ps-async"], default=None,
+                   help="how workers combine: model averaging, all-reduce among the workers, gossip among "
+                   "neighbours, or a parameter server, synchronous or asynchronous (default: fit()'s default strategy)")
     m.add_argument("--epochs", type=int, default=1, metavar="N", help="passes over the data (default 1)")
     m.add_argument("--batch-size", type=int, metavar="B", help="rows per step on each worker (default 256)")
     m.add_argument("--sync-every", type=int, metavar="K",
                    help="averaging: local steps between averages (default: once per epoch; 16 is a good start)")
     m.add_argument("--every", type=int, metavar="K",
-                   help="allreduce: 1 reduces gradients every step (default), K > 1 averages weights every K steps")
+                   help="allreduce: 1 reduces gradients every step (default), K > 1 averages weights every K steps; "
+                   "gossip: local steps between exchanges with a neighbour (default 16)")
     m.add_argument("--push-every", type=int, metavar="K",
                    help="ps-*: batches per push (default 1; --sync-every is accepted as its old name)")
     m.add_argument("--max-staleness", type=int, metavar="V",
@@ -95,6 +96,8 @@ def add_info(i: argparse.ArgumentParser) -> None:
     i.add_argument("--json", action="store_true", help="machine-readable JSON")
     i.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")
     i.add_argument("--unsafe", action="store_true", help=UNSAFE_HELP)
+    i.add_argument("--plot", metavar="OUT.png", help="also write the training curves from the bundle's summary "
+                   "(.png, .svg or .pdf; local or s3://...; needs matplotlib)")
 
 
 def add_serve(s: argparse.ArgumentParser) -> None:
@@ -112,6 +115,15 @@ def add_serve(s: argparse.ArgumentParser) -> None:
     s.add_argument("--on-dropped", choices=["keep", "omit", "error"], metavar="{keep,omit,error}",
                    help="rows the transform drops: null predictions with the reason, left out, or a 422 "
                    "(default: config predict.on-dropped, keep)")
+    s.add_argument("--max-queue-rows", type=int, metavar="N",
+                   help="most rows waiting for the model; beyond, 503 with Retry-After at once (config serve.max-queue-rows)")
+    s.add_argument("--token-file", metavar="FILE", help="bearer token every request but the health checks must carry "
+                   "(or $DASKML_SCALE_SERVE_TOKEN; config serve.token-file)")
+    s.add_argument("--ssl-certfile", metavar="PEM", help="serve HTTPS with this certificate (with --ssl-keyfile)")
+    s.add_argument("--ssl-keyfile", metavar="PEM", help="the certificate's private key")
+    s.add_argument("--jobs-allow-read", action="append", metavar="URL_PREFIX",
+                   help="POST /jobs may read under this prefix (repeatable; jobs also need a token and --jobs-allow-write)")
+    s.add_argument("--jobs-allow-write", action="append", metavar="URL_PREFIX", help="POST /jobs may write under this prefix")
     s.add_argument("--tf-threads", type=int, metavar="N", help="TensorFlow threads in the server process")
     s.add_argument("--no-gc-freeze", action="store_true",
                    help="keep the garbage collector walking every object (default: gc.freeze() after loading)")

@@ -222,7 +222,7 @@ def _load_model(spec: str, pre: Any, storage_options: dict[str, Any], build: Cal
 
 
 def _strategy(args: argparse.Namespace) -> Any:
-    from daskml_scale.training import AllReduce, ModelAveraging, ParameterServer
+    from daskml_scale.training import AllReduce, Gossip, ModelAveraging, ParameterServer
 
     if args.strategy is None:  # settings of one strategy name it; none: fit()'s default
         if args.every is not None:
@@ -235,12 +235,12 @@ def _strategy(args: argparse.Namespace) -> Any:
             return None
     if args.strategy != "averaging" and args.outer_lr != "1.0":
         raise CLIError("--outer-lr applies to --strategy averaging only")
-    if args.strategy == "allreduce":
+    if args.strategy in ("allreduce", "gossip"):
         if args.max_staleness is not None or args.push_every is not None:
             raise CLIError("--max-staleness and --push-every apply to --strategy ps-sync/ps-async only")
-        return AllReduce(every=args.every or 1)
+        return AllReduce(every=args.every or 1) if args.strategy == "allreduce" else Gossip(every=args.every or 16)
     if args.every is not None:
-        raise CLIError("--every applies to --strategy allreduce only")
+        raise CLIError("--every applies to --strategy allreduce or gossip only")
     if args.strategy == "averaging":
         if args.max_staleness is not None:
             raise CLIError("--max-staleness applies to --strategy ps-async only")
@@ -300,6 +300,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                        "(--missing-target drop)")
         model = _load_model(args.model, pre, so, build)
         check_model(model, pre)  # the model's outputs fit the task, before training
+        if args.group_by:  # one model per group (daskml_scale.groups): fit_groups and a group bundle
+            from daskml_scale.groups.command import train_groups
+
+            return train_groups(args, data, pre, client, lambda n: _load_model(args.model, pre, so, build),
+                                lambda m: _say(args, m))
         described = (strategy or default_strategy()).describe()
         _say(args, "training: " + ", ".join(f"{k} {v}" for k, v in described.items()) + f", {args.epochs} epochs ...")
         history = fit(
@@ -382,11 +387,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     """``daskml-scale info``: what a bundle holds (no cluster needed)."""
-    info = _load_bundle(args).info()
+    bundle = _load_bundle(args)
+    info = bundle.info()
     if args.json:
         print(json.dumps(_jsonable(info), indent=2, default=str))
     else:
         print(format_info(args.bundle, info))
+        from daskml_scale.groups.command import describe as describe_groups
+
+        for line in describe_groups(info):  # a group bundle: its groups
+            print(line)
+    if args.plot:
+        from daskml_scale.plots import plot_history
+
+        plot_history(bundle, title=args.bundle, path=args.plot, storage_options=args.storage_options or None)
+        if not args.json:
+            _say(args, f"wrote the training curves to {args.plot}")
     return 0
 
 
@@ -401,7 +417,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if scheduler is None and args.workers is not None:
             client = stack.enter_context(_cluster(args))
             scheduler = client.scheduler.address
-        _say(args, f"serving {args.bundle} on http://{args.host}:{args.port} (POST /predict, GET /info); Ctrl-C stops")
+        if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+            raise CLIError("--ssl-certfile and --ssl-keyfile go together: give both, or neither")
+        scheme = "https" if args.ssl_certfile else "http"
+        _say(args, f"serving {args.bundle} on {scheme}://{args.host}:{args.port} (POST /predict, GET /info); Ctrl-C stops")
         serve(
             bundle, host=args.host, port=args.port, scheduler=scheduler,
             storage_options=args.storage_options or None,
@@ -409,7 +428,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
             micro_batching=not args.no_micro_batching, max_body_bytes=args.max_body_bytes,
             id_column=args.id_column, tf_threads=args.tf_threads, freeze_gc=not args.no_gc_freeze,
-            on_dropped=args.on_dropped, safe_mode=not args.unsafe,
+            on_dropped=args.on_dropped, safe_mode=not args.unsafe, max_queue_rows=args.max_queue_rows,
+            token_file=args.token_file, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+            jobs_allow_read=args.jobs_allow_read or None, jobs_allow_write=args.jobs_allow_write or None,
         )
     return 0
 
@@ -431,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_TRAIN, description="Read data, fit a Preprocessor in one pass, train the model "
                        "data-parallel on the cluster and save model + preprocessor as one bundle file.")
     _args.add_train(t)
+    from daskml_scale.groups.command import add_arguments as add_group_arguments
+
+    add_group_arguments(t)  # --group-by COL ...: one model per group
     _args.add_common(t)
     t.set_defaults(func=cmd_train)
 
@@ -451,6 +475,15 @@ def build_parser() -> argparse.ArgumentParser:
     _args.add_serve(s)
     _args.add_common(s)
     s.set_defaults(func=cmd_serve)
+
+    from daskml_scale import _cli_search
+
+    q = sub.add_parser("search", help="search hyperparameters: many trials at once, the best as a bundle",
+                       formatter_class=fmt, epilog=_cli_search.EPILOG_SEARCH, description="Run Optuna's search "
+                       "over build_model's parameters on the cluster; write the trials CSV and the best bundle.")
+    _cli_search.add_search(q)
+    _args.add_common(q)
+    q.set_defaults(func=_cli_search.cmd_search)
     return parser
 
 

@@ -128,12 +128,19 @@ def test_jobs_are_off_unless_a_token_and_prefixes_are_set(bundle, tmp_path):
     assert overwrite.status_code == 403 and overwrite.json()["field"] == "output" and listed == []
 
 
-def test_https_with_a_certificate_made_here(bundle_url, tmp_path):
+@pytest.mark.parametrize("how", ["python", "cli"])
+def test_https_with_a_certificate_made_here(bundle_url, tmp_path, how):
     tls = make_tls_files(tmp_path)
     port = free_port()
-    code = (f"import daskml_scale; daskml_scale.serve({bundle_url!r}, port={port}, ssl_certfile={tls['cert']!r}, "
-            f"ssl_keyfile={tls['key']!r}, token='tls-token')")
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
+    if how == "python":
+        code = (f"import daskml_scale; daskml_scale.serve({bundle_url!r}, port={port}, ssl_certfile={tls['cert']!r}, "
+                f"ssl_keyfile={tls['key']!r}, token='tls-token')")
+        argv = [sys.executable, "-c", code]
+    else:  # the command line: the token from a file
+        (tmp_path / "token").write_text("tls-token\n")
+        argv = [sys.executable, "-m", "daskml_scale", "serve", bundle_url, "--port", str(port), "--ssl-certfile",
+                tls["cert"], "--ssl-keyfile", tls["key"], "--token-file", str(tmp_path / "token"), "-q"]
+    proc = subprocess.Popen(argv, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120

@@ -8,12 +8,19 @@ one fixed header and the packed float32 gradients, the answer one header and the
 packed weights. The Dask actor stays the control plane (load, begin, done, state)
 and the fallback: the channel is used only for packed float32 messages on a ``tcp://``
 cluster, and ``daskml_scale.training.ps-direct: false`` turns it off.
+
+Every connection starts with a handshake carrying the channel's secret (32 random bytes
+made by the server, handed to the epoch tasks with its address through the actor, i.e.
+over the cluster's own comms); a connection without it is closed unanswered, so nobody
+who merely reaches the port can read weights or push gradients.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
+import secrets
 import socket
 import struct
 import threading
@@ -34,6 +41,10 @@ _MAGIC_DELTA = b"DKD2"  # the same request carrying a change of the weights (loc
 _REQUEST = struct.Struct("<4sqqqqqq")
 # answer: status (0 ok, 1 error), version, applied, number of float32 values (or message bytes)
 _ANSWER = struct.Struct("<qqqq")
+# the first bytes of a connection: magic, the channel's secret
+_HELLO_MAGIC = b"DKS1"
+_HELLO = struct.Struct("<4s32s")
+_HELLO_TIMEOUT = 10.0  # seconds a new connection has to say hello
 
 def channel_host(worker_address: str | None) -> str | None:
     """The host to listen on for a worker at ``worker_address``; None unless plain TCP."""
@@ -89,11 +100,17 @@ class ChannelServer:
         self._owner = weakref.ref(owner)
         self._method = method
         self._max_values = int(max_values)
+        self.secret = secrets.token_bytes(32)
         self._closed = False
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, name="daskml-ps-channel", daemon=True).start()
         weakref.finalize(owner, self.close)
+
+    @property
+    def endpoint(self) -> tuple[str, int, bytes]:
+        """(host, port, secret): what a :class:`ChannelClient` needs to connect."""
+        return (*self.address, self.secret)
 
     def close(self) -> None:
         self._closed = True
@@ -113,7 +130,7 @@ class ChannelServer:
                 continue
             except OSError:
                 return  # closed
-            conn.settimeout(None)  # a task may compute for long between pushes
+            conn.settimeout(_HELLO_TIMEOUT)  # the handshake comes at once; then pushes, without a bound
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # a vanished peer ends the thread
             with self._lock:
@@ -123,9 +140,25 @@ class ChannelServer:
                 self._conns.add(conn)
             threading.Thread(target=self._serve, args=(conn,), name="daskml-ps-stream", daemon=True).start()
 
+    def _hello(self, conn: socket.socket) -> bool:
+        hello = bytearray(_HELLO.size)
+        try:
+            if not _recv_into(conn, memoryview(hello), first=True):
+                return False
+        except (OSError, TrainingError):
+            return False
+        magic, secret = _HELLO.unpack(hello)
+        if magic != _HELLO_MAGIC or not hmac.compare_digest(secret, self.secret):
+            logger.warning("daskml_scale: closed a connection to the parameter server's channel without its secret")
+            return False
+        conn.settimeout(None)  # a task may compute for long between pushes
+        return True
+
     def _serve(self, conn: socket.socket) -> None:
         head = bytearray(_REQUEST.size)
         try:
+            if not self._hello(conn):
+                return  # unanswered
             while True:
                 if not _recv_into(conn, memoryview(head), first=True):
                     return
@@ -167,14 +200,16 @@ class ChannelClient:
     that the server's explanation (which streams the barrier waited for) arrives first.
     """
 
-    def __init__(self, address: tuple[str, int], timeout: float, connect_timeout: float = 5.0) -> None:
-        self._conn = socket.create_connection(tuple(address), timeout=min(timeout, connect_timeout))
+    def __init__(self, endpoint: tuple[str, int, bytes], timeout: float, connect_timeout: float = 5.0) -> None:
+        host, port, secret = endpoint
+        self._conn = socket.create_connection((host, port), timeout=min(timeout, connect_timeout))
         self._conn.settimeout(timeout + 30.0)
         self._conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conn.sendall(_HELLO.pack(_HELLO_MAGIC, bytes(secret)))
         self._head = bytearray(_ANSWER.size)
 
     @classmethod
-    def open(cls, address: tuple[str, int] | None, timeout: float) -> "ChannelClient | None":
+    def open(cls, address: tuple[str, int, bytes] | None, timeout: float) -> "ChannelClient | None":
         """A connection, or None (pushes then go through actor calls) when there is no
         channel or it cannot be reached, e.g. a firewall that lets only Dask's ports through."""
         if address is None:

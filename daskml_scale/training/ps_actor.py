@@ -89,9 +89,9 @@ class ParamServerActor:
     def ping(self) -> bool:
         return True
 
-    def channel(self) -> tuple[str, int] | None:
-        """The direct channel's (host, port), or None when pushes go through actor calls."""
-        return self._channel.address if self._channel is not None else None
+    def channel(self) -> tuple[str, int, bytes] | None:
+        """The direct channel's (host, port, secret), or None when pushes go through actor calls."""
+        return self._channel.endpoint if self._channel is not None else None
 
     def close(self) -> None:
         """The fit is over: refuse pushes, wake the ones waiting, stop listening."""

@@ -31,7 +31,7 @@ def test_push_round_trip_carries_every_value():
     owner = Owner()
     server = ChannelServer("127.0.0.1", owner, "handle")
     grads = np.random.default_rng(0).standard_normal(6017).astype(np.float32)
-    with ChannelClient(server.address, timeout=10) as link:
+    with ChannelClient(server.endpoint, timeout=10) as link:
         for chunk in range(3):
             weights, version, applied = link.push(1, chunk, grads, 256, 7 + chunk)
             np.testing.assert_array_equal(weights, grads * 2 + 1)
@@ -47,7 +47,7 @@ def test_concurrent_streams_each_get_their_answer():
 
     def stream(s: int) -> None:
         try:
-            with ChannelClient(server.address, timeout=10) as link:
+            with ChannelClient(server.endpoint, timeout=10) as link:
                 for chunk in range(50):
                     g = np.full(100, chunk, np.float32)
                     w, _, _ = link.push(s, chunk, g, 1, 0)
@@ -68,7 +68,7 @@ def test_concurrent_streams_each_get_their_answer():
 def test_a_refused_push_raises_in_the_task_and_the_link_goes_on():
     owner = Owner()
     server = ChannelServer("127.0.0.1", owner, "handle")
-    with ChannelClient(server.address, timeout=10) as link:
+    with ChannelClient(server.endpoint, timeout=10) as link:
         with pytest.raises(TrainingError, match="rows must not be negative"):
             link.push(0, 0, np.zeros(4, np.float32), -1, 0)
         weights, version, _ = link.push(0, 1, np.ones(4, np.float32), 1, 3)
@@ -80,7 +80,7 @@ def test_a_refused_push_raises_in_the_task_and_the_link_goes_on():
 def test_a_closed_server_is_an_error_not_a_hang():
     owner = Owner()
     server = ChannelServer("127.0.0.1", owner, "handle")
-    link = ChannelClient(server.address, timeout=10)
+    link = ChannelClient(server.endpoint, timeout=10)
     link.push(0, 0, np.zeros(4, np.float32), 1, 0)
     server.close()
     with pytest.raises(OSError):
@@ -120,7 +120,7 @@ def test_an_unreachable_channel_means_actor_calls_not_a_failure(caplog):
     """A firewall may let only Dask's ports through: the task then pushes as actor calls."""
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
-    address = closed.getsockname()
+    address = (*closed.getsockname(), bytes(32))
     closed.close()  # nothing listens there now
     with caplog.at_level("WARNING", logger="daskml_scale.training.channel"):
         assert ChannelClient.open(address, timeout=10) is None
@@ -128,7 +128,7 @@ def test_an_unreachable_channel_means_actor_calls_not_a_failure(caplog):
     assert ChannelClient.open(None, timeout=10) is None
     owner = Owner()
     server = ChannelServer("127.0.0.1", owner, "handle")
-    link = ChannelClient.open(server.address, timeout=10)
+    link = ChannelClient.open(server.endpoint, timeout=10)
     assert link is not None
     link.close()
     server.close()
@@ -137,8 +137,10 @@ def test_an_unreachable_channel_means_actor_calls_not_a_failure(caplog):
 def test_a_stranger_is_hung_up_on_and_the_streams_go_on():
     owner = Owner()
     server = ChannelServer("127.0.0.1", owner, "handle", max_values=1000)
-    with ChannelClient(server.address, timeout=10) as link:
-        for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 40, b"DKP2" + b"\xff" * 96):
+    with ChannelClient(server.endpoint, timeout=10) as link:
+        wrong_secret = b"DKS1" + bytes(32) + b"DKP2" + b"\0" * 48  # the right magic, another secret
+        no_hello = b"DKP2" + b"\0" * 56  # a well-formed push with no handshake first
+        for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 40, b"DKP2" + b"\xff" * 96, wrong_secret, no_hello):
             stranger = socket.create_connection(server.address, timeout=5)
             stranger.sendall(junk)
             try:
@@ -150,7 +152,7 @@ def test_a_stranger_is_hung_up_on_and_the_streams_go_on():
         too_many = np.zeros(1001, np.float32)  # more values than the server takes
         with pytest.raises(OSError):
             link.push(0, 0, too_many, 1, 0)
-    with ChannelClient(server.address, timeout=10) as link:
+    with ChannelClient(server.endpoint, timeout=10) as link:
         weights, _, _ = link.push(0, 0, np.ones(1000, np.float32), 1, 0)
         assert weights.shape == (1000,)
     server.close()
@@ -160,7 +162,7 @@ def test_large_messages_cross_whole():
     owner = Owner()
     server = ChannelServer("127.0.0.1", owner, "handle")
     big = np.random.default_rng(1).standard_normal(3_000_000).astype(np.float32)  # 12 MB each way
-    with ChannelClient(server.address, timeout=30) as link:
+    with ChannelClient(server.endpoint, timeout=30) as link:
         weights, _, _ = link.push(2, 0, big, 1, 0)
     np.testing.assert_array_equal(weights, big * 2 + 2)
     server.close()
@@ -176,7 +178,7 @@ def test_a_cut_off_message_is_an_error_never_data():
     head = struct.pack("<4sqqqqqq", b"DKP2", 0, 0, 1, 0, 0, 1000)
     for tail in (b"", b"\0" * 100):  # nothing, or part of the 4000 bytes announced
         s = socket.create_connection(server.address, timeout=5)
-        s.sendall(head + tail)
+        s.sendall(b"DKS1" + server.secret + head + tail)  # past the handshake: the message itself is cut
         s.close()
     time.sleep(0.2)
     assert owner.calls == []
@@ -193,7 +195,7 @@ def test_a_cut_off_message_is_an_error_never_data():
 
     t = threading.Thread(target=half_answer)
     t.start()
-    with ChannelClient(listener.getsockname(), timeout=10) as link:
+    with ChannelClient((*listener.getsockname(), bytes(32)), timeout=10) as link:
         with pytest.raises(ConnectionError, match="middle of a message"):
             link.push(0, 0, np.zeros(4, np.float32), 1, 0)
     t.join(5)
