@@ -9,6 +9,8 @@ checks it).
 
 from __future__ import annotations
 
+import logging
+
 import queue
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TypeVar
@@ -155,3 +157,15 @@ def _workers(client: "Client") -> list[str]:
     except Exception:  # noqa: BLE001
         return []
     return sorted(str(w) for w in (info or {}).get("workers", {}))
+
+
+def run_bounded(client: "Client", fn: Callable[..., Any], *args: Any, workers: list[str], what: str,
+                seconds: float = 3.0) -> None:
+    """``client.run(fn, *args)`` on ``workers``, for at most ``seconds``; a failure or a
+    timeout is logged, never raised: for housekeeping (closing an epoch's ports, telling
+    tasks to stop) that a silent worker, alive to the scheduler but not answering, must
+    not hold up."""
+    try:
+        within(lambda: client.run(fn, *args, workers=workers), seconds, what, "The fit goes on without them.", client)
+    except Exception as exc:
+        logging.getLogger("daskml_scale.fit").warning("daskml_scale.fit: %s on %s failed: %s", what, workers, exc)

@@ -12,13 +12,14 @@ from daskml_scale.exceptions import ArgumentError, DataError, MissingColumnError
 from daskml_scale.features import attach_layout
 from daskml_scale.training.allreduce import AllReduce
 from daskml_scale.training.averaging import ModelAveraging
+from daskml_scale.training.federated import Federated
 from daskml_scale.training.gossip import Gossip
 from daskml_scale.training.parameter_server import ParameterServer
 from daskml_scale.training.runner import EpochRunner
 from daskml_scale.training.strategy import Strategy
 
 __all__ = ["fit", "default_strategy", "Strategy", "EpochRunner", "AllReduce", "ModelAveraging", "ParameterServer",
-           "Gossip"]
+           "Gossip", "Federated"]
 
 
 def default_strategy() -> Strategy:
@@ -95,12 +96,17 @@ def fit(
         stream them from the source every epoch (``False``: a worker holds a few
         partitions at a time, whatever the data's size). ``"auto"`` caches when the
         data is small next to the cluster's memory.
+    verbose : "auto", bool or int
+        ``"auto"``: in a Jupyter kernel the live view (:class:`daskml_scale.LivePlot`:
+        progress, curves, rows/s per worker), on a terminal Keras's progress bar, else
+        nothing; true: Keras's progress bar; false: nothing. Every fit also reports to the
+        Dask dashboard's daskml page (:mod:`daskml_scale.dashboard`).
 
     Returns
     -------
     keras.callbacks.History
         ``history.history`` has per-epoch ``loss``, metrics and ``val_*`` entries;
-        ``history.daskml_summary`` describes the run.
+        ``history.daskml_summary`` describes the run; ``history.plot()`` draws the curves.
 
     Raises
     ------
@@ -140,6 +146,11 @@ def fit(
     if resume and not checkpoint:
         raise ArgumentError("resume=True needs checkpoint=URL")
     client = default_client(client, purpose="fit()")
+    fit_class: Any = Fit
+    if isinstance(data, dict):  # federated: {site: DataFrame or URL}; rows stay on their site's workers
+        from daskml_scale.training.federated import federated_fit_class
+
+        fit_class = federated_fit_class(strategy, preprocessor)
 
     if isinstance(data, pd.DataFrame):
         data = dd.from_pandas(data, npartitions=max(1, len(client.nthreads())))
@@ -151,7 +162,7 @@ def fit(
     # a model with named inputs gets X cut into them; names and widths checked before any work
     attach_layout(model, preprocessor, error=ArgumentError)
 
-    run = Fit(
+    run = fit_class(
         client=client, model=model, data=data, preprocessor=preprocessor, strategy=strategy, epochs=epochs,
         batch_size=batch_size, validation_data=validation_data, validation_fraction=validation_fraction,
         callbacks=list(callbacks or []), checkpoint=checkpoint, resume=resume, seed=seed, verbose=verbose,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from daskml_scale import backend, config
+from daskml_scale._utils.waits import run_bounded
 from daskml_scale.exceptions import ArgumentError, TrainingError, WorkersLostError
 from daskml_scale.training.averaging import weighted_average
 from daskml_scale.training.ring import Ring, RingError, close_port, open_port
@@ -222,10 +223,9 @@ class AllReduce(Strategy):
             return self._wait(runner, futs, workers)
         finally:
             client.cancel(futs + ports + [state])
-            try:
-                client.run(close_port, ring_id, workers=[w for w in workers if w in runner.live_workers()])
-            except Exception:  # pragma: no cover - a worker went away meanwhile
-                pass
+            # bounded: a silent worker (alive to the scheduler, not answering) must not hold the fit
+            run_bounded(client, close_port, ring_id, workers=[w for w in workers if w in runner.live_workers()],
+                        what="AllReduce: closing the epoch's ports")
 
     def _wait(self, runner: "EpochRunner", futs: list[Any], workers: list[str]) -> list[Any]:
         """Wait for one task per rank; a lost rank's worker ends the attempt at once."""
@@ -289,13 +289,7 @@ def allreduce_epoch(
     try:
         with cached.lock:
             model = cached.model
-            sample = next((gather_rows(b, sources, seed, epoch, shuffle) for b in blocks[:1]), None)
-            if sample is not None:
-                backend.ensure_built(model, sample[0][:2], sample[1][:2])
-            backend.set_weights(model, state["weights"])
-            if state.get("optimizer"):
-                backend.set_optimizer_state(model, state["optimizer"])
-            backend.reset_metrics(model)
+            start_epoch(model, state, blocks, sources, seed, epoch, shuffle)
             samples = done = 0
             if every == 1:
                 fused = cached.fused_fn
@@ -335,6 +329,19 @@ def allreduce_epoch(
             }
     finally:
         ring.close()
+
+
+def start_epoch(model: Any, state: dict[str, Any], blocks: Sequence[Sequence[Any]], sources: dict[int, Any],
+                seed: int, epoch: int, shuffle: bool) -> None:
+    """An epoch task's start: build ``model`` on the first rows of ``blocks`` and set the
+    driver's ``state`` on it (weights, optimizer slots), metrics reset."""
+    sample = next((gather_rows(b, sources, seed, epoch, shuffle) for b in blocks[:1]), None)
+    if sample is not None:
+        backend.ensure_built(model, sample[0][:2], sample[1][:2])
+    backend.set_weights(model, state["weights"])
+    if state.get("optimizer"):
+        backend.set_optimizer_state(model, state["optimizer"])
+    backend.reset_metrics(model)
 
 
 class _LocalState:

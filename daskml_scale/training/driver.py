@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+import types
 import uuid
 from typing import Any
 
@@ -123,6 +124,9 @@ class Fit:
             backend.set_optimizer_state(self.model, self.optimizer_state)
         self.callbacks.on_train_end(logs)
         history.daskml_summary = self.summary(history)
+        from daskml_scale.plots import plot_history
+
+        history.plot = types.MethodType(plot_history, history)  # history.plot(): the curves
         return history
 
     def _plan(self, workers: list[str]) -> None:
@@ -209,9 +213,22 @@ class Fit:
         import keras
 
         progbar = self._progbar()
+        callbacks = list(self.user_callbacks)
+        if progbar and self.verbose == "auto":  # in a notebook, the live view instead of text
+            from daskml_scale.live import LivePlot, in_notebook
+
+            if in_notebook():
+                callbacks += [] if any(isinstance(c, LivePlot) for c in callbacks) else [LivePlot()]
+                progbar = False
+        if config.get("dashboard.enabled", True):  # the daskml page of the Dask dashboard
+            from daskml_scale.dashboard import FitReporter
+
+            callbacks.append(FitReporter(self.client, self.fit_id, self.describe()))
         self.callbacks = keras.callbacks.CallbackList(
-            self.user_callbacks, add_history=True, add_progbar=progbar, model=self.model,
+            callbacks, add_history=True, add_progbar=progbar, model=self.model,
             verbose=1 if progbar else 0, epochs=self.epochs, steps=self.rounds_per_epoch(),
+            daskml={"workers": list(self.homes),  # what LivePlot shows: rows per worker's stream
+                    "stream_rows": [int(sum(self.train_sizes[p] for p in s)) for s in self.streams]},
         )
         self.model.stop_training = False
         self.callbacks.on_train_begin()
@@ -479,6 +496,7 @@ class Fit:
         last = {k: v[-1] for k, v in history.history.items() if v}
         return {**self.describe(), "epochs_run": len(history.history.get("loss", [])), "final": last,
                 "lost_workers": sorted(self.lost_workers),
+                "history": {k: [float(x) for x in v] for k, v in history.history.items()},  # plot_history(bundle)
                 "timings": {**{k: round(v, 4) for k, v in self.timings.items()},
                             **{f"worker_{k}": round(v, 4) for k, v in self._worker_timings.items()}}}
 

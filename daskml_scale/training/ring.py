@@ -13,6 +13,10 @@ driver restarts the epoch from its own copy of the state.
 
 On a ``tls://`` cluster the connections are wrapped in TLS with the workers' own
 certificates (``Security``), so the data is as protected as Dask's own messages.
+
+The same connections serve other patterns than the ring (gossip among neighbours,
+:mod:`daskml_scale.training.gossip`): :func:`connect_member` and :func:`accept_member`
+open them with the handshake, :func:`port_of` is a member's listening port.
 """
 
 from __future__ import annotations
@@ -23,18 +27,20 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from daskml_scale._utils.lru import LRUCache
 from daskml_scale.exceptions import TrainingError
 
-__all__ = ["Ring", "RingError", "open_port", "close_port"]
+__all__ = [
+    "Ring", "RingError", "open_port", "port_of", "close_port", "connect_member", "accept_member", "recv_into", "CHUNK",
+]
 
 _HELLO = struct.Struct("<4s32sqq")  # magic, secret, rank, attempt
 _MAGIC = b"DKR1"
-_CHUNK = struct.Struct("<qq")  # step, number of float32 values
+CHUNK = _CHUNK = struct.Struct("<qq")  # step, number of float32 values (every message's header)
 _BUF = 4 << 20  # socket buffers: a chunk up to this size is sent without waiting for the peer
 
 
@@ -105,6 +111,11 @@ def open_port(ring_id: str, rank: int) -> tuple[str | None, str, int]:
     return worker.address, port.address[0], port.address[1]
 
 
+def port_of(ring_id: str, rank: int) -> _Port | None:
+    """The port :func:`open_port` opened on this worker for ``rank`` of ``ring_id``."""
+    return _PORTS.get((ring_id, rank))
+
+
 def close_port(ring_id: str) -> int:
     """Run on every worker (``client.run``): close the ports of ring ``ring_id``."""
     closed = 0
@@ -118,7 +129,7 @@ def close_port(ring_id: str) -> int:
 
 
 # ------------------------------------------------------------------------ the ring
-def _recv_into(conn: socket.socket, view: memoryview, peer: str) -> None:
+def recv_into(conn: socket.socket, view: memoryview, peer: str) -> None:
     got = 0
     while got < len(view):
         try:
@@ -131,6 +142,69 @@ def _recv_into(conn: socket.socket, view: memoryview, peer: str) -> None:
         if n == 0:
             raise RingError(f"The ring member at {peer} closed its connection (lost)", peer=peer)
         got += n
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUF)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUF)
+
+
+def connect_member(address: tuple[str, int], name: str, tls: Any, secret: bytes, rank: int, attempt: int,
+                   connect_timeout: float, timeout: float) -> Any:
+    """A connection to the member listening at ``address`` (``name`` in errors), opened
+    with the handshake that carries ``secret``, this member's ``rank`` and the ``attempt``;
+    retried until ``connect_timeout``, then :class:`RingError`. Reads on it wait at most
+    ``timeout``."""
+    deadline = time.monotonic() + connect_timeout
+    while True:
+        try:
+            sock = socket.create_connection(address, timeout=min(5.0, connect_timeout))
+            break
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise RingError(f"Could not connect to the ring member at {name}: {exc}", peer=name) from exc
+            time.sleep(0.05)
+    _tune(sock)
+    if tls is not None:
+        sock = tls[1].wrap_socket(sock, server_hostname=None)
+    sock.sendall(_HELLO.pack(_MAGIC, secret, rank, attempt))
+    sock.settimeout(timeout)
+    return sock
+
+
+def accept_member(port: _Port, secret: bytes, attempt: int, wanted: Callable[[int], bool], deadline: float,
+                  timeout: float) -> tuple[Any, int]:
+    """The next connection at ``port`` whose handshake carries ``secret``, ``attempt`` and a
+    rank that ``wanted`` accepts, with that rank; strangers (no secret, another ring, a
+    stale attempt) are closed unanswered. :class:`TimeoutError` at ``deadline``
+    (``time.monotonic()``)."""
+    while time.monotonic() < deadline:
+        port.sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            conn, _ = port.sock.accept()
+        except socket.timeout:
+            break
+        _tune(conn)
+        try:
+            if port.tls is not None:
+                conn = port.tls[0].wrap_socket(conn, server_side=True)
+            conn.settimeout(min(5.0, timeout))
+            hello = bytearray(_HELLO.size)
+            recv_into(conn, memoryview(hello), "a connecting peer")
+            magic, got_secret, rank, got_attempt = _HELLO.unpack(hello)
+        except (OSError, RingError):
+            with contextlib.suppress(OSError):
+                conn.close()
+            continue
+        if magic != _MAGIC or not hmac.compare_digest(got_secret, secret) or not wanted(rank) \
+                or got_attempt != attempt:
+            with contextlib.suppress(OSError):
+                conn.close()  # unanswered: no secret, another ring, or a stale attempt
+            continue
+        conn.settimeout(timeout)
+        return conn, int(rank)
+    raise TimeoutError("no member connected")
 
 
 class Ring:
@@ -163,7 +237,7 @@ class Ring:
         self.prev = self.next = None
         if self.size == 1:
             return
-        port = _PORTS.get((ring_id, self.rank))
+        port = port_of(ring_id, self.rank)
         if port is None:
             raise TrainingError(f"Ring {ring_id}: this worker has no port for rank {rank} (was it restarted?)")
         nxt = addresses[(self.rank + 1) % self.size]
@@ -184,60 +258,17 @@ class Ring:
         if port.tls is not None:
             TLS_RINGS[0] += 1
 
-    def _tune(self, sock: socket.socket) -> None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _BUF)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _BUF)
-
     def _connect(self, address: tuple[str, int], tls: Any) -> Any:
-        deadline = time.monotonic() + self.connect_timeout
-        while True:
-            try:
-                sock = socket.create_connection(address, timeout=min(5.0, self.connect_timeout))
-                break
-            except OSError as exc:
-                if time.monotonic() > deadline:
-                    raise RingError(f"Could not connect to the ring member at {self.next_name}: {exc}",
-                                    peer=self.next_name) from exc
-                time.sleep(0.05)
-        self._tune(sock)
-        if tls is not None:
-            sock = tls[1].wrap_socket(sock, server_hostname=None)
-        sock.sendall(_HELLO.pack(_MAGIC, self._secret, self.rank, self._attempt))
-        sock.settimeout(self.timeout)
-        return sock
+        return connect_member(address, self.next_name, tls, self._secret, self.rank, self._attempt,
+                              self.connect_timeout, self.timeout)
 
     def _accept(self, port: _Port) -> Any:
         """The previous member's connection; strangers (no secret) are closed unanswered."""
-        deadline = time.monotonic() + self.connect_timeout
         expected = (self.rank - 1) % self.size
         try:
-            while time.monotonic() < deadline:
-                port.sock.settimeout(max(0.05, deadline - time.monotonic()))
-                try:
-                    conn, _ = port.sock.accept()
-                except socket.timeout:
-                    break
-                self._tune(conn)
-                try:
-                    if port.tls is not None:
-                        conn = port.tls[0].wrap_socket(conn, server_side=True)
-                    conn.settimeout(min(5.0, self.timeout))
-                    hello = bytearray(_HELLO.size)
-                    _recv_into(conn, memoryview(hello), "a connecting peer")
-                    magic, secret, rank, attempt = _HELLO.unpack(hello)
-                except (OSError, RingError):
-                    with contextlib.suppress(OSError):
-                        conn.close()
-                    continue
-                if magic != _MAGIC or not hmac.compare_digest(secret, self._secret) or rank != expected \
-                        or attempt != self._attempt:
-                    with contextlib.suppress(OSError):
-                        conn.close()  # unanswered: no secret, another ring, or a stale attempt
-                    continue
-                conn.settimeout(self.timeout)
-                return conn
-            raise TimeoutError("no member connected")
+            conn, _ = accept_member(port, self._secret, self._attempt, lambda r: r == expected,
+                                    time.monotonic() + self.connect_timeout, self.timeout)
+            return conn
         except BaseException as exc:  # handed to the constructor's thread
             return exc
 
@@ -259,17 +290,17 @@ class Ring:
                 s = step - (n - 1)
                 send, recv = (self.rank - s + 1) % n, (self.rank - s) % n
             sender = self._send(step, chunk[send])
-            _recv_into(self.prev, memoryview(head), self.prev_name)
+            recv_into(self.prev, memoryview(head), self.prev_name)
             got_step, count = _CHUNK.unpack(head)
             if got_step != step or count != chunk[recv].size:
                 raise RingError(f"The ring member at {self.prev_name} is out of step "
                                 f"(step {got_step} with {count} values; expected step {step})", peer=self.prev_name)
             if step < n - 1:
                 buf = scratch[:count]
-                _recv_into(self.prev, memoryview(buf).cast("B"), self.prev_name)
+                recv_into(self.prev, memoryview(buf).cast("B"), self.prev_name)
                 chunk[recv] += buf
             else:
-                _recv_into(self.prev, memoryview(chunk[recv]).cast("B"), self.prev_name)
+                recv_into(self.prev, memoryview(chunk[recv]).cast("B"), self.prev_name)
             if sender is not None:
                 sender.join(self.timeout)
                 if sender.is_alive() or getattr(sender, "error", None) is not None:

@@ -1,0 +1,166 @@
+"""fit() with Federated on a real cluster whose workers belong to sites (Dask worker
+resources ``site:<name>``): every task that touches a site's rows runs on that site's
+workers, and the driver gets weights and metric sums, never rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import daskml_scale
+from daskml_scale.datasets import write_csv_shards
+from daskml_scale.training.federated import site_workers
+from tests.training.conftest import build_model
+
+SITES = ("a", "b")
+
+
+@pytest.fixture(scope="module")
+def sites_client():
+    """A scheduler and one worker process per site (Nanny, 1 thread, resource ``site:<name>``)."""
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    workers = {f"site-{s}": {"cls": Nanny, "options": {"nthreads": 1, "memory_limit": "3GiB",
+                                                       "resources": {f"site:{s}": 1}}} for s in SITES}
+    cluster = SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0"}}, workers=workers)
+    client = daskml_scale.connect(cluster.scheduler_address)
+    try:
+        client.wait_for_workers(len(SITES), timeout=180)
+        yield client
+    finally:
+        client.close()
+        cluster.close(timeout=120)  # a loaded machine can take a while to stop worker processes
+
+
+def _write_sites(diamond_data, root, split):
+    urls = {}
+    for part, name in ((diamond_data.train, "train"), (diamond_data.val, "val")):
+        first = split(part)
+        for site, rows in (("a", part[first]), ("b", part[~first])):
+            write_csv_shards(rows, str(root / name / site), 3 if name == "train" else 1)
+            urls[(name, site)] = str(root / name / site / "*.csv")
+    return urls
+
+
+@pytest.fixture(scope="module")
+def site_data(diamond_data, tmp_path_factory):
+    """The diamonds rows split by cut (non-IID): the best cuts at site a, the others at b."""
+    return _write_sites(diamond_data, tmp_path_factory.mktemp("sites"), lambda df: df["cut"].isin(["Ideal", "Premium"]))
+
+
+@pytest.fixture(scope="module")
+def iid_site_data(diamond_data, tmp_path_factory):
+    """The same rows split at random between the two sites."""
+    return _write_sites(diamond_data, tmp_path_factory.mktemp("iid-sites"),
+                        lambda df: np.random.default_rng(1).random(len(df)) < 0.5)
+
+
+def frames(site_data, name):
+    return {s: daskml_scale.read_csv(site_data[(name, s)]) for s in SITES}
+
+
+def test_bad_arguments_are_clear(fitted_pre, diamond_data):
+    with pytest.raises(ValueError, match="fraction"):
+        daskml_scale.Federated(fraction=0)
+    with pytest.raises(ValueError, match="mu"):
+        daskml_scale.Federated(mu=-1)
+    with pytest.raises(ValueError, match="Federated"):
+        daskml_scale.fit(build_model(len(fitted_pre.feature_names_)), {"a": diamond_data.ddf()},
+                         preprocessor=fitted_pre, strategy=daskml_scale.ModelAveraging(), client=object())
+
+
+def test_sites_are_sampled_by_seed():
+    fed = daskml_scale.Federated(fraction=0.5, min_sites=1, seed=3)
+    sites = [f"s{i}" for i in range(6)]
+    rounds = [fed.sample(sites, r, seed=0) for r in range(8)]
+    assert all(len(r) == 3 and set(r) <= set(sites) for r in rounds)
+    assert len({tuple(r) for r in rounds}) > 1  # a new draw each round
+    assert rounds == [fed.sample(sites, r, seed=0) for r in range(8)]
+    assert daskml_scale.Federated(fraction=0.1, min_sites=2).sample(sites, 0, 0).__len__() == 2
+
+
+@pytest.mark.slow
+def test_every_task_runs_at_the_site_of_its_rows(sites_client, site_data, fitted_pre):
+    from distributed import get_task_stream
+
+    client = sites_client
+    where = site_workers(client)
+    assert {s: len(w) for s, w in where.items()} == {"a": 1, "b": 1}
+    train, val = frames(site_data, "train"), frames(site_data, "val")
+    # the tasks that read a site's rows: those of its frames' graphs (as fit() turns them into tasks)
+    keys_of = {s: {str(k) for f in (train[s], val[s]) for d in f.to_delayed() for k in d.dask} for s in SITES}
+    received: list = []
+    plain_gather = client.gather
+
+    def recording_gather(futures, *args, **kwargs):
+        out = plain_gather(futures, *args, **kwargs)
+        received.append(out)
+        return out
+
+    client.gather = recording_gather
+    try:
+        with get_task_stream(client=client) as ts:
+            h = daskml_scale.fit(build_model(len(fitted_pre.feature_names_)), train, preprocessor=fitted_pre,
+                                 epochs=2, batch_size=128, client=client, verbose=0, validation_data=val,
+                                 strategy=daskml_scale.Federated(local_epochs=1))
+    finally:
+        client.gather = plain_gather
+    site_of_worker = {w: s for s, ws in where.items() for w in ws}
+    touched = 0
+    for task in ts.data:
+        key = str(task["key"])
+        sites = {s for s in SITES if key in keys_of[s] or f"-{s}-" in key or f"-{s}'" in key}
+        if not sites:
+            continue  # touches no rows: the model's bytes, the warm-up on placeholder rows
+        assert len(sites) == 1, key
+        assert site_of_worker[task["worker"]] in sites, (key, task["worker"])
+        touched += 1
+    assert touched >= 2 * (3 + 1)  # at least every partition's read and preparation
+    assert h.history["fed_sites_answered"] == [2.0, 2.0]
+    assert all(h.history[f"fed_samples_{s}"][0] > 1000 for s in SITES)
+    assert h.history["val_loss"][-1] < h.history["val_loss"][0]
+    # what the driver gathered: counts, metric sums, weight-shaped updates; nothing as large as a row block
+    n_params = sum(int(np.prod(w.shape)) for w in build_model(len(fitted_pre.feature_names_)).weights)
+    for out in received:
+        for arr in _arrays(out):
+            assert arr.size <= n_params, arr.shape
+
+
+def _arrays(value):
+    if isinstance(value, np.ndarray):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _arrays(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _arrays(v)
+    else:
+        assert not hasattr(value, "iloc"), f"the driver received a frame: {type(value)}"
+
+
+@pytest.mark.slow
+def test_fedavg_is_pooled_averaging_on_iid_sites_and_fedprox_no_worse_on_non_iid(
+        sites_client, site_data, iid_site_data, fitted_pre, client):
+    import dask.dataframe as dd
+
+    n = len(fitted_pre.feature_names_)
+    common = dict(preprocessor=fitted_pre, epochs=4, batch_size=128, verbose=0)
+
+    def federated(urls, **kw):
+        return daskml_scale.fit(build_model(n), frames(urls, "train"), client=sites_client,
+                                validation_data=frames(urls, "val"), strategy=daskml_scale.Federated(**kw), **common)
+
+    iid = federated(iid_site_data)
+    pooled = [dd.concat([daskml_scale.read_csv(iid_site_data[(name, s)]) for s in SITES]) for name in ("train", "val")]
+    # the same rows pooled, on two workers averaged once per local epoch: the same algorithm, other cuts of rows
+    central = daskml_scale.fit(build_model(n), pooled[0], client=client, validation_data=pooled[1],
+                               strategy=daskml_scale.ModelAveraging(), **common)
+    assert iid.history["val_loss"][-1] <= 1.1 * central.history["val_loss"][-1]
+    fed, prox = federated(site_data), federated(site_data, mu=0.1)
+    print("val_loss iid", iid.history["val_loss"], "pooled", central.history["val_loss"],
+          "non-iid fedavg", fed.history["val_loss"], "fedprox", prox.history["val_loss"])
+    assert prox.history["val_loss"][-1] <= 1.1 * fed.history["val_loss"][-1]
+    assert fed.history["val_loss"][-1] < 0.5 * fed.history["val_loss"][0]
+    assert all(x > 0 for x in fed.history["fed_update_norm"])
+    assert prox.daskml_summary["mu"] == 0.1
