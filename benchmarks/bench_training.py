@@ -94,11 +94,12 @@ class Data:
         self.n = self.X.shape[1]
 
 
-def single_fit(data: Data, k: int, epochs: int, target: float | None = None) -> dict:
-    """The baseline script: model.fit on arrays in memory, timed from the fit call."""
+def single_fit(data: Data, k: int, epochs: int, target: float | None = None, make=None) -> dict:
+    """The baseline script: model.fit on arrays in memory, timed from the fit call
+    (``make(data, k)`` builds the model: by default :func:`build_k` on the features)."""
     import keras
 
-    model = build_k(data.n, k)
+    model = make(data, k) if make is not None else build_k(data.n, k)
     t0 = time.perf_counter()
     reached: list[float] = []
 
@@ -130,10 +131,12 @@ def single_fit_fresh(k: int, epochs: int, target: float, quick: bool) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def ours_fit(client, ddf, vddf, data: Data, strategy, target: float, max_epochs: int) -> dict:
+def ours_fit(client, ddf, vddf, data: Data, strategy, target: float, max_epochs: int, make=None) -> dict:
+    """daskml_scale.fit until the validation loss reaches ``target`` (``make(data)``
+    builds the model: by default :func:`build` on the features)."""
     import keras
 
-    model = build(data.n)
+    model = make(data) if make is not None else build(data.n)
     reached: list[tuple[int, float]] = []
     t0 = time.perf_counter()
 

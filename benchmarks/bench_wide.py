@@ -32,7 +32,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import numpy as np  # noqa: E402
 
 import daskml_scale  # noqa: E402
+import bench_training as training_bench  # noqa: E402  (the baseline and time-to-target, shared)
 from _method import Benchmark, Ratio, Variant, add_arguments  # noqa: E402
 from daskml_scale import backend  # noqa: E402
 from daskml_scale.datasets import FLIGHTS_CATEGORICAL, FLIGHTS_NUMERIC, flights, flights_transform  # noqa: E402
@@ -95,26 +95,8 @@ class Data:
 
 
 def single_fit(data: Data, k: int, epochs: int, target: float | None = None) -> dict:
-    """The baseline script: model.fit on the named inputs in memory, timed from the call."""
-    import keras
-
-    model = build(data.pre, k)
-    t0 = time.perf_counter()
-    reached: list[float] = []
-
-    class Clock(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if target is not None and not reached and logs["val_loss"] <= target * (1 + 1e-6):
-                reached.append(time.perf_counter() - t0)
-
-    h = model.fit(data.X, data.y, epochs=epochs, batch_size=BATCH, validation_data=(data.Xv, data.yv),
-                  verbose=0, callbacks=[Clock()])
-    total = time.perf_counter() - t0
-    out = {"seconds": reached[0] if reached else total, "fit_s": total, "val_loss": h.history["val_loss"][-1],
-           "best_val_loss": min(h.history["val_loss"]), "epochs": epochs}
-    if target is not None and not reached:
-        out["errors"] = 1
-    return out
+    """The baseline script (bench_training's), with this benchmark's model on the named inputs."""
+    return training_bench.single_fit(data, k, epochs, target, make=lambda d, k: build(d.pre, k))
 
 
 def single_fit_fresh(k: int, epochs: int, target: float, quick: bool) -> dict:
@@ -126,25 +108,7 @@ def single_fit_fresh(k: int, epochs: int, target: float, quick: bool) -> dict:
 
 
 def ours_fit(client, ddf, vddf, data: Data, strategy, target: float, max_epochs: int) -> dict:
-    import keras
-
-    model = build(data.pre)
-    reached: list[tuple[int, float]] = []
-    t0 = time.perf_counter()
-
-    class Clock(keras.callbacks.Callback):
-        def on_epoch_end(self, epoch, logs=None):
-            if logs["val_loss"] <= target:
-                reached.append((epoch + 1, time.perf_counter() - t0))
-                self.model.stop_training = True
-
-    h = daskml_scale.fit(model, ddf, preprocessor=data.pre, strategy=strategy, epochs=max_epochs, batch_size=BATCH,
-                         validation_data=vddf, client=client, verbose=0, callbacks=[Clock()])
-    if not reached:
-        raise RuntimeError(f"did not reach val_loss {target:.2f} within {max_epochs} epochs "
-                           f"(best {min(h.history['val_loss']):.2f})")
-    epochs, secs = reached[0]
-    return {"seconds": secs, "epochs": epochs, "val_loss": h.history["val_loss"][-1]}
+    return training_bench.ours_fit(client, ddf, vddf, data, strategy, target, max_epochs, make=lambda d: build(d.pre))
 
 
 def main() -> int:
