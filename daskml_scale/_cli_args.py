@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from daskml_scale.io.writers import FORMATS
 
-__all__ = ["UNSAFE_HELP", "add_common", "add_train", "add_predict", "add_info", "add_serve"]
+__all__ = ["UNSAFE_HELP", "add_common", "add_data", "preprocessor_from", "add_train", "add_predict", "add_info", "add_serve"]
 
 UNSAFE_HELP = "load a bundle that holds code (saved with code=, a Lambda layer): it runs that code; only for bundles you trust"
 
@@ -27,18 +28,21 @@ def add_common(p: argparse.ArgumentParser, cluster: bool = True) -> None:
     o.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
 
-def add_train(t: argparse.ArgumentParser) -> None:
-    """``train``: data, validation, model and training."""
-    d = t.add_argument_group("data")
+def add_data(p: argparse.ArgumentParser, *, embed: bool = True) -> argparse._ArgumentGroup:
+    """The data arguments of ``train`` and ``search``: the files, the target, the feature
+    columns (``--embed`` / ``--max-categories`` with ``embed``), the transform, rows
+    without a target, the task. Returns the group (the callers add validation to it)."""
+    d = p.add_argument_group("data")
     d.add_argument("--data", required=True, metavar="URL", help="training CSV/Parquet: file, glob, folder; local or s3://...")
     d.add_argument("--data-format", choices=["auto", "csv", "parquet"], default="auto",
                    help="input format (default: from the suffix, else CSV)")
     d.add_argument("--target", required=True, metavar="COL", help="the column to predict")
     d.add_argument("--numeric", nargs="+", metavar="COL", help="numeric feature columns (standardized)")
     d.add_argument("--categorical", nargs="+", metavar="COL", help="categorical feature columns (one-hot)")
-    d.add_argument("--embed", nargs="+", metavar="COL", help="categorical columns as integer codes, one model "
-                   "input each, for embeddings (the model function takes `preprocessor`)")
-    d.add_argument("--max-categories", type=int, default=1000, metavar="N", help="categories kept per column (default 1000)")
+    if embed:
+        d.add_argument("--embed", nargs="+", metavar="COL", help="categorical columns as integer codes, one model "
+                       "input each, for embeddings (the model function takes `preprocessor`)")
+        d.add_argument("--max-categories", type=int, default=1000, metavar="N", help="categories kept per column (default 1000)")
     d.add_argument("--transform", metavar="MODULE:FN", help="pandas function applied to every partition first")
     d.add_argument("--missing-target", choices=["error", "drop"], default="error",
                    help="rows without a target: stop at the first, naming its file and line (default), "
@@ -46,6 +50,26 @@ def add_train(t: argparse.ArgumentParser) -> None:
     d.add_argument("--task", choices=["auto", "classification", "regression"], default="auto",
                    help="auto (default): text or a two-valued integer target (0/1) is a classification, "
                    "other numbers a regression")
+    return d
+
+
+def preprocessor_from(args: argparse.Namespace, transform: Any) -> Any:
+    """The unfitted Preprocessor the data arguments describe."""
+    from daskml_scale.preprocessing import Preprocessor
+
+    categorical = list(args.categorical or ())
+    embed = [c for c in (getattr(args, "embed", None) or ()) if c not in categorical]
+    return Preprocessor(
+        target=args.target, numeric=args.numeric or (), transform=transform, task=args.task,
+        categorical=[*categorical, *embed], missing_target=args.missing_target,
+        categorical_encoding={c: "int" for c in getattr(args, "embed", None) or ()},
+        max_categories=getattr(args, "max_categories", 1000),
+    )
+
+
+def add_train(t: argparse.ArgumentParser) -> None:
+    """``train``: data, validation, model and training."""
+    d = add_data(t)
     v = d.add_mutually_exclusive_group()
     v.add_argument("--validation", metavar="URL", help="validation rows, read like --data")
     v.add_argument("--validation-fraction", type=float, metavar="F", help="hold out this fraction of --data instead")

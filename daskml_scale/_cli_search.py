@@ -37,17 +37,9 @@ examples:
 
 def add_search(s: argparse.ArgumentParser) -> None:
     """``search``: data, model and space, the search, outputs."""
-    d = s.add_argument_group("data")
-    d.add_argument("--data", required=True, metavar="URL", help="training CSV/Parquet: file, glob, folder; local or s3://...")
-    d.add_argument("--data-format", choices=["auto", "csv", "parquet"], default="auto",
-                   help="input format (default: from the suffix, else CSV)")
-    d.add_argument("--target", required=True, metavar="COL", help="the column to predict")
-    d.add_argument("--numeric", nargs="+", metavar="COL", help="numeric feature columns (standardized)")
-    d.add_argument("--categorical", nargs="+", metavar="COL", help="categorical feature columns (one-hot)")
-    d.add_argument("--transform", metavar="MODULE:FN", help="pandas function applied to every partition first")
-    d.add_argument("--missing-target", choices=["error", "drop"], default="error",
-                   help="rows without a target: stop at the first (default), or drop them")
-    d.add_argument("--task", choices=["auto", "classification", "regression"], default="auto")
+    from daskml_scale._cli_args import add_data
+
+    d = add_data(s, embed=False)
     v = d.add_mutually_exclusive_group()
     v.add_argument("--validation", metavar="URL", help="validation rows, read like --data")
     v.add_argument("--validation-fraction", type=float, metavar="F",
@@ -122,7 +114,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
     from daskml_scale.bundle import save_bundle
     from daskml_scale.cli import CLIError, _cluster, _read, _say, load_callable
-    from daskml_scale.preprocessing import Preprocessor
+    from daskml_scale._cli_args import preprocessor_from
     from daskml_scale.search import search
 
     so = args.storage_options
@@ -137,8 +129,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     data = _read(args.data, so, args.data_format)
     validation = _read(args.validation, so, args.data_format) if args.validation else None
     trials_csv = args.trials_csv or (args.out + ".trials.csv")
-    pre = Preprocessor(target=args.target, numeric=args.numeric or (), categorical=args.categorical or (),
-                       transform=transform, task=args.task, missing_target=args.missing_target)
+    pre = preprocessor_from(args, transform)
     with _cluster(args) as client:
         t0 = time.perf_counter()
         _say(args, f"fitting the preprocessor on {args.data} ({data.npartitions} partitions, one pass) ...")

@@ -261,7 +261,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from daskml_scale.bundle import save_bundle
     from daskml_scale.outputs import check_model
     from daskml_scale.training import default_strategy
-    from daskml_scale.preprocessing import Preprocessor
     from daskml_scale.training import fit
 
     so = args.storage_options
@@ -282,13 +281,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         problem = output_problem(url, so, folder=folder) if url else None
         if problem:
             raise CLIError(f"{what} {url}: {problem}")
-    embed = list(args.embed or ())
-    pre = Preprocessor(
-        target=args.target, numeric=args.numeric or (), transform=transform, task=args.task,
-        categorical=[*(args.categorical or ()), *(c for c in embed if c not in (args.categorical or ()))],
-        missing_target=args.missing_target, categorical_encoding={c: "int" for c in embed},
-        max_categories=args.max_categories,
-    )
+    pre = _args.preprocessor_from(args, transform)
     with _cluster(args) as client:
         t0 = time.perf_counter()
         _say(args, f"fitting the preprocessor on {args.data} ({data.npartitions} partitions, one pass) ...")

@@ -62,54 +62,21 @@ class CallbackInterface:
     def set_params(self, params: dict[str, Any]) -> None:
         self.params = dict(params or {})
 
-    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        pass
 
-    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        pass
+def _ignored(self: Any, *args: Any, **kwargs: Any) -> None:
+    """A hook the callback does not use (Keras's ``Callback`` has the same defaults)."""
+    return None
 
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
 
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_test_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_test_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_predict_begin(self, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_predict_end(self, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_predict_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
-
-    def on_predict_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        pass
-
+# every hook of keras.callbacks.Callback; subclasses override the ones they use
+for _hook in (
+    "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_train_batch_begin",
+    "on_train_batch_end", "on_batch_begin", "on_batch_end", "on_test_begin", "on_test_end",
+    "on_test_batch_begin", "on_test_batch_end", "on_predict_begin", "on_predict_end",
+    "on_predict_batch_begin", "on_predict_batch_end",
+):
+    setattr(CallbackInterface, _hook, _ignored)
+del _hook
 
 
 class LivePlot(CallbackInterface):
