@@ -199,6 +199,7 @@ def connect(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     gpus: int | str | list[int] | None = None,
+    sites: dict[str, int] | None = None,
     security: Security | None = None,
     plugin: bool = True,
     timeout: float | str = "30s",
@@ -220,6 +221,12 @@ def connect(
         processes than with threads.
     gpus : int, "all" or list of int, optional
         Start a ``LocalCUDACluster`` (dask-cuda) with one worker per GPU.
+    sites : dict of str to int, optional
+        Start a local cluster for federated training: ``{"a": 1, "b": 2}`` starts one
+        worker process carrying the Dask resource ``site:a=1`` and two carrying
+        ``site:b=1`` (see :class:`~daskml_scale.Federated`). Not with ``n_workers``,
+        ``gpus`` or an address; on a remote cluster start each site's workers with
+        ``dask worker ADDRESS --resources "site:a=1"`` instead.
     security : distributed.security.Security, optional
         TLS settings, passed through to the client (and to a local cluster).
     plugin : bool, default True
@@ -241,13 +248,19 @@ def connect(
         The scheduler cannot be reached.
     GPUUnavailableError
         ``gpus=`` was given but dask-cuda is missing or no GPU is visible.
+    ArgumentError
+        ``sites=`` is not a non-empty dict of site names to positive worker counts, or
+        comes with ``n_workers``, ``gpus`` or an address.
 
     Examples
     --------
     >>> client = daskml_scale.connect()                      # doctest: +SKIP
     >>> client = daskml_scale.connect("tcp://10.0.0.5:8786")  # doctest: +SKIP
+    >>> client = daskml_scale.connect(sites={"a": 1, "b": 2})  # doctest: +SKIP
     """
-    if address is None and gpus is None:
+    if sites is not None:
+        _check_sites(sites, address=address, n_workers=n_workers, gpus=gpus)
+    if address is None and gpus is None and sites is None:
         address = dask.config.get("scheduler-address", None) or dask.config.get("scheduler_address", None)
 
     if address is not None:
@@ -271,6 +284,8 @@ def connect(
             cluster = _gpu_cluster(gpus, threads_per_worker, cluster_kwargs)
         client = _ClusterOwningClient(cluster, security=security)
         client._owned_cluster = cluster
+    elif sites is not None:
+        client = _sites_client(sites, threads_per_worker or 1, security, cluster_kwargs)
     else:
         threads = threads_per_worker or 1
         if n_workers is None:
@@ -300,6 +315,68 @@ def connect(
             "A worker may be stuck: see its log or restart it, or connect with plugin=False.", client,
         )
     _check_backends(client)
+    return client
+
+
+# ----------------------------------------------------------------- federated sites
+def _check_sites(sites: Any, *, address: str | None, n_workers: int | None, gpus: Any) -> None:
+    """``sites=`` is a non-empty dict {name: positive worker count}, alone."""
+    if address is not None or n_workers is not None or gpus is not None:
+        raise ArgumentError(
+            "Expected sites= alone: it sets the workers of a local cluster (their number per site). "
+            f"Received: sites={sites!r} with address={address!r}, n_workers={n_workers!r}, gpus={gpus!r}")
+    if not isinstance(sites, dict) or not sites:
+        raise ArgumentError(f"Expected sites to be a non-empty dict {{site name: workers}}, e.g. {{'a': 1, 'b': 2}}. "
+                            f"Received: sites={sites!r}")
+    for name, count in sites.items():
+        if not isinstance(name, str) or not name or any(c in name for c in " \t\n=,:'\""):
+            raise ArgumentError(
+                "Expected every site name to be a non-empty string without spaces, quotes, '=', ',' or ':' "
+                f"(it becomes the resource site:<name>). Received: {name!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ArgumentError(f"Expected a positive number of workers for site {name!r}. Received: {count!r}")
+
+
+def _sites_client(sites: dict[str, int], threads: int, security: Security | None,
+                  cluster_kwargs: dict[str, Any]) -> Client:
+    """A LocalCluster of worker processes, each carrying the resource ``site:<name>=1``.
+
+    The cluster starts with no worker; the sites' workers are added as entries of its
+    worker spec (``SpecCluster.worker_spec``: the cluster's own worker options plus the
+    site's resource), and the cluster is brought to that spec.
+    """
+    import logging
+
+    from distributed.worker_memory import parse_memory_limit
+
+    total = sum(sites.values())
+    if "resources" in cluster_kwargs:
+        raise ArgumentError("Expected no resources= with sites=: every site worker carries site:<name>=1. "
+                            f"Received: resources={cluster_kwargs['resources']!r}")
+    cluster_kwargs.setdefault("dashboard_address", ":8787")
+    cluster_kwargs.setdefault("memory_limit", parse_memory_limit("auto", 1, total, logger=logging.getLogger(__name__)))
+    env = {**_worker_env(threads), **cluster_kwargs.pop("env", {})}
+    if security is not None:
+        cluster_kwargs.setdefault("security", security)
+    with dask.config.set(_spawn_environ()):
+        cluster = LocalCluster(n_workers=0, threads_per_worker=threads, processes=True, env=env, **cluster_kwargs)
+        try:
+            base = cluster.new_spec
+            for site, count in sorted(sites.items()):
+                for i in range(count):
+                    options = {**base["options"], "resources": {f"site:{site}": 1}}
+                    cluster.worker_spec[f"site-{site}-{i}"] = {"cls": base["cls"], "options": options}
+            cluster.sync(cluster._correct_state)
+        except BaseException:
+            cluster.close()
+            raise
+    client = _ClusterOwningClient(cluster, security=security)
+    client._owned_cluster = cluster
+    try:
+        client.wait_for_workers(total, timeout=max(60.0, 15.0 * total))
+    except BaseException:
+        client.close()
+        raise
     return client
 
 

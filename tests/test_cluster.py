@@ -208,3 +208,44 @@ def test_workers_keep_large_temporaries_off_mmap(client, monkeypatch):
         pytest.skip("not glibc: no mallinfo2 to read")
     assert mapped_plain == 1  # Dask's default: the array got its own mapping
     assert client.submit(_mmapped_regions_for_a_temporary, pure=False).result() == 0  # ours: from the heap
+
+
+def _my_resources(dask_worker):
+    return dict(dask_worker.state.total_resources)
+
+
+def test_connect_sites_starts_workers_per_site():
+    from daskml_scale.training.federated import site_workers
+
+    with daskml_scale.connect(sites={"a": 1, "b": 2}, dashboard_address=None, plugin=False) as c:
+        assert {s: len(w) for s, w in site_workers(c).items()} == {"a": 1, "b": 2}
+        assert len(set(c.run(os.getpid).values())) == 3  # a process each
+        names = {info["name"] for info in c.scheduler_info(n_workers=-1)["workers"].values()}
+        assert names == {"site-a-0", "site-b-0", "site-b-1"}
+        # a task that asks for a site's resource runs on that site's workers only
+        for site, workers in site_workers(c).items():
+            futs = [c.submit(_whereami, pure=False, resources={f"site:{site}": 1}) for _ in range(4)]
+            assert set(c.gather(futs)) <= set(workers)
+        assert sorted(c.run(_my_resources).values(), key=str) == [{"site:a": 1}, {"site:b": 1}, {"site:b": 1}]
+        cluster = c._owned_cluster
+    assert cluster.status.name == "closed"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"sites": {}}, "non-empty dict"),
+    ({"sites": ["a", "b"]}, "non-empty dict"),
+    ({"sites": {"a": 0}}, "positive number of workers for site 'a'"),
+    ({"sites": {"a": 1.5}}, "positive number of workers"),
+    ({"sites": {"a": True}}, "positive number of workers"),
+    ({"sites": {"a b": 1}}, "site name"),
+    ({"sites": {"a=1": 1}}, "site name"),
+    ({"sites": {"": 1}}, "site name"),
+    ({"sites": {"a": 1}, "n_workers": 2}, "sites= alone"),
+    ({"sites": {"a": 1}, "gpus": 1}, "sites= alone"),
+    ({"sites": {"a": 1}, "address": "tcp://127.0.0.1:1"}, "sites= alone"),
+    ({"sites": {"a": 1}, "resources": {"GPU": 1}}, "no resources="),
+])
+def test_connect_sites_bad_values_are_clear(kwargs, match):
+    with pytest.raises(ArgumentError, match=match) as err:
+        daskml_scale.connect(plugin=False, **kwargs)
+    assert isinstance(err.value, ValueError)

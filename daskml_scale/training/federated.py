@@ -13,8 +13,10 @@ their rows. A site whose workers are all gone is skipped with a warning (its row
 moved anywhere); a site that does not answer within ``round_timeout`` is left out of the
 round and counted.
 
-Not built yet (issue 15): ``connect(sites=...)``, DP-FedAvg (``clip_norm``,
-``noise_multiplier``) and secure aggregation.
+On one machine, ``daskml_scale.connect(sites={"a": 1, "b": 2})`` starts such a cluster.
+
+Not built yet (issue 15): DP-FedAvg (``clip_norm``, ``noise_multiplier``) and secure
+aggregation.
 """
 
 from __future__ import annotations
