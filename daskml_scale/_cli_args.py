@@ -126,7 +126,9 @@ def add_info(i: argparse.ArgumentParser) -> None:
 
 def add_serve(s: argparse.ArgumentParser) -> None:
     """``serve``."""
-    s.add_argument("bundle", metavar="BUNDLE_URL")
+    s.add_argument("bundle", metavar="[NAME=]BUNDLE_URL", nargs="+",
+                   help="a bundle, or a folder of *.bundle files; several as NAME=URL (the first is the default "
+                   "model, at /predict). SIGHUP reloads each from its URL")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--transform", metavar="MODULE:FN", help="the training transform, when the bundle cannot import it")

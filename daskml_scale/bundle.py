@@ -117,6 +117,8 @@ class Bundle:
         ``"regression"`` or ``"classification"``.
     input_schema : dict
         Raw input column -> dtype string, as the preprocessor saw them in ``fit``.
+    source : str or None
+        The URL it was loaded from (``None`` for :meth:`from_bytes`).
     """
 
     def __init__(
@@ -156,6 +158,12 @@ class Bundle:
         self._features_only: Preprocessor | None = None
         if not lazy:
             self.model  # noqa: B018  (load now: errors surface at load time)
+
+    @property
+    def source(self) -> str | None:
+        """The URL :func:`load_bundle` read this bundle from (None for one made from bytes):
+        what a server reloads a new version from."""
+        return None if self._where == "bundle" else self._where
 
     # -- model ---------------------------------------------------------------------
     @property

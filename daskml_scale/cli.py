@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -320,16 +321,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_bundle(args: argparse.Namespace) -> Any:
+def _load_bundle(args: argparse.Namespace, url: str | None = None) -> Any:
     from daskml_scale.bundle import load_bundle
 
+    url = args.bundle if url is None else url
     transform = load_callable(args.transform, "--transform") if args.transform else None
-    bundle = load_bundle(args.bundle, storage_options=args.storage_options or None, transform=transform,
+    bundle = load_bundle(url, storage_options=args.storage_options or None, transform=transform,
                          safe_mode=not args.unsafe)
     described = bundle.preprocessor.to_dict().get("transform") or {}
     if transform is None and described.get("name") and not described.get("ref"):
         raise CLIError(
-            f"The bundle {args.bundle} was trained with the transform {described['name']!r}, which it cannot "
+            f"The bundle {url} was trained with the transform {described['name']!r}, which it cannot "
             "import by name: pass it with --transform module.py:function"
         )
     return bundle
@@ -404,7 +406,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     blocks until stopped."""
     from daskml_scale.serving import serve
 
-    bundle = _load_bundle(args)  # fail here, in one line, rather than in the server's background
+    # each bundle loads here, so that a bad one fails in one line rather than in the server's
+    # background; each keeps its URL (Bundle.source), which SIGHUP and the repository endpoint reload
+    sources = _serve_sources(args)
+    bundles = {name: _load_bundle(args, url) for name, url in sources.items()}
     scheduler = args.scheduler
     with contextlib.ExitStack() as stack:
         if scheduler is None and args.workers is not None:
@@ -413,9 +418,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
             raise CLIError("--ssl-certfile and --ssl-keyfile go together: give both, or neither")
         scheme = "https" if args.ssl_certfile else "http"
-        _say(args, f"serving {args.bundle} on {scheme}://{args.host}:{args.port} (POST /predict, GET /info); Ctrl-C stops")
+        names = ", ".join(f"{n}={u}" for n, u in sources.items()) if len(sources) > 1 else next(iter(sources.values()))
+        _say(args, f"serving {names} on {scheme}://{args.host}:{args.port} (POST /predict, GET /info); "
+                   f"SIGHUP reloads, Ctrl-C stops")
         serve(
-            bundle, host=args.host, port=args.port, scheduler=scheduler,
+            bundles, host=args.host, transform=load_callable(args.transform, "--transform") if args.transform else None, port=args.port, scheduler=scheduler,
             storage_options=args.storage_options or None,
             log_level=args.log_level or ("info" if args.verbose else "warning"),
             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
@@ -426,6 +433,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
             jobs_allow_read=args.jobs_allow_read or None, jobs_allow_write=args.jobs_allow_write or None,
         )
     return 0
+
+
+def _serve_sources(args: argparse.Namespace) -> dict[str, str]:
+    """``serve``'s positional arguments -> {model name: bundle URL}, in order.
+
+    ``NAME=URL`` names a model; a bare URL is named after its file (``price.bundle`` ->
+    ``price``); a folder stands for each ``*.bundle`` file in it.
+    """
+    from daskml_scale.serving.models import sources_of
+
+    out: dict[str, str] = {}
+    for item in args.bundle:
+        m = re.match(r"^([A-Za-z0-9_.-]+)=(.+)$", item)
+        name, url = (m.group(1), m.group(2)) if m else (None, item)
+        try:
+            found = sources_of(url, name, args.storage_options or None)
+        except FileNotFoundError as exc:
+            raise CLIError(f"{PROG} serve: {exc}") from None
+        if name is not None and len(found) > 1:
+            raise CLIError(f"{PROG} serve: {item}: a folder holds several bundles; name them one by one "
+                           "(NAME=FOLDER/FILE.bundle), or give the folder without a name")
+        for n, u in found.items():
+            if n in out:
+                raise CLIError(f"{PROG} serve: two models named {n!r} ({out[n]} and {u}): name them with NAME=URL")
+            out[n] = str(u)
+    return out
 
 
 # ------------------------------------------------------------------------------ parser

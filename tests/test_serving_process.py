@@ -94,3 +94,104 @@ def test_sighup_reloads_and_sigterm_lets_the_requests_in_flight_finish(folder, t
         assert a.status_code == 503 and a.headers["retry-after"] == "1" and "overloaded" in a.json()["error"], a.text
     # refused connections or requests the server never answered, never a cut-off body
     assert not [e for e in errors if "complete message body" in e], errors
+
+
+def _wait_ready(proc: subprocess.Popen, base: str) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_cli_serve_reloads_each_model_from_its_url_on_sighup_under_load(folder, table, tmp_path):  # noqa: F811
+    """``daskml-scale serve NAME=URL NAME=URL``: the CLI loads each bundle, and SIGHUP
+    reads each URL again while a client loop runs: every request 200, the answers turn
+    into the new version's; a file that no longer loads leaves the version serving."""
+    url = tmp_path / "price.bundle"
+    shutil.copy(folder["price"], url)
+    frame = _frame(table, 8)
+    recs = frame.to_dict("records")
+    v1 = load_bundle(folder["price"]).predict_frame(frame)["prediction"].to_numpy()
+    v2 = load_bundle(folder["price2"]).predict_frame(frame)["prediction"].to_numpy()
+    assert not np.allclose(v1, v2, rtol=1e-3)  # the two versions answer apart
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daskml_scale.serving", f"price={url}", f"cut={folder['cut']}", "--port", str(port)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_ready(proc, base)
+        models = {m["name"]: m for m in httpx.get(f"{base}/models").json()["models"]}
+        assert set(models) == {"price", "cut"} and models["price"]["url"] == str(url)
+        assert models["price"]["version"] == "1"
+
+        async def loop(stop: asyncio.Event) -> list[tuple[int, list[float] | str]]:
+            seen: list[tuple[int, list[float] | str]] = []
+            async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+                async def one_client() -> None:
+                    while not stop.is_set():
+                        r = await c.post("/predict", json=recs)
+                        seen.append((r.status_code, [g["prediction"] for g in r.json()] if r.status_code == 200
+                                     else r.text))
+                await asyncio.gather(*[one_client() for _ in range(4)])
+            return seen
+
+        async def reload_under_load() -> list[tuple[int, list[float] | str]]:
+            stop = asyncio.Event()
+            task = asyncio.ensure_future(loop(stop))
+            await asyncio.sleep(0.5)
+            shutil.copy(folder["price2"], url)  # a new version at the same URL
+            os.kill(proc.pid, signal.SIGHUP)
+            async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+                deadline = time.monotonic() + 60
+                while {m["name"]: m for m in (await c.get("/models")).json()["models"]}["price"]["version"] != "2":
+                    assert time.monotonic() < deadline, "SIGHUP did not bring version 2"
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+            stop.set()
+            return await task
+
+        seen = asyncio.run(reload_under_load())
+        assert [s for s, _ in seen if s != 200] == [], [a for s, a in seen if s != 200][:3]
+        answers = [np.asarray(a) for _, a in seen]
+        is_v1 = [np.allclose(a, v1, rtol=1e-4, atol=1e-5) for a in answers]
+        is_v2 = [np.allclose(a, v2, rtol=1e-4, atol=1e-5) for a in answers]
+        assert all(x or y for x, y in zip(is_v1, is_v2))  # each answer whole, from one version
+        assert is_v1[0] and is_v2[-1]
+        first_v2 = is_v2.index(True)
+        assert all(is_v2[first_v2:])  # once the new version answers, the old one no longer does
+
+        # a file that no longer loads: the error is reported, version 2 goes on serving
+        url.write_bytes(b"not a bundle")
+        os.kill(proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while not {m["name"]: m for m in httpx.get(f"{base}/models").json()["models"]}["price"]["reason"]:
+            assert time.monotonic() < deadline, "the failed reload was not reported"
+            time.sleep(0.1)
+        price = {m["name"]: m for m in httpx.get(f"{base}/models").json()["models"]}["price"]
+        assert price["version"] == "2" and price["state"] == "READY" and "not a daskml_scale bundle" in price["reason"]
+        got = httpx.post(f"{base}/predict", json=recs)
+        assert got.status_code == 200
+        np.testing.assert_allclose([g["prediction"] for g in got.json()], v2, rtol=1e-4, atol=1e-5)
+        # the repository endpoint reads the URL again too: back to a good file, version 3
+        shutil.copy(folder["price"], url)
+        r = httpx.post(f"{base}/v2/repository/models/price/load", timeout=60)
+        assert r.status_code == 200, r.text
+        assert {m["name"]: m for m in httpx.get(f"{base}/models").json()["models"]}["price"]["version"] == "3"
+        got = httpx.post(f"{base}/predict", json=recs).json()
+        np.testing.assert_allclose([g["prediction"] for g in got], v1, rtol=1e-4, atol=1e-5)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -71,7 +71,8 @@ class ServingState:
     Parameters
     ----------
     bundle_or_url : Bundle or str
-        The bundle, or its URL (loaded by :meth:`load`).
+        The bundle, or its URL (loaded by :meth:`load`); a new version is read from the
+        URL, or from the bundle's ``source``.
     options : ServeOptions
         The app's settings.
     client : distributed.Client, optional
@@ -84,7 +85,8 @@ class ServingState:
         self, bundle_or_url: "Bundle | str", options: ServeOptions, *, client: "Client | None" = None,
         metrics: Registry | None = None,
     ) -> None:
-        self.url = bundle_or_url if isinstance(bundle_or_url, str) else None
+        # a bundle loaded from a URL keeps it: a reload (SIGHUP, the repository endpoint) reads it again
+        self.url = bundle_or_url if isinstance(bundle_or_url, str) else bundle_or_url.source
         self.bundle: "Bundle | None" = None if isinstance(bundle_or_url, str) else bundle_or_url
         self.options = options
         self.max_body_bytes = options.max_body_bytes

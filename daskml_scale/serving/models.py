@@ -8,7 +8,8 @@ under its file's name). Every protocol routes by that name (``/models/{name}/pre
 the one ``/predict``, ``/info``, ``/metrics`` and ``/invocations`` serve.
 
 A reload (``POST /v2/repository/models/{name}/load``, or SIGHUP for every model with a
-URL) loads the new version in a state of its own, next to the old one that goes on
+URL: one given as a URL, or a bundle :func:`~daskml_scale.bundle.load_bundle` read from
+one, as ``daskml-scale serve`` passes them) loads the new version in a state of its own, next to the old one that goes on
 serving; only once the new one is ready does it take the name. Requests that had
 already reached the old version finish there; the old version is stopped once it is
 idle. A version that fails to load changes nothing but ``last_error``.
@@ -74,8 +75,8 @@ def sources_of(
             proto = bundle_or_url.split("://", 1)[0] + "://" if "://" in bundle_or_url else ""
             return {name_of_url(f): (f if not proto or f.startswith(proto) else proto + f) for f in files}
         return {model_name or name_of_url(bundle_or_url): bundle_or_url}
-    where = bundle_or_url._where  # TODO(lead): a public Bundle.source would replace this private attribute
-    return {model_name or (name_of_url(where) if where != "bundle" else "model"): bundle_or_url}
+    source = bundle_or_url.source
+    return {model_name or (name_of_url(source) if source is not None else "model"): bundle_or_url}
 
 
 @dataclass
