@@ -35,7 +35,7 @@ from daskml_scale._utils import waits
 from daskml_scale._utils.lru import LRUCache
 from daskml_scale.bundle import Bundle, bundle_bytes, open_bundle, read_bundle_bytes
 from daskml_scale.dropped_rows import apply_on_dropped, check_on_dropped
-from daskml_scale.exceptions import BundleError, DataError
+from daskml_scale.exceptions import ArgumentError, BundleError, DataError
 from daskml_scale.io.bad_rows import check_on_bad_rows
 from daskml_scale.io.csv import LINE_COLUMN, PATH_COLUMN, CsvReader, plan_csv
 from daskml_scale.io.parquet import read_parquet_file
@@ -270,6 +270,14 @@ def _predict_array(bundle_or_model: Any, X: Any, batch_size: int | None, preproc
         width = bundle_or_model.inputs[0].shape[-1] if getattr(bundle_or_model, "inputs", None) else X.shape[1]
         bundle_or_model = _live_bundle(bundle_or_model, _features_preprocessor(int(width)))
     bundle, _ = _as_bundle(bundle_or_model, None, storage_options)
+    from daskml_scale.groups.bundle import GroupBundle
+
+    if isinstance(bundle, GroupBundle):
+        raise ArgumentError(
+            f"Expected a Dask DataFrame with the group column(s) {bundle.by} for a group bundle: each row goes to "
+            f"its group's model, and a Dask array of features has no group column. Received: a Dask array of shape "
+            f"{X.shape}; pass the raw rows as a Dask DataFrame (predict(bundle, ddf))"
+        )
     n_features = len(bundle.feature_names)
     if X.shape[1] != n_features:
         raise ValueError(f"Expected {n_features} feature columns, the model's input. Received: an array of shape {X.shape}")
@@ -335,7 +343,8 @@ def predict(
         returned rows that cannot be matched to its input (a label twice, or not in
         the input), or dropped rows under ``on_dropped="error"``.
     ArgumentError
-        ``on_dropped`` is not one of the three policies.
+        ``on_dropped`` is not one of the three policies, or a group bundle was given
+        a Dask array (its rows need their group column: pass a Dask DataFrame).
     BundleError, UnsafeBundleError
         The bundle cannot be loaded.
 

@@ -217,6 +217,72 @@ def test_predict_and_predict_files_route_every_row(client, fitted, table, tmp_pa
     assert list(out["route_reason"]) == list(expected["route_reason"])
 
 
+def test_predict_refuses_a_dask_array_for_a_group_bundle(client, fitted, tmp_path):
+    import dask.array as da
+
+    models, pre = fitted
+    url = str(tmp_path / "arr.bundle")
+    daskml_scale.save_bundle(models, pre, url)
+    X = da.zeros((10, pre.n_features_), chunks=5, dtype="f4")
+    with pytest.raises(ArgumentError, match="group column.*tailnum"):
+        daskml_scale.predict(url, X)
+
+
+def test_per_group_scaling_standardizes_each_group_with_its_own_statistics(client, table, tmp_path):
+    df, big, small = table
+    pre = preprocessor()
+    models = daskml_scale.fit_groups(
+        build_model, df, by="tailnum", preprocessor=pre, epochs=EPOCHS, batch_size=BATCH, validation_fraction=VAL,
+        min_rows=MIN_ROWS, seed=SEED, fallback="global", fallback_epochs=1, client=client, per_group_scaling=True,
+    )
+    sc = models.scaling_
+    assert sc is not None and sc.columns == list(pre.numeric) and len(sc) == len(big)
+    k = len(pre.numeric)
+    m = np.array([pre.means_[c] for c in pre.numeric])
+    s = np.array([pre.scales_[c] for c in pre.numeric])
+    for key in (big[0], big[-1]):
+        rows = df[df.tailnum == key]
+        X, y = pre.transform(rows)
+        held = plan.held_out(len(X), VAL, SEED, (key,))
+        # the statistics of the group's training rows, in the raw columns' units
+        raw = X[:, :k].astype(np.float64) * s + m
+        want_mean, want_sd = raw[~held].mean(0), raw[~held].std(0)
+        i = models.index_of(key)
+        np.testing.assert_allclose(sc.means[i], want_mean, rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(sc.scales[i], np.where(want_sd > 1e-9, want_sd, 1.0), rtol=1e-5, atol=1e-6)
+        assert not np.allclose(sc.means[i], m)  # a group's own means, not the global ones
+        Xg = X.copy()
+        Xg[:, :k] = (raw - sc.means[i]) / sc.scales[i]
+        np.testing.assert_allclose(models.transform_for(key, X), Xg, rtol=1e-5, atol=1e-5)
+        # a separate fit on the group's rows, scaled with the group's statistics, gives the same model
+        ref = build_model(pre.n_features_)
+        ref.set_weights(models.initial_weights_)
+        for epoch in range(EPOCHS):
+            order = plan.epoch_order(int((~held).sum()), SEED, epoch, (key,))
+            ref.fit(Xg[~held][order], y[~held][order], batch_size=BATCH, shuffle=False, epochs=1, verbose=0)
+        for a, b in zip(ref.get_weights(), models.weights_for(key)):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=2e-5, err_msg=f"group {key}")
+
+    # stored in the bundle, applied at prediction; other groups' rows use the global statistics
+    url = str(tmp_path / "scaled.bundle")
+    daskml_scale.save_bundle(models, pre, url)
+    bundle = daskml_scale.load_bundle(url)
+    assert bundle.info()["groups"]["per_group_scaling"] is True
+    np.testing.assert_array_equal(bundle.scaling.means, sc.means)
+    rows = mixed_rows(df, big, small)
+    pred = bundle.predict_frame(rows)
+    X, _ = pre.transform(rows, with_target=False)
+    for i, row in rows.iterrows():
+        key = row["tailnum"]
+        if isinstance(key, str) and key in big:
+            want = models.model_for(key)(models.transform_for(key, X[i : i + 1])).numpy()[0, 0]
+            assert pred.loc[i, "route"] == "group"
+        else:
+            want = models.fallback_(X[i : i + 1]).numpy()[0, 0]
+            assert pred.loc[i, "route"] == "fallback"
+        np.testing.assert_allclose(pred.loc[i, "prediction"], want, rtol=1e-4, atol=1e-3)
+
+
 @pytest.fixture(scope="module")
 def loop_fitted(client, table):
     df, _, _ = table

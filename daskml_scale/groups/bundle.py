@@ -10,7 +10,11 @@ A group bundle is a zip holding
 * ``groups/index.json``   the groups' keys (in the order of the weights), their rows,
   the groups under ``min_rows``;
 * ``groups/w<i>.npy``     weight ``i`` of the architecture, stacked ``(groups, *shape)``;
-* ``groups/history.csv``  the per-group history.
+* ``groups/history.csv``  the per-group history;
+* ``groups/scaling_means.npy``, ``groups/scaling_scales.npy``  with
+  ``per_group_scaling=True`` only: every group's numeric statistics
+  ``(groups, numeric columns)`` (:mod:`daskml_scale.groups.scaling`), applied to the
+  rows routed to the group's model.
 
 Loading follows the rules of :func:`daskml_scale.load_bundle`: nothing is unpickled
 (JSON, CSV and ``np.load(..., allow_pickle=False)``), the model loads in Keras's safe
@@ -52,6 +56,7 @@ FORMAT_VERSION = 1
 ROUTE_COLUMNS = ["route", "route_reason"]
 _META, _BASE, _INDEX, _HISTORY = "metadata.json", "base.bundle", "groups/index.json", "groups/history.csv"
 _PARTS = (_META, _BASE, _INDEX)
+_SCALING = ("groups/scaling_means.npy", "groups/scaling_scales.npy")
 
 
 def _weight_name(i: int) -> str:
@@ -85,6 +90,7 @@ def group_bundle_bytes(
         "by": list(gm.by), "groups": len(gm), "small_groups": len(gm.small_groups_), "min_rows": gm.min_rows,
         "fallback": "global" if gm.fallback_ is not None else None, "mode": gm.mode_,
         "weights": len(gm.weights_), "training_summary": gm.describe(),
+        "per_group_scaling": gm.scaling_.columns if gm.scaling_ is not None else None,
     }
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
@@ -96,6 +102,11 @@ def group_bundle_bytes(
             np.save(one, np.ascontiguousarray(w, dtype=np.float32), allow_pickle=False)
             zf.writestr(_weight_name(i), one.getvalue(), compress_type=zipfile.ZIP_STORED)
         zf.writestr(_HISTORY, history.to_csv(index=False), compress_type=zipfile.ZIP_DEFLATED)
+        if gm.scaling_ is not None:
+            for name, arr in zip(_SCALING, (gm.scaling_.means, gm.scaling_.scales)):
+                one = io.BytesIO()
+                np.save(one, np.ascontiguousarray(arr, dtype=np.float64), allow_pickle=False)
+                zf.writestr(name, one.getvalue(), compress_type=zipfile.ZIP_STORED)
     return buf.getvalue()
 
 
@@ -120,7 +131,8 @@ def _read(data: bytes, where: str) -> dict[str, bytes]:
         weights = tuple(sorted((n for n in names if n.startswith("groups/w") and n.endswith(".npy")),
                                key=lambda n: int(n[len("groups/w"):-len(".npy")])))
         try:
-            return {n: zf.read(n) for n in _PARTS + weights + ((_HISTORY,) if _HISTORY in names else ())}
+            extra = tuple(n for n in (_HISTORY, *_SCALING) if n in names)
+            return {n: zf.read(n) for n in _PARTS + weights + extra}
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
             raise BundleError(f"{where}: the group bundle is corrupt ({exc}). Save it again with save_bundle().") from exc
 
@@ -179,6 +191,7 @@ class GroupBundle(Bundle):
             if len(w) != len(self._keys):
                 raise BundleError(f"{where}: the stacked weights hold {len(w)} groups, the index {len(self._keys)}")
         self._code_of = {k: i for i, k in enumerate(self._keys)}
+        self.scaling = self._read_scaling(parts, meta, where)
         self._history_csv = parts.get(_HISTORY)
         self.has_fallback = meta.get("fallback") == "global"
         self.base_output_names = list(self.output_names)
@@ -187,6 +200,24 @@ class GroupBundle(Bundle):
         self._lock = threading.Lock()
         if not lazy:
             self.model  # noqa: B018  (load now: errors surface at load time)
+
+    def _read_scaling(self, parts: dict[str, bytes], meta: dict[str, Any], where: str) -> Any:
+        columns = meta.get("per_group_scaling")
+        if not columns:
+            return None
+        from daskml_scale.groups.scaling import GroupScaling
+
+        pre = self.preprocessor
+        try:
+            means, scales = (np.load(io.BytesIO(parts[n]), allow_pickle=False) for n in _SCALING)
+            if list(columns) != list(pre.numeric):
+                raise ValueError(f"scaled columns {columns} are not the preprocessor's numeric {pre.numeric}")
+            scaling = GroupScaling.of(pre, means, scales)
+        except (KeyError, ValueError, TypeError, OSError) as exc:
+            raise BundleError(f"{where}: the per-group scaling is unreadable ({type(exc).__name__}: {exc})") from exc
+        if len(scaling) != len(self._keys):
+            raise BundleError(f"{where}: the per-group scaling holds {len(scaling)} groups, the index {len(self._keys)}")
+        return scaling
 
     # ------------------------------------------------------------------ groups
     @property
@@ -273,8 +304,11 @@ class GroupBundle(Bundle):
         route = np.full(n, "none", dtype=object)
         parts: list[tuple[np.ndarray, np.ndarray]] = []
         if routed.any():
+            Xg = X[routed]
+            if self.scaling is not None:
+                Xg = self.scaling.apply(Xg, codes[routed])
             with self._lock:
-                parts.append((routed, self._group_forward()(X[routed], codes[routed].astype(np.int32))))
+                parts.append((routed, self._group_forward()(Xg, codes[routed].astype(np.int32))))
             route[routed] = "group"
         if self.has_fallback and (~routed).any():
             parts.append((~routed, self.predict_array(X[~routed], batch_size=batch_size)))
@@ -307,6 +341,7 @@ class GroupBundle(Bundle):
         out["groups"] = {
             "by": list(self.by), "count": len(self._keys), "small_groups": len(self._small),
             "min_rows": m.get("min_rows"), "fallback": m.get("fallback"), "mode": m.get("mode"),
+            "per_group_scaling": bool(m.get("per_group_scaling")),
             "format": m.get("format"), "format_version": m.get("format_version"),
             "training_summary": m.get("training_summary"),
         }

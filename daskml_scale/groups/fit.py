@@ -65,6 +65,7 @@ def fit_groups(
     shuffle: bool = True,
     mode: str = "auto",
     npartitions: int | None = None,
+    per_group_scaling: bool = False,
 ) -> GroupModels:
     """Train one Keras model per group of rows, all groups of a worker together.
 
@@ -108,6 +109,13 @@ def fit_groups(
     npartitions : int, optional
         Partitions after the shuffle (default: as many as ``data`` has, at least one
         per worker); each is one task.
+    per_group_scaling : bool
+        Standardize every group's numeric features with the mean and scale of the
+        group's own training rows (computed on the worker after the shuffle, stored
+        in the bundle, applied at prediction) instead of the global ones. Rows of
+        groups without a model (the fallback's) keep the global statistics.
+        ``model_for(key)`` then expects features scaled with the group's statistics
+        (:meth:`GroupModels.transform_for`).
 
     Returns
     -------
@@ -181,7 +189,7 @@ def fit_groups(
     task = GroupTask(
         fit_id=fit_id, by=by, preprocessor=preprocessor, epochs=int(epochs), batch_size=batch_size,
         validation_fraction=validation_fraction, min_rows=int(min_rows), seed=seed, shuffle=bool(shuffle),
-        mode=run_mode, initial_weights=initial,
+        mode=run_mode, initial_weights=initial, per_group_scaling=bool(per_group_scaling),
     )
 
     # rows to their group's partition; one task per partition
@@ -214,7 +222,8 @@ def fit_groups(
             f.release()
     timings["total_s"] = time.perf_counter() - t0
     return _assemble(results, by, template, template_bytes, initial, run_mode, int(min_rows), fallback_model,
-                     fallback_history, timings, why, epochs, batch_size, validation_fraction, seed)
+                     fallback_history, timings, why, epochs, batch_size, validation_fraction, seed,
+                     scaling_of=preprocessor if per_group_scaling else None)
 
 
 def _gather(client: Any, futures: list[Any]) -> list[dict[str, Any]]:
@@ -236,7 +245,7 @@ def _gather(client: Any, futures: list[Any]) -> list[dict[str, Any]]:
 def _assemble(results: list[dict[str, Any]], by: list[str], template: Any, template_bytes: bytes,
               initial: list[np.ndarray], mode: str, min_rows: int, fallback_model: Any, fallback_history: Any,
               timings: dict[str, float], why: str, epochs: int, batch_size: int, validation_fraction: float,
-              seed: int) -> GroupModels:
+              seed: int, scaling_of: Any = None) -> GroupModels:
     merged = stack_results(results)
     keys = [tuple(plan_key) for plan_key in (_parse(k) for k in merged["keys"])]
     if len(set(keys)) != len(keys):  # pragma: no cover - the shuffle puts a group in one partition
@@ -250,6 +259,13 @@ def _assemble(results: list[dict[str, Any]], by: list[str], template: Any, templ
     rows = merged["rows"][order] if keys else np.zeros(0, np.int64)
     val_rows = merged["val_rows"][order] if keys else np.zeros(0, np.int64)
     small = {tuple(_parse(k)): n for k, n in merged["small"].items()}
+    scaling = None
+    if scaling_of is not None:
+        from daskml_scale.groups.scaling import GroupScaling
+
+        k = len(scaling_of.numeric)
+        means, scales = merged["scaling"] if merged["scaling"] is not None else (np.zeros((0, k)), np.ones((0, k)))
+        scaling = GroupScaling.of(scaling_of, means[order] if keys else means, scales[order] if keys else scales)
     if not keys and fallback_model is None:
         raise DataError(
             f"Expected at least one group with min_rows={min_rows} rows. Received: {len(small)} groups, the largest "
@@ -261,6 +277,7 @@ def _assemble(results: list[dict[str, Any]], by: list[str], template: Any, templ
         "small_group_rows": int(sum(small.values())), "timings": {k: round(v, 4) for k, v in timings.items()},
         "worker_train_s": round(float(sum(r["timings"]["train_s"] for r in results)), 4),
         "stacking": "stacked" if mode == "stacked" else f"loop ({why or 'asked for'})",
+        "per_group_scaling": scaling_of is not None,
     }
     if fallback_history is not None:
         summary["fallback"] = {k: float(v[-1]) for k, v in fallback_history.history.items() if v}
@@ -268,6 +285,7 @@ def _assemble(results: list[dict[str, Any]], by: list[str], template: Any, templ
         by=by, keys=keys, weights=weights, template_bytes=template_bytes,
         history=history_frame(keys, loss, val, rows, val_rows), small=small, fallback=fallback_model, mode=mode,
         min_rows=min_rows, initial_weights=initial, rows=rows.tolist(), summary=summary, template=template,
+        scaling=scaling,
     )
 
 

@@ -43,13 +43,16 @@ class GroupModels:
         ``"stacked"`` (one compiled program per worker) or ``"loop"``.
     summary_ : dict
         What the fit did (groups, rows, timings, settings).
+    scaling_ : GroupScaling or None
+        With ``per_group_scaling=True``: every group's numeric statistics
+        (:mod:`daskml_scale.groups.scaling`); ``None``: the Preprocessor's global ones.
     """
 
     def __init__(
         self, *, by: Sequence[str], keys: Sequence[tuple], weights: Sequence[np.ndarray], template_bytes: bytes,
         history: pd.DataFrame, small: dict[tuple, int], fallback: Any, mode: str, min_rows: int,
         initial_weights: Sequence[np.ndarray], rows: Sequence[int], summary: dict[str, Any] | None = None,
-        template: Any = None,
+        template: Any = None, scaling: Any = None,
     ) -> None:
         self.by = list(by)
         self._keys = [tuple(k) for k in keys]
@@ -66,6 +69,9 @@ class GroupModels:
         self.summary_ = dict(summary or {})
         self._template = template
         self.rows_ = [int(n) for n in rows]
+        self.scaling_ = scaling
+        if scaling is not None and len(scaling) != len(self._keys):
+            raise ArgumentError(f"Expected per-group scaling of {len(self._keys)} groups. Received: {len(scaling)}")
         for w in self.weights_:
             if len(w) != len(self._keys):
                 raise ArgumentError(f"Expected stacked weights of {len(self._keys)} groups. Received: {w.shape}")
@@ -103,6 +109,14 @@ class GroupModels:
         i = self.index_of(key)
         return [w[i] for w in self.weights_]
 
+    def transform_for(self, key: Any, X: np.ndarray) -> np.ndarray:
+        """Features of the Preprocessor's transform as ``key``'s model expects them: with
+        per-group scaling, rescaled by the group's statistics; else ``X`` as is."""
+        i = self.index_of(key)
+        if self.scaling_ is None:
+            return X
+        return self.scaling_.apply(X, np.full(len(X), i, np.int64))
+
     # ------------------------------------------------------------------ models
     def template(self) -> Any:
         """The architecture as a compiled Keras model (initial weights)."""
@@ -135,6 +149,7 @@ class GroupModels:
         return {
             "by": list(self.by), "groups": len(self._keys), "small_groups": len(self._small),
             "min_rows": self.min_rows, "mode": self.mode_, "fallback": "global" if self.fallback_ is not None else None,
+            "per_group_scaling": self.scaling_ is not None,
             "final_loss_mean": float(last["loss"].mean()) if len(last) else None,
             "final_val_loss_mean": float(last["val_loss"].mean()) if len(last) and last["val_loss"].notna().any() else None,
             **{k: v for k, v in self.summary_.items() if k not in ("by", "groups", "mode")},

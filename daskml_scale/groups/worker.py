@@ -32,6 +32,7 @@ from daskml_scale._utils.lru import LRUCache
 from daskml_scale.dropped_rows import kept_rows
 from daskml_scale.exceptions import MissingColumnError
 from daskml_scale.groups import plan
+from daskml_scale.groups.scaling import apply_group_scaling, group_statistics
 from daskml_scale.groups.spec import stack_plan
 from daskml_scale.target import missing_rows
 
@@ -55,6 +56,7 @@ class GroupTask:
     shuffle: bool
     mode: str  # "stacked" or "loop"
     initial_weights: list[np.ndarray]
+    per_group_scaling: bool = False
 
 
 def add_row_key(df: pd.DataFrame, partition_info: dict[str, Any] | None = None) -> pd.DataFrame:
@@ -180,6 +182,8 @@ def train_partition(df: pd.DataFrame, model_bytes: bytes, task: GroupTask) -> di
     result: dict[str, Any] = {"small": small, "keys": [plan.key_json(g[0]) for g in groups],
                               "rows": np.array([len(g[1]) for g in groups], np.int64),
                               "val_rows": np.array([len(g[2]) for g in groups], np.int64)}
+    if task.per_group_scaling:
+        data, result["scaling"] = _scale_groups(data, groups, task.preprocessor)
     with worker.lock:
         if not groups:
             weights, loss, val = [np.zeros((0, *np.shape(w)), np.float32) for w in task.initial_weights], None, None
@@ -198,6 +202,23 @@ def train_partition(df: pd.DataFrame, model_bytes: bytes, task: GroupTask) -> di
     result["timings"] = {"prepare_s": t_prep, "train_s": time.perf_counter() - t0 - t_prep}
     result["worker"] = _worker_address()
     return result
+
+
+def _scale_groups(data: dict[str, Any], groups: list[Any], pre: Any) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every trained group's rows rescaled by the statistics of its training rows
+    (:mod:`daskml_scale.groups.scaling`); the statistics, in the groups' order."""
+    cols = list(pre.numeric)
+    gm = np.array([pre.means_[c] for c in cols], np.float64)
+    gs = np.array([pre.scales_[c] for c in cols], np.float64)
+    means, scales = group_statistics(data["X"], [g[1] for g in groups], gm, gs)
+    codes = np.full(len(data["X"]), -1, np.int64)
+    for j, (_, tr, va) in enumerate(groups):
+        codes[tr] = j
+        codes[va] = j
+    sel = np.flatnonzero(codes >= 0)
+    X = np.array(data["X"], np.float32, copy=True)
+    X[sel] = apply_group_scaling(X[sel], codes[sel], means, scales, gm, gs)
+    return {**data, "X": X}, {"means": means, "scales": scales}
 
 
 def _train_stacked(worker: _Worker, data: dict[str, Any], groups: list[Any], task: GroupTask) -> tuple[Any, Any, Any]:
@@ -287,6 +308,7 @@ def stack_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     keys: list[str] = []
     weights: list[list[np.ndarray]] = []
     loss, val, rows, val_rows = [], [], [], []
+    means, scales = [], []
     small: dict[str, int] = {}
     for r in results:
         keys += r["keys"]
@@ -296,7 +318,11 @@ def stack_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         rows.append(r["rows"])
         val_rows.append(r["val_rows"])
         small.update(r["small"])
+        if "scaling" in r:
+            means.append(r["scaling"]["means"])
+            scales.append(r["scaling"]["scales"])
     stacked = [np.concatenate([w[i] for w in weights]) for i in range(len(weights[0]))] if weights else []
     return {"keys": keys, "weights": stacked, "loss": np.concatenate(loss) if loss else None,
             "val_loss": np.concatenate(val) if val else None, "rows": np.concatenate(rows) if rows else None,
-            "val_rows": np.concatenate(val_rows) if val_rows else None, "small": small}
+            "val_rows": np.concatenate(val_rows) if val_rows else None, "small": small,
+            "scaling": (np.concatenate(means), np.concatenate(scales)) if means else None}
