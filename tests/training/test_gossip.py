@@ -56,7 +56,11 @@ def test_gossip_reaches_model_averagings_loss(diamond_data, fitted_pre, client):
     n = len(fitted_pre.feature_names_)
     common = dict(preprocessor=fitted_pre, epochs=5, batch_size=BATCH, client=client, verbose=0,
                   validation_data=diamond_data.val_ddf())
-    h = daskml_scale.fit(build_model(n), diamond_data.ddf(), strategy=daskml_scale.Gossip(every=8), **common)
+    # wait=5: on a loaded machine (CI) a neighbour's message can be later than the default
+    # bound, and skipped exchanges cost consensus; this test is about the loss, the straggler
+    # test below is about the bound
+    h = daskml_scale.fit(build_model(n), diamond_data.ddf(), strategy=daskml_scale.Gossip(every=8, wait=5),
+                         **common)
     avg = daskml_scale.fit(build_model(n), diamond_data.ddf(), strategy=daskml_scale.ModelAveraging(sync_every=8),
                            **common)
     assert h.history["val_loss"][-1] <= 1.05 * avg.history["val_loss"][-1]
