@@ -18,7 +18,7 @@ import pytest
 
 from daskml_scale.bundle import load_bundle
 
-from .conftest import free_port
+from .conftest import _stop, free_port
 from .test_serving_models import _frame, folder, table  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,16 +38,7 @@ def test_sighup_reloads_and_sigterm_lets_the_requests_in_flight_finish(folder, t
     proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not become ready"
-            time.sleep(0.2)
+        _wait_ready(proc, base)
         assert httpx.get(f"{base}/models").json()["models"][0]["version"] == "1"
         shutil.copy(folder["price2"], url)  # a new version at the same URL
         os.kill(proc.pid, signal.SIGHUP)
@@ -189,9 +180,4 @@ def test_cli_serve_reloads_each_model_from_its_url_on_sighup_under_load(folder, 
         got = httpx.post(f"{base}/predict", json=recs).json()
         np.testing.assert_allclose([g["prediction"] for g in got], v1, rtol=1e-4, atol=1e-5)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop([proc])
