@@ -15,8 +15,9 @@ round and counted.
 
 On one machine, ``daskml_scale.connect(sites={"a": 1, "b": 2})`` starts such a cluster.
 
-Not built yet (issue 15): DP-FedAvg (``clip_norm``, ``noise_multiplier``) and secure
-aggregation.
+Privacy options (``clip_norm`` and ``noise_multiplier`` for DP-FedAvg, and
+``secure_aggregation``) are in :mod:`daskml_scale.training.federated_privacy`, which says
+what each one protects against and what it does not.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import numpy as np
 
 from daskml_scale import backend, config
 from daskml_scale.exceptions import ArgumentError, DataError, TrainingError
+from daskml_scale.training import federated_privacy as privacy
 from daskml_scale.training.averaging import weighted_average
 from daskml_scale.training.driver import Fit
 from daskml_scale.training.runner import sum_states
@@ -115,17 +117,32 @@ class Federated(Strategy):
         and counted (``fed_stragglers``). Default ``daskml_scale.training.ps-timeout``.
     seed : int or None
         Seeds the sampling of sites (default: the fit's seed).
-    optimizer_state : {"average", "reset"}
-        ``"average"`` (default): the sites' optimizer slots (Adam's moments) are averaged
-        like the weights, weighted by rows, and every site starts the next round from
-        them (as :class:`ModelAveraging` does); ``"reset"``: every round starts from the
-        optimizer's fresh slots (FedAvg with stateless clients).
+    optimizer_state : {"average", "reset"} or None
+        ``"average"``: the sites' optimizer slots (Adam's moments) are averaged like the
+        weights, weighted by rows, and every site starts the next round from them (as
+        :class:`ModelAveraging` does); ``"reset"``: every round starts from the
+        optimizer's fresh slots (FedAvg with stateless clients). Default (None):
+        ``"reset"`` with ``clip_norm`` (slots are neither clipped nor noised, so they are
+        not shared), else ``"average"``.
+    clip_norm : float or None
+        DP-FedAvg: every site's update is clipped to this L2 norm, and the updates are
+        averaged with equal weight per site.
+    noise_multiplier : float
+        DP-FedAvg: Gaussian noise of ``noise_multiplier * clip_norm / sites`` on every
+        coordinate of the mean update (needs ``clip_norm``).
+    secure_aggregation : bool
+        The driver sees only the sum of the sites' updates (pairwise masks agreed between
+        the sites' workers, which cancel in the sum); at least two sites per round. See
+        :mod:`daskml_scale.training.federated_privacy` for what it does not protect against.
 
     Notes
     -----
     Every site starts a round from the global weights. The History gets per round ``fed_sites_sampled``, ``fed_sites_answered``,
     ``fed_stragglers``, ``fed_update_norm`` (the norm of the averaged update) and
-    ``fed_samples_<site>`` (rows each site trained on; 0 when not sampled or lost).
+    ``fed_samples_<site>`` (rows each site trained on; 0 when not sampled or lost); with
+    ``clip_norm``, ``fed_clip_norm``, ``fed_sites_clipped`` and ``fed_noise_std``; with
+    ``secure_aggregation``, ``fed_sites_summed`` (the sites in the round's sum; 0: the
+    round was discarded).
     """
 
     fraction: float = 1.0
@@ -135,7 +152,10 @@ class Federated(Strategy):
     mu: float = 0.0
     round_timeout: float | None = None
     seed: int | None = None
-    optimizer_state: str = "average"
+    optimizer_state: str | None = None
+    clip_norm: float | None = None
+    noise_multiplier: float = 0.0
+    secure_aggregation: bool = False
 
     name = "federated"
 
@@ -150,14 +170,36 @@ class Federated(Strategy):
             raise ArgumentError(f"Expected local_steps to be None or >= 1. Received: local_steps={self.local_steps!r}")
         if not isinstance(self.mu, (int, float)) or self.mu < 0:
             raise ArgumentError(f"Expected mu >= 0. Received: mu={self.mu!r}")
-        if self.optimizer_state not in ("average", "reset"):
+        if self.optimizer_state not in (None, "average", "reset"):
             raise ArgumentError(
-                f"Expected optimizer_state to be 'average' or 'reset'. Received: {self.optimizer_state!r}")
+                f"Expected optimizer_state to be 'average', 'reset' or None. Received: {self.optimizer_state!r}")
+        if self.clip_norm is not None and (isinstance(self.clip_norm, bool) or not isinstance(self.clip_norm, (int, float))
+                                           or not math.isfinite(self.clip_norm) or self.clip_norm <= 0):
+            raise ArgumentError(f"Expected clip_norm to be None or a positive number. Received: clip_norm={self.clip_norm!r}")
+        if (isinstance(self.noise_multiplier, bool) or not isinstance(self.noise_multiplier, (int, float))
+                or not math.isfinite(self.noise_multiplier) or self.noise_multiplier < 0):
+            raise ArgumentError(f"Expected noise_multiplier >= 0. Received: noise_multiplier={self.noise_multiplier!r}")
+        if self.noise_multiplier > 0 and self.clip_norm is None:
+            raise ArgumentError("noise_multiplier needs clip_norm: the noise is scaled to the clipped updates' "
+                                f"bound. Received: noise_multiplier={self.noise_multiplier!r}, clip_norm=None")
+        if self.clip_norm is not None and self.optimizer_state == "average":
+            raise ArgumentError("optimizer_state='average' with clip_norm would share the sites' optimizer slots "
+                                "unclipped and without noise; use optimizer_state='reset' (the default with clip_norm)")
+        if not isinstance(self.secure_aggregation, bool):
+            raise ArgumentError(f"Expected secure_aggregation to be True or False. Received: {self.secure_aggregation!r}")
+        if self.secure_aggregation:
+            privacy.cryptography_x25519()
+
+    @property
+    def slots(self) -> str:
+        """The optimizer-state policy in effect: ``"average"`` or ``"reset"``."""
+        return self.optimizer_state or ("reset" if self.clip_norm is not None else "average")
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "fraction": float(self.fraction), "min_sites": int(self.min_sites),
                 "local_epochs": int(self.local_epochs), "local_steps": self.local_steps, "mu": float(self.mu),
-                "optimizer_state": self.optimizer_state}
+                "optimizer_state": self.slots, "clip_norm": self.clip_norm,
+                "noise_multiplier": float(self.noise_multiplier), "secure_aggregation": self.secure_aggregation}
 
     def create_state(self) -> _FederatedState:
         return _FederatedState()
@@ -183,7 +225,7 @@ class Federated(Strategy):
             logger.warning("daskml_scale.fit: site %r has no live worker; it is skipped in round %d", s, runner.epoch)
         chosen = self.sample([s for s in sites if live.get(s)], runner.epoch, runner.seed)
         lr = _learning_rate(runner.model)
-        keep = self.optimizer_state == "average"
+        keep = self.slots == "average"
         slots = runner.optimizer_state if keep else runner.initial_optimizer_state
         futs = {}
         for s in chosen:
@@ -194,6 +236,7 @@ class Federated(Strategy):
                 StreamRange(tuple(parts), 0, st.rows[i], i), runner.sources(parts),
                 batch_size=runner.batch_size, seed=runner.seed, round_=runner.epoch,
                 local_epochs=int(self.local_epochs), local_steps=self.local_steps, mu=float(self.mu), lr=lr, site=s,
+                clip_norm=self.clip_norm, secure=self.secure_aggregation, keep_slots=keep,
                 pure=False, workers=live[s], allow_other_workers=False,
                 key=(f"daskml-fed-train-{runner.fit_id}-{s}", runner.epoch, uuid.uuid4().hex[:6]),
             )
@@ -202,20 +245,71 @@ class Federated(Strategy):
         st.stats = {"sites_sampled": float(len(chosen)), "sites_answered": float(len(results)),
                     "stragglers": float(stragglers), "update_norm": 0.0,
                     **{f"samples_{s}": float(results[s]["samples"]) if s in results else 0.0 for s in sites}}
+        if self.clip_norm is not None:
+            st.stats.update(clip_norm=float(self.clip_norm), sites_clipped=0.0, noise_std=0.0)
+        if self.secure_aggregation:
+            st.stats["sites_summed"] = 0.0
         done = [r for r in results.values() if r["samples"] > 0]
         if not done:
             runner.round_end()
             return
         samples = [r["samples"] for r in done]
-        share = np.asarray(samples, np.float64) / sum(samples)
-        update = [sum(w * np.asarray(r["update"][j], np.float64) for w, r in zip(share, done))
-                  for j in range(len(runner.weights))]
-        st.stats["update_norm"] = float(np.sqrt(sum(float(np.sum(u * u)) for u in update)))
-        runner.weights = [(np.asarray(w) + u).astype(np.asarray(w).dtype) for w, u in zip(runner.weights, update)]
-        if keep:
-            runner.optimizer_state = weighted_average([r["optimizer"] for r in done], samples)
+        update, slots_avg = self._aggregate(runner, {r["site"]: r for r in done}, keep)
+        if update is not None:
+            st.stats["update_norm"] = float(np.sqrt(sum(float(np.sum(u * u)) for u in update)))
+            runner.weights = [(np.asarray(w) + u).astype(np.asarray(w).dtype) for w, u in zip(runner.weights, update)]
+            if slots_avg is not None:
+                runner.optimizer_state = slots_avg
         runner.add_train_metrics([r["metrics"] for r in done], sum(samples))
         runner.round_end()
+
+    def _aggregate(self, runner: "EpochRunner", done: dict[str, dict[str, Any]],
+                   keep: bool) -> tuple[list[np.ndarray] | None, list[np.ndarray] | None]:
+        """The round's mean update (None: the round is discarded) and, with ``keep``, the
+        averaged optimizer slots: weighted by rows, or with ``clip_norm`` equal per site
+        plus DP noise; with ``secure_aggregation`` from the masked sum only."""
+        st: _FederatedState = runner.state
+        like = runner.weights
+        slot_like = [s for s in (runner.optimizer_state or []) if not _integer(s)] if keep else []
+        if self.secure_aggregation:
+            summed = privacy.secure_sum(runner.client, runner.fit_id, runner.epoch, done, self._timeout())
+            st.stats["sites_summed"] = float(len(summed[1])) if summed else 0.0
+            if summed is None:
+                return None, None
+            vector, sites = summed
+            rows = [done[s]["samples"] for s in sites]
+            n_w = sum(int(np.size(w)) for w in like)
+            n_s = sum(int(np.size(s)) for s in slot_like)
+            total_update = privacy.unflatten(vector[:n_w], like)
+            total_slots = privacy.unflatten(vector[n_w: n_w + n_s], slot_like)
+            clipped = float(vector[n_w + n_s]) if self.clip_norm is not None else 0.0
+            ints = [done[x]["optimizer_ints"] for x in sites]
+        else:
+            sites = sorted(done)
+            rows = [done[s]["samples"] for s in sites]
+            weight = [1.0] * len(sites) if self.clip_norm is not None else rows
+            total_update = [sum(w * np.asarray(done[s]["update"][j], np.float64) for w, s in zip(weight, sites))
+                            for j in range(len(like))]
+            total_slots = weighted_average([done[s]["optimizer"] for s in sites], rows) if keep else []
+            clipped = float(sum(done[s].get("clipped", 0.0) for s in sites))
+            ints = None
+        if self.clip_norm is not None:
+            std = privacy.noise_std(self.noise_multiplier, self.clip_norm, len(sites))
+            update = privacy.add_noise([u / len(sites) for u in total_update], std)
+            st.stats.update(clip_norm=float(self.clip_norm), sites_clipped=clipped, noise_std=std)
+        else:
+            update = [u / float(sum(rows)) for u in total_update]
+        if not keep:
+            return update, None
+        if ints is None:
+            return update, total_slots
+        merged, it_f, it_i = [], iter(total_slots), iter(zip(*ints)) if ints and ints[0] else iter(())
+        for s in runner.optimizer_state:
+            if _integer(s):
+                merged.append(np.max(np.stack(next(it_i)), axis=0).astype(np.asarray(s).dtype))
+            else:
+                merged.append((next(it_f) / float(sum(rows))).astype(np.asarray(s).dtype))
+        return update, merged
 
     def _wait(self, runner: "EpochRunner", futs: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], int]:
         """The sites' results within ``round_timeout``; a site that lost its workers, or is
@@ -390,6 +484,10 @@ class FederatedFit(Fit):
         return {f"val_{k}": v for k, v in logs.items()}
 
 
+def _integer(a: Any) -> bool:
+    return bool(np.issubdtype(np.asarray(a).dtype, np.integer))
+
+
 def _wait_s() -> float:
     return float(config.get("training.ps-timeout", 120))
 
@@ -411,10 +509,12 @@ def _frame(value: Any, storage_options: dict[str, Any] | None) -> Any:
 def train_site(
     fit_id: str, model_bytes: bytes, weights: list[np.ndarray], optimizer: list[np.ndarray], rows: StreamRange,
     sources: dict[int, Any], *, batch_size: int, seed: int, round_: int, local_epochs: int, local_steps: int | None,
-    mu: float, lr: float, site: str,
+    mu: float, lr: float, site: str, clip_norm: float | None = None, secure: bool = False, keep_slots: bool = True,
 ) -> dict[str, Any]:
     """A site's round: train from the global ``weights`` over its own rows; returns the
-    update (``weights`` subtracted), the metric state and the rows trained on."""
+    update (``weights`` subtracted; clipped to ``clip_norm``), the metric state and the
+    rows trained on. With ``secure`` the update stays on this worker, and the answer
+    carries this round's public key instead (see :mod:`.federated_privacy`)."""
     cached = model_for(fit_id, model_bytes)
     with cached.lock:
         model = cached.model
@@ -446,9 +546,22 @@ def train_site(
                     now = backend.get_weights(model)
                     backend.set_weights(model, [g + (w - g) * pull if t else w
                                                 for w, g, t in zip(now, weights, mask)])
-        return {
-            "samples": samples, "site": site,
-            "update": [np.asarray(w, np.float64) - np.asarray(g, np.float64)
-                       for w, g in zip(backend.get_weights(model), weights)],
-            "metrics": backend.metric_state(model), "optimizer": backend.get_optimizer_state(model),
-        }
+        update = [np.asarray(w, np.float64) - np.asarray(g, np.float64)
+                  for w, g in zip(backend.get_weights(model), weights)]
+        out: dict[str, Any] = {"samples": samples, "site": site, "metrics": backend.metric_state(model)}
+        clipped = False
+        if clip_norm is not None:
+            update, _, clipped = privacy.clip_update(update, float(clip_norm))
+        slots = backend.get_optimizer_state(model) if keep_slots else []
+        if not secure:
+            return {**out, "update": update, "optimizer": slots, "clipped": float(clipped)}
+        from distributed import get_worker
+
+        # in the sum: the update (x rows, unless clipped: equal weight), the float slots (x rows), the clipped count
+        scale = 1.0 if clip_norm is not None else float(samples)
+        parts = [u * scale for u in update] + [np.asarray(s, np.float64) * samples for s in slots if not _integer(s)]
+        vector = privacy.flatten(parts)
+        if clip_norm is not None:
+            vector = np.append(vector, float(clipped))
+        return {**out, "worker": get_worker().address, "optimizer_ints": [s for s in slots if _integer(s)],
+                "public_key": privacy.hold_update(fit_id, site, round_, vector)}

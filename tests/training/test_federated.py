@@ -164,3 +164,129 @@ def test_fedavg_is_pooled_averaging_on_iid_sites_and_fedprox_no_worse_on_non_iid
     assert fed.history["val_loss"][-1] < 0.5 * fed.history["val_loss"][0]
     assert all(x > 0 for x in fed.history["fed_update_norm"])
     assert prox.daskml_summary["mu"] == 0.1
+
+
+# ---------------------------------------------------------------- privacy options
+def test_privacy_arguments_are_clear():
+    with pytest.raises(ValueError, match="noise_multiplier needs clip_norm"):
+        daskml_scale.Federated(noise_multiplier=1.0)
+    with pytest.raises(ValueError, match="clip_norm"):
+        daskml_scale.Federated(clip_norm=0)
+    with pytest.raises(ValueError, match="optimizer_state='reset'"):
+        daskml_scale.Federated(clip_norm=1.0, optimizer_state="average")
+    with pytest.raises(ValueError, match="secure_aggregation"):
+        daskml_scale.Federated(secure_aggregation="yes")
+    assert daskml_scale.Federated(clip_norm=1.0).slots == "reset"
+    assert daskml_scale.Federated().slots == "average"
+
+
+def test_secure_masks_cancel_in_the_sum_and_hide_each_update():
+    from daskml_scale.training import federated_privacy as p
+
+    rng = np.random.default_rng(0)
+    xs = {s: rng.normal(size=2000) * 3 for s in ("a", "b", "c")}
+    keys = {s: p.hold_update("unit", s, 0, xs[s]) for s in xs}
+    answers = {s: p.masked_update("unit", s, 0, keys) for s in xs}
+    np.testing.assert_allclose(p.unmasked_sum(list(answers.values())), sum(xs.values()), atol=1e-6)
+    for s in xs:  # one answer alone says nothing of its update
+        assert abs(np.corrcoef(p.decode(answers[s]), xs[s])[0, 1]) < 0.15
+    with pytest.raises(Exception, match="already answered"):
+        p.masked_update("unit", "a", 0, keys)
+    # c drops out after step 1: a and b reveal their masks with c, and the sum of a and b is exact
+    keys = {s: p.hold_update("unit", s, 1, xs[s]) for s in xs}
+    answers = {s: p.masked_update("unit", s, 1, keys) for s in ("a", "b")}
+    wrong = p.unmasked_sum(list(answers.values()))
+    assert np.max(np.abs(wrong - xs["a"] - xs["b"])) > 1e3  # the masks with c do not cancel by themselves
+    reveals = [p.reveal_masks("unit", s, 1, {"c": keys["c"]}, 2000) for s in answers]
+    np.testing.assert_allclose(p.unmasked_sum(list(answers.values()), reveals), xs["a"] + xs["b"], atol=1e-6)
+    with pytest.raises(Exception, match="at least two sites"):
+        p.masked_update("unit", "a", 2, {"a": keys["a"]})
+    with pytest.raises(Exception, match="fixed-point range"):
+        p.encode(np.array([1e30]))
+
+
+def test_clipping_bounds_the_norm():
+    from daskml_scale.training import federated_privacy as p
+
+    update = [np.full((3, 4), 2.0), np.full(5, -1.0)]
+    clipped, norm, was = p.clip_update(update, 1.0)
+    assert was and norm == pytest.approx(np.sqrt(12 * 4 + 5))
+    assert np.sqrt(sum(np.sum(c * c) for c in clipped)) == pytest.approx(1.0)
+    np.testing.assert_allclose(clipped[0] / clipped[0].flat[0], 1.0)  # the direction is kept
+    same, _, was = p.clip_update(update, 100.0)
+    assert not was and all(np.array_equal(a, b) for a, b in zip(same, update))
+    assert p.noise_std(1.5, 0.2, 3) == pytest.approx(0.1)
+
+
+def _recorded(monkeypatch, module, name):
+    """Calls of ``module.name`` in this (the driver's) process: their arguments, in order."""
+    calls = []
+    plain = getattr(module, name)
+
+    def record(*args, **kwargs):
+        calls.append(args)
+        return plain(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, record)
+    return calls
+
+
+@pytest.mark.slow
+def test_secure_aggregation_trains_as_fedavg_and_the_driver_sees_masked_updates_only(
+        sites_client, site_data, fitted_pre, monkeypatch):
+    from daskml_scale.training import federated, federated_privacy
+
+    n = len(fitted_pre.feature_names_)
+    common = dict(preprocessor=fitted_pre, epochs=2, batch_size=256, verbose=0, client=sites_client,
+                  validation_data=frames(site_data, "val"), seed=0)
+    aggregated = _recorded(monkeypatch, federated.Federated, "_aggregate")
+    plain = daskml_scale.fit(build_model(n), frames(site_data, "train"), strategy=daskml_scale.Federated(), **common)
+    plain_updates = {s: r["update"] for s, r in aggregated[0][2].items()}  # round 0, per site
+    aggregated.clear()
+    answers = _recorded(monkeypatch, federated_privacy, "unmasked_sum")
+    secure = daskml_scale.fit(build_model(n), frames(site_data, "train"),
+                              strategy=daskml_scale.Federated(secure_aggregation=True), **common)
+    # the same algorithm: the same losses, from a sum the driver never saw the parts of
+    np.testing.assert_allclose(secure.history["loss"], plain.history["loss"], rtol=1e-3)
+    np.testing.assert_allclose(secure.history["val_loss"], plain.history["val_loss"], rtol=1e-3)
+    assert secure.history["fed_sites_summed"] == [2.0, 2.0]
+    assert secure.daskml_summary["secure_aggregation"] is True
+    for _, _, done, _ in aggregated:  # what the sites answered in the clear: no update, no slots
+        for result in done.values():
+            assert "update" not in result and "optimizer" not in result and len(result["public_key"]) == 32
+    round0 = answers[0][0]
+    assert len(round0) == 2
+    rows = {s: secure.history[f"fed_samples_{s}"][0] for s in SITES}
+    for s, masked in zip(sorted(SITES), round0):
+        true = np.concatenate([u.ravel() for u in plain_updates[s]]) * rows[s]
+        assert masked.dtype == np.uint64 and len(masked) >= len(true)
+        decoded = federated_privacy.decode(masked)[:len(true)]
+        assert abs(np.corrcoef(decoded, true)[0, 1]) < 0.2, s
+    total = federated_privacy.unmasked_sum(round0)[:len(true)]
+    expected = sum(np.concatenate([u.ravel() for u in plain_updates[s]]) * rows[s] for s in SITES)
+    np.testing.assert_allclose(total, expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+
+
+@pytest.mark.slow
+def test_dp_fedavg_clips_every_site_and_adds_noise_of_the_stated_scale(sites_client, site_data, fitted_pre):
+    n = len(fitted_pre.feature_names_)
+    clip = 0.05
+    common = dict(preprocessor=fitted_pre, epochs=1, batch_size=256, verbose=0, client=sites_client, seed=0)
+
+    def weights(**kw):
+        model = build_model(n)
+        h = daskml_scale.fit(model, frames(site_data, "train"),
+                             strategy=daskml_scale.Federated(clip_norm=clip, **kw), **common)
+        return h, np.concatenate([np.ravel(w) for w in model.get_weights()])
+
+    quiet, w0 = weights()
+    assert quiet.history["fed_sites_clipped"] == [2.0]  # a whole local epoch moves further than 0.05
+    assert quiet.history["fed_update_norm"][0] <= clip * (1 + 1e-6)
+    assert quiet.history["fed_noise_std"] == [0.0] and quiet.history["fed_clip_norm"] == [clip]
+    noisy, w1 = weights(noise_multiplier=1.0)
+    assert noisy.history["fed_noise_std"] == [pytest.approx(clip / 2)]
+    spread = float(np.std(w1 - w0))
+    assert 0.8 * clip / 2 < spread < 1.2 * clip / 2, spread
+    secure, w2 = weights(secure_aggregation=True)  # clipping and the clipped count through the masked sum
+    assert secure.history["fed_sites_clipped"] == [2.0]
+    np.testing.assert_allclose(w2, w0, atol=1e-4)
