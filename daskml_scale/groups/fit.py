@@ -21,6 +21,7 @@ from daskml_scale import backend, config
 from daskml_scale._utils import waits
 from daskml_scale._utils.client import default_client
 from daskml_scale.exceptions import ArgumentError, DataError, MissingColumnError
+from daskml_scale.groups.large import large_groups, max_group_rows_from, split_large, train_large
 from daskml_scale.groups.models import GroupModels, history_frame
 from daskml_scale.groups.spec import stack_plan
 from daskml_scale.groups.worker import ROW_KEY, GroupTask, add_row_key, stack_results, train_partition
@@ -66,6 +67,7 @@ def fit_groups(
     mode: str = "auto",
     npartitions: int | None = None,
     per_group_scaling: bool = False,
+    max_group_rows: int | str | None = None,
 ) -> GroupModels:
     """Train one Keras model per group of rows, all groups of a worker together.
 
@@ -116,6 +118,13 @@ def fit_groups(
         groups without a model (the fallback's) keep the global statistics.
         ``model_for(key)`` then expects features scaled with the group's statistics
         (:meth:`GroupModels.transform_for`).
+    max_group_rows : int, "off" or None
+        A group with more raw rows than this is not shuffled into one partition: it is
+        trained with :func:`daskml_scale.fit` over its rows where they are, streamed
+        partition by partition (:mod:`daskml_scale.groups.large`). Finding such groups
+        costs one pass over the ``by`` columns. ``None``: the configuration's
+        ``daskml_scale.groups.max-group-rows`` (1,000,000); ``"off"``: no pass, every
+        group is shuffled.
 
     Returns
     -------
@@ -174,6 +183,14 @@ def fit_groups(
     if not hasattr(preprocessor, "feature_names_"):
         preprocessor.fit(data, client=client)
     timings: dict[str, float] = {"preprocessor_s": time.perf_counter() - t0}
+    limit = max_group_rows_from(max_group_rows)
+    large = large_groups(data, by, limit) if limit is not None else {}
+    if large and per_group_scaling:
+        raise ArgumentError(
+            f"per_group_scaling=True with groups over max_group_rows={limit} rows ({len(large)}, e.g. "
+            f"{next(iter(large))}) is not built: raise max_group_rows, or leave per_group_scaling off")
+    rest, large_frames = split_large(data, by, large) if large else (data, {})
+    timings["count_s"] = time.perf_counter() - t0 - timings["preprocessor_s"]
 
     # the architecture, once
     from daskml_scale.custom_objects import ship_model
@@ -194,7 +211,7 @@ def fit_groups(
 
     # rows to their group's partition; one task per partition
     meta = data._meta.assign(**{ROW_KEY: np.zeros(0, np.int64)})
-    keyed = data.map_partitions(add_row_key, meta=meta)
+    keyed = rest.map_partitions(add_row_key, meta=meta)
     n_out = int(npartitions or max(data.npartitions, n_workers))
     shuffled = keyed.shuffle(on=by, npartitions=n_out)
     model_future = client.submit(_identity, template_bytes, pure=False, key=f"daskml-groups-model-{fit_id}")
@@ -216,7 +233,14 @@ def fit_groups(
                 verbose=0,
             )
             timings["fallback_s"] = time.perf_counter() - tf
-        results = _gather(client, futures)
+        if large_frames:
+            tl = time.perf_counter()
+            large_results = train_large(
+                large_frames, lambda: build_template(build_model, preprocessor.n_features_, seed, preprocessor),
+                preprocessor=preprocessor, epochs=epochs, batch_size=batch_size,
+                validation_fraction=validation_fraction, client=client, seed=seed)
+            timings["large_s"] = time.perf_counter() - tl
+        results = _gather(client, futures) + (large_results if large_frames else [])
     finally:
         for f in [*futures, model_future]:
             f.release()
@@ -273,11 +297,12 @@ def _assemble(results: list[dict[str, Any]], by: list[str], template: Any, templ
         )
     summary = {
         "epochs": e, "batch_size": batch_size, "validation_fraction": validation_fraction, "seed": seed,
-        "train_rows": int(rows.sum()), "validation_rows": int(val_rows.sum()), "partitions": len(results),
+        "train_rows": int(rows.sum()), "validation_rows": int(val_rows.sum()), "partitions": sum(1 for r in results if not r.get("large")),
         "small_group_rows": int(sum(small.values())), "timings": {k: round(v, 4) for k, v in timings.items()},
         "worker_train_s": round(float(sum(r["timings"]["train_s"] for r in results)), 4),
         "stacking": "stacked" if mode == "stacked" else f"loop ({why or 'asked for'})",
         "per_group_scaling": scaling_of is not None,
+        "large_groups": int(sum(1 for r in results if r.get("large"))),
     }
     if fallback_history is not None:
         summary["fallback"] = {k: float(v[-1]) for k, v in fallback_history.history.items() if v}
