@@ -448,7 +448,8 @@ def test_cli_train_group_by_writes_a_group_bundle_that_info_and_predict_read(cli
                  "--numeric", *FLIGHTS_NUMERIC, "--categorical", *FLIGHTS_CATEGORICAL,
                  "--transform", "daskml_scale.datasets:flights_transform",
                  "--model", f"{tmp_path / 'model_def.py'}:build_model", "--group-by", "tailnum",
-                 "--min-rows", str(MIN_ROWS), "--epochs", "1", "--validation-fraction", "0.2", "--out", url, *common])
+                 "--min-rows", str(MIN_ROWS), "--epochs", "1", "--validation-fraction", "0.2", "--out", url,
+                 "--max-group-rows", "100000", *common])
     assert code == 0
     out = capsys.readouterr().out
     assert f"trained {len(big)} group models" in out

@@ -24,6 +24,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="no model on all rows: rows of other groups get empty predictions with a reason")
     g.add_argument("--group-mode", choices=("auto", "stacked", "loop"), default="auto",
                    help="stacked: a worker's groups as one compiled program; loop: one traced step reused")
+    g.add_argument("--per-group-scaling", action="store_true",
+                   help="standardize each group's numeric features with its own training rows' statistics")
+    g.add_argument("--max-group-rows", type=_max_rows, default=None, metavar="N|off",
+                   help="a group over N raw rows trains data-parallel over its rows where they are instead of "
+                        "in one partition (default: the configuration's groups.max-group-rows, 1,000,000; "
+                        "off: no counting pass)")
+
+
+def _max_rows(value: str) -> int | str:
+    if value == "off":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'off', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'off', got {value!r}")
+    return n
 
 
 def train_groups(args: argparse.Namespace, data: Any, pre: Any, client: Any, build: Callable[[int], Any],
@@ -41,6 +59,7 @@ def train_groups(args: argparse.Namespace, data: Any, pre: Any, client: Any, bui
         build, data, by=args.group_by, preprocessor=pre, epochs=args.epochs, batch_size=args.batch_size,
         validation_fraction=args.validation_fraction, min_rows=args.min_rows,
         fallback=None if args.no_fallback else "global", client=client, seed=args.seed, mode=args.group_mode,
+        per_group_scaling=args.per_group_scaling, max_group_rows=args.max_group_rows,
     )
     save_bundle(models, pre, args.out, storage_options=args.storage_options or None)
     d = models.describe()
