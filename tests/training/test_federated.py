@@ -89,22 +89,24 @@ def test_every_task_runs_at_the_site_of_its_rows(sites_client, site_data, fitted
     train, val = frames(site_data, "train"), frames(site_data, "val")
     # the tasks that read a site's rows: those of its frames' graphs (as fit() turns them into tasks)
     keys_of = {s: {str(k) for f in (train[s], val[s]) for d in f.to_delayed() for k in d.dask} for s in SITES}
+    # what reaches the driver: every way a result comes back (client.gather, Future.result,
+    # compute(sync=True), as_completed(with_results=True)) goes through Client._gather
     received: list = []
-    plain_gather = client.gather
+    plain_gather = client._gather
 
-    def recording_gather(futures, *args, **kwargs):
-        out = plain_gather(futures, *args, **kwargs)
+    async def recording_gather(futures, *args, **kwargs):
+        out = await plain_gather(futures, *args, **kwargs)
         received.append(out)
         return out
 
-    client.gather = recording_gather
+    client._gather = recording_gather
     try:
         with get_task_stream(client=client) as ts:
             h = daskml_scale.fit(build_model(len(fitted_pre.feature_names_)), train, preprocessor=fitted_pre,
                                  epochs=2, batch_size=128, client=client, verbose=0, validation_data=val,
                                  strategy=daskml_scale.Federated(local_epochs=1))
     finally:
-        client.gather = plain_gather
+        del client._gather  # the class's method again
     site_of_worker = {w: s for s, ws in where.items() for w in ws}
     touched = 0
     for task in ts.data:
@@ -124,6 +126,12 @@ def test_every_task_runs_at_the_site_of_its_rows(sites_client, site_data, fitted
     for out in received:
         for arr in _arrays(out):
             assert arr.size <= n_params, arr.shape
+    values = [v for out in received for v in (out if isinstance(out, (list, tuple)) else [out])]
+    assert not [v for v in values if isinstance(v, (bytes, bytearray, memoryview, str)) and len(v) >= 1000]
+    # the recording saw what the fit gathered (so it would see a row): every site's update of
+    # every round (by Future.result) and the training partitions' sizes
+    assert sorted(v["site"] for v in values if isinstance(v, dict) and "update" in v) == ["a", "a", "b", "b"]
+    assert len([v for v in values if isinstance(v, tuple) and len(v) == 3]) >= 2 * 3
 
 
 def _arrays(value):
