@@ -23,11 +23,14 @@ sample of ``--sample`` groups (the same rows for every baseline); models per sec
 is comparable because the sample is drawn uniformly from the same groups. The mean
 validation loss of ours over the sampled groups is reported next to each baseline's.
 
-``scale``: ``fit_groups`` from CSV shards (``read_csv``) on the table once and on
-``--replicas`` copies (group = tailnum x replica, the target shifted per replica), on
-fresh workers: models per second and the workers' peak resident memory.
+``scale``: ``fit_groups`` from CSV shards (``read_csv``) as the groups grow at a fixed
+number of rows per group: ``--scale-groups`` aircraft (1,000) with at least
+``--min-rows`` flights, once and ``--replicas`` times (10: 10,000 groups; group =
+tailnum x replica, the target shifted by 7 minutes per replica): models per second
+and the workers' peak resident memory during the fit (VmHWM, reset through
+``/proc/self/clear_refs`` before each fit, so no worker restart is needed).
 
-Run:  .venv/bin/python benchmarks/bench_groups.py [--quick] [--replicas 3]
+Run:  .venv/bin/python benchmarks/bench_groups.py [--quick] [--replicas 10]
 """
 
 from __future__ import annotations
@@ -176,21 +179,40 @@ def replicated(table: pd.DataFrame, replicas: int, directory: str) -> str:
     return os.path.join(directory, "*.csv")
 
 
-def run_scale(client, data: Data, urlpath: str, epochs: int, min_rows: int) -> dict:
-    """``fit_groups`` from CSV shards on fresh workers; their peak resident memory after."""
-    import resource
+def _reset_peak_memory() -> bool:
+    """Linux: reset this process's peak resident set (VmHWM) to its current one."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
-    client.restart(timeout=300)  # fresh workers: their peak memory is this fit's
-    client.wait_for_workers(2, timeout=300)
+
+def _peak_memory_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def run_scale(client, data: Data, urlpath: str, epochs: int, min_rows: int) -> dict:
+    """``fit_groups`` from CSV shards; the workers' peak resident memory during the fit."""
+    import gc
+
+    client.run(gc.collect)
+    if not all(client.run(_reset_peak_memory).values()):
+        raise RuntimeError("cannot reset the workers' peak memory (/proc/self/clear_refs): Linux only")
     ddf = daskml_scale.read_csv(urlpath)
     t0 = time.perf_counter()
     models = daskml_scale.fit_groups(build_model, ddf, by="tailnum", preprocessor=data.pre, epochs=epochs,
                                      batch_size=BATCH, validation_fraction=VAL, min_rows=min_rows, seed=SEED,
-                                     fallback=None, client=client)
+                                     fallback=None, client=client, max_group_rows="off")
     s = time.perf_counter() - t0
-    peak = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)  # KiB on Linux
+    peak = client.run(_peak_memory_mib)
     return {"seconds": s, "models": len(models), "models_s": len(models) / s,
-            "worker_peak_mib": max(peak.values()) / 1024.0}
+            "worker_peak_mib": max(peak.values()), "rows": int(models.summary_["train_rows"])}
 
 
 def main() -> int:
@@ -199,8 +221,10 @@ def main() -> int:
     ap.add_argument("--min-rows", type=int, default=50)
     ap.add_argument("--sample", type=int, default=None, help="groups the baselines train (default 100; 12 quick)")
     ap.add_argument("--replicas", type=int, default=None,
-                    help="the scale comparison: the table this many times (group = tailnum x replica), from CSV "
-                         "shards, against the table once (default 3; 2 quick; 0 skips it)")
+                    help="the scale comparison: --scale-groups aircraft this many times (group = tailnum x replica), "
+                         "from CSV shards, against them once (default 10; 2 quick; 0 skips it)")
+    ap.add_argument("--scale-groups", type=int, default=None,
+                    help="aircraft with at least --min-rows flights in the scale comparison (default 1000; 100 quick)")
     args = ap.parse_args()
     sample = args.sample or (12 if args.quick else 100)
     data = Data(args.quick, args.min_rows, sample)
@@ -242,21 +266,29 @@ def main() -> int:
             ],
             metric="models_s", unit="models/s", better="higher", show=["val_loss_sample", "seconds", "models"],
         )
-        replicas = args.replicas if args.replicas is not None else (2 if args.quick else 3)
+        replicas = args.replicas if args.replicas is not None else (2 if args.quick else 10)
         if replicas > 1:
             import tempfile
 
+            n_scale = args.scale_groups or (100 if args.quick else 1000)
+            eligible = data.groups  # aircraft with at least --min-rows usable flights
+            chosen = list(np.random.default_rng(SEED).choice(eligible, size=min(n_scale, len(eligible)), replace=False))
+            base = data.table[data.table["tailnum"].isin(chosen)]
+            bench.fact("scale_groups", len(chosen))
             with tempfile.TemporaryDirectory() as tmp:
-                one = replicated(data.table, 1, os.path.join(tmp, "x1"))
-                many = replicated(data.table, replicas, os.path.join(tmp, f"x{replicas}"))
+                one = replicated(base, 1, os.path.join(tmp, "x1"))
+                many = replicated(base, replicas, os.path.join(tmp, f"x{replicas}"))
                 bench.compare(
-                    "scale", f"fit_groups from CSV shards: the table once and {replicas} times (group = tailnum x replica)",
-                    [Variant("x1", lambda: run_scale(client, data, one, e, args.min_rows), "the table once", {}),
+                    "scale", f"fit_groups from CSV shards: {len(chosen):,} groups and {replicas * len(chosen):,} "
+                             f"(tailnum x replica), the same rows per group",
+                    [Variant("x1", lambda: run_scale(client, data, one, e, args.min_rows), f"{len(chosen):,} groups",
+                             {"groups": len(chosen)}),
                      Variant(f"x{replicas}", lambda: run_scale(client, data, many, e, args.min_rows),
-                             f"{replicas} replicas", {"replicas": replicas})],
+                             f"{replicas * len(chosen):,} groups", {"replicas": replicas,
+                                                                  "groups": replicas * len(chosen)})],
                     ratios=[Ratio(f"x{replicas}", "x1", "models/s with more groups (same rows per group)",
                                   kind="relative")],
-                    metric="models_s", unit="models/s", better="higher", show=["models", "worker_peak_mib", "seconds"],
+                    metric="models_s", unit="models/s", better="higher", show=["models", "worker_peak_mib", "seconds", "rows"],
                 )
     finally:
         try:
