@@ -44,7 +44,7 @@ browser:
 test-fast: $(STAMP)
 	$(PY) -m pytest -ra -m "not slow" tests
 
-BENCHMARKS ?= training data predict parameter_server serving wide backends groups search
+BENCHMARKS ?= training data predict parameter_server serving wide backends groups search gossip
 BENCH_ARGS ?=
 
 # every benchmark runs, one after the other, even when one fails (its results file says
