@@ -1,20 +1,26 @@
 """Online serving under load: micro-batching on vs off (per-request prediction, the
-baseline), 1/16/64 concurrent clients, 1- and 100-row requests; in the same run, single-row
-requests of every protocol (v2 JSON, v2 with the binary body tritonclient makes, TF Serving,
-MLflow) against ``/predict`` on the same server, and an overload run (many connections
-against a short queue: accepted and refused requests/s, p99 of the accepted).
+baseline), 1/16/64 concurrent clients, 1- and 100-row requests; in the same run, the two
+figures of the serving targets (a single client's latency, p50 and p99 of sequential
+keep-alive requests; requests/s and p99 at 256 connections), single-row requests of every
+protocol (v2 JSON, v2 with the binary body tritonclient makes, TF Serving, MLflow) against
+``/predict`` on the same server, and an overload run (many connections against a short
+queue: accepted and refused requests/s, p99 of the accepted).
 
-Two real server processes (``python -m daskml_scale.serving``) on 127.0.0.1, one
-micro-batched and one with ``--no-micro-batching``, and a load generator in ANOTHER
-process (this file with ``--load``), so that the client's work is not counted in the
-server's event loop; on a 2-core machine the servers and the generator still share the
+Real server processes (``python -m daskml_scale.serving``) on 127.0.0.1: one micro-batched
+and one with ``--no-micro-batching`` serving a bundle with a pandas transform (the
+examples' ``diamonds_transform``), and for the two target figures a third serving a bundle
+without a transform (the NumPy path, :mod:`daskml_scale.serving.fastpath`); a load
+generator in ANOTHER process (this file with ``--load``), so that the client's work is not
+counted in the server's event loop. The generator is a minimal asyncio HTTP/1.1 client
+(``--client raw``, the default: a few microseconds per request) or aiohttp
+(``--client aiohttp``). On a 2-core machine the servers and the generator still share the
 cores, which is said next to the figures. The generator is bounded: a fixed number of
 requests per run, a time limit, loopback only.
 
-Every cell (clients, rows per request) is one comparison of the two modes with the
-method of ``benchmarks/_method.py``: one warm-up each, then interleaved rounds, medians
-with min and max. Only successful (HTTP 200) requests count toward requests/s and
-latency; a run with any failed request is reported as failed, not timed.
+Every cell is one comparison of the modes with the method of ``benchmarks/_method.py``:
+one warm-up each, then interleaved rounds, medians with min and max, ratios against the
+per-request baseline measured in the same run. Only successful (HTTP 200) requests count
+toward requests/s and latency; a run with any failed request is reported as failed, not timed.
 Results: ``benchmarks/results/serving.json``.
 
     .venv/bin/python benchmarks/bench_serving.py            # the whole matrix
@@ -23,7 +29,7 @@ Results: ``benchmarks/results/serving.json``.
 
 Prints requests/s, rows/s, p50/p99 latency per (mode, clients, rows per request),
 the mean batch size from the server's /metrics, and the ratio of micro-batched to
-per-request rows/s measured in the same run.
+per-request figures measured in the same run.
 """
 
 from __future__ import annotations
@@ -46,9 +52,88 @@ sys.path.insert(0, str(HERE.parent))
 
 
 # ----------------------------------------------------------------------------- load
+def _summary(latencies: list[float], issued: int, requests: int, errors: int, refused: int, wall: float,
+             first_error: list[str]) -> dict:
+    latencies.sort()
+    n = len(latencies)
+    return {
+        "requests": n, "issued": issued, "errors": errors, "error": first_error[0] if first_error else None,
+        "truncated": issued < requests, "wall_s": wall, "req_s": n / wall, "refused": refused,
+        "refused_s": refused / wall,
+        "p50_ms": latencies[n // 2] * 1e3 if n else float("nan"),
+        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1e3 if n else float("nan"),
+    }
+
+
+async def _load_raw(url: str, body: bytes, clients: int, requests: int, time_limit: float,
+                    extra_headers: dict[str, str] | None = None, overload: bool = False) -> dict:
+    """As :func:`_load`, with a minimal HTTP/1.1 client: one keep-alive connection per
+    client, the request's bytes made once, the answer read by its ``Content-Length``.
+
+    A few microseconds of the load generator's CPU per request instead of aiohttp's ~100:
+    on a machine where the generator and the server share the cores, the server gets
+    them. (The server always answers with a ``Content-Length``; anything else counts as
+    an error.)
+    """
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    host, port = u.hostname or "127.0.0.1", u.port or 80
+    path = u.path + (f"?{u.query}" if u.query else "")
+    headers = {"content-type": "application/json", **(extra_headers or {})}
+    head = f"POST {path} HTTP/1.1\r\nhost: {host}:{port}\r\ncontent-length: {len(body)}\r\n"
+    head += "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    request = head.encode("latin-1") + b"\r\n" + body
+    latencies: list[float] = []
+    first_error: list[str] = []
+    counts = {"issued": 0, "errors": 0, "refused": 0}
+    deadline = time.monotonic() + time_limit
+
+    async def one(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+        writer.write(request)
+        answer = await reader.readuntil(b"\r\n\r\n")
+        status = int(answer[9:12])
+        at = answer.lower().find(b"\r\ncontent-length:")
+        if at < 0:
+            raise RuntimeError(f"an answer without a Content-Length: {answer[:200]!r}")
+        end = answer.index(b"\r\n", at + 2)
+        await reader.readexactly(int(answer[at + 17 : end]))
+        return status
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while counts["issued"] < requests and time.monotonic() < deadline:
+                counts["issued"] += 1
+                t0 = time.perf_counter()
+                try:
+                    status = await one(reader, writer)
+                except Exception as exc:  # noqa: BLE001  (a failed request is counted, not raised)
+                    status, detail = 0, f"{type(exc).__name__}: {exc}"
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                else:
+                    detail = f"HTTP {status}"
+                if status == 200:
+                    latencies.append(time.perf_counter() - t0)
+                elif overload and status == 503:
+                    counts["refused"] += 1
+                else:
+                    counts["errors"] += 1
+                    if not first_error:
+                        first_error.append(detail)
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[worker() for _ in range(clients)])
+    wall = time.perf_counter() - t0
+    return _summary(latencies, counts["issued"], requests, counts["errors"], counts["refused"], wall, first_error)
+
+
 async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: float,
                 extra_headers: dict[str, str] | None = None, overload: bool = False) -> dict:
-    """``requests`` POSTs of ``body`` from ``clients`` concurrent connections.
+    """``requests`` POSTs of ``body`` from ``clients`` concurrent connections (aiohttp, else httpx).
 
     ``overload``: a 503 is a refusal (counted in ``refused``), not an error.
     """
@@ -108,28 +193,33 @@ async def _load(url: str, body: bytes, clients: int, requests: int, time_limit: 
         wall = time.perf_counter() - t0
     finally:
         await (session.close() if aiohttp is not None else session.aclose())
-    latencies.sort()
-    n = len(latencies)
-    return {
-        "requests": n, "issued": issued, "errors": errors, "error": first_error[0] if first_error else None,
-        "truncated": issued < requests, "wall_s": wall, "req_s": n / wall, "refused": refused,
-        "refused_s": refused / wall,
-        "p50_ms": latencies[n // 2] * 1e3 if n else float("nan"),
-        "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1e3 if n else float("nan"),
-    }
+    return _summary(latencies, issued, requests, errors, refused, wall, first_error)
+
+
+GENERATORS = {"raw": _load_raw, "aiohttp": _load}
 
 
 def load_main(args: argparse.Namespace) -> None:
     body = Path(args.body).read_bytes()
     headers = json.loads(args.headers) if args.headers else None
+    load = GENERATORS[args.client]
+    run = _event_loop_runner()
     # warm-up: connections, server caches; its failed requests count too
-    warm = asyncio.run(_load(args.url, body, args.clients, min(args.requests, 4 * args.clients), 30, headers,
-                             args.overload))
-    out = asyncio.run(_load(args.url, body, args.clients, args.requests, args.time_limit, headers, args.overload))
+    warm = run(load(args.url, body, args.clients, min(args.requests, 4 * args.clients), 30, headers, args.overload))
+    out = run(load(args.url, body, args.clients, args.requests, args.time_limit, headers, args.overload))
     out["warmup_errors"] = warm["errors"]
     out["errors"] += warm["errors"]
     out["error"] = out["error"] or warm["error"]
     print(json.dumps(out))
+
+
+def _event_loop_runner():
+    """``uvloop.run`` where uvloop is installed (as the server runs), else ``asyncio.run``."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - depends on the environment
+        return asyncio.run
+    return uvloop.run
 
 
 # ------------------------------------------------------------------------ frameworks
@@ -235,8 +325,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_bundle(directory: str) -> str:
-    """A small MLP on the diamonds table, trained a few steps, saved as a bundle."""
+def make_bundle(directory: str, transform: bool = True) -> str:
+    """A small MLP on the diamonds table, trained a few steps, saved as a bundle: with the
+    pandas transform of the examples (``diamonds_transform``, a derived column and a log
+    target), or without one (``plain.bundle``: the raw columns, served by the NumPy path)."""
     import keras
 
     import daskml_scale
@@ -244,10 +336,13 @@ def make_bundle(directory: str) -> str:
     from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamonds, diamonds_transform
 
     df = diamonds().iloc[:5000]
-    pre = daskml_scale.Preprocessor(
-        target="log_price", numeric=[*DIAMONDS_NUMERIC, "volume"], categorical=DIAMONDS_CATEGORICAL,
-        transform=diamonds_transform,
-    ).fit(df)
+    if transform:
+        pre = daskml_scale.Preprocessor(
+            target="log_price", numeric=[*DIAMONDS_NUMERIC, "volume"], categorical=DIAMONDS_CATEGORICAL,
+            transform=diamonds_transform,
+        ).fit(df)
+    else:
+        pre = daskml_scale.Preprocessor(target="price", numeric=DIAMONDS_NUMERIC, categorical=DIAMONDS_CATEGORICAL).fit(df)
     X, y = pre.transform(df)
     keras.utils.set_random_seed(0)
     model = keras.Sequential([
@@ -256,7 +351,7 @@ def make_bundle(directory: str) -> str:
     ])
     model.compile("adam", "mse")
     model.fit(X, y, epochs=1, batch_size=256, verbose=0)
-    return save_bundle(model, pre, os.path.join(directory, "diamonds.bundle"))
+    return save_bundle(model, pre, os.path.join(directory, "diamonds.bundle" if transform else "plain.bundle"))
 
 
 def start_server(bundle: str, port: int, extra: list[str], env_extra: dict[str, str] | None = None) -> subprocess.Popen:
@@ -293,14 +388,17 @@ def batch_stats(port: int) -> tuple[float, float]:
 
 
 def _load_run(port: int, body: str, clients: int, rows: int, requests: int, time_limit: float,
-              path: str = "/predict", headers: dict[str, str] | None = None, overload: bool = False):
-    """A variant: one load-generator run against the server on ``port``."""
+              path: str = "/predict", headers: dict[str, str] | None = None, overload: bool = False,
+              client: str = "raw"):
+    """A variant: one load-generator run (``client``: a key of :data:`GENERATORS`) against the
+    server on ``port``."""
 
     def run() -> dict:
         calls0, rows0 = batch_stats(port)
         cmd = [
             sys.executable, str(HERE), "--load", "--url", f"http://127.0.0.1:{port}{path}",
             "--body", body, "--clients", str(clients), "--requests", str(requests), "--time-limit", str(time_limit),
+            "--client", client,
             *(["--headers", json.dumps(headers)] if headers else []), *(["--overload"] if overload else []),
         ]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit + 120)
@@ -381,7 +479,8 @@ def run_protocols(bench, args: argparse.Namespace, port: int, bodies: dict, serv
     for clients in sorted({min(args.clients), max(args.clients)}):
         n = args.requests
         variants = [
-            Variant(key, _load_run(port, body, clients, 1, n, args.time_limit, path, headers), labels[key],
+            Variant(key, _load_run(port, body, clients, 1, n, args.time_limit, path, headers, client=args.client),
+                    labels[key],
                     {"server": f"python -m daskml_scale.serving BUNDLE {' '.join(server_flags)}".strip(), "path": path,
                      "clients": clients, "rows_per_request": 1, "requests_per_run": n})
             for key, (path, body, headers) in bodies.items()
@@ -404,7 +503,7 @@ def run_overload(bench, args: argparse.Namespace, bundle: str, body: str) -> Non
         n = args.requests * 2
         bench.compare(
             f"overload_c{clients}", f"Overload: {clients} connections, 1-row requests, serve.max-queue-rows={rows}",
-            [Variant("overload", _load_run(port, body, clients, 1, n, args.time_limit, overload=True),
+            [Variant("overload", _load_run(port, body, clients, 1, n, args.time_limit, overload=True, client=args.client),
                      "every request gets 200 or 503 + Retry-After at once",
                      {"server": "python -m daskml_scale.serving BUNDLE", "max_queue_rows": rows, "clients": clients,
                       "requests_per_run": n})],
@@ -413,6 +512,44 @@ def run_overload(bench, args: argparse.Namespace, bundle: str, body: str) -> Non
         )
     finally:
         _stop({"overload": server})
+
+
+def run_headline(bench, args: argparse.Namespace, ports: dict[str, int], body: str) -> None:
+    """The two figures of the serving targets, each against the per-request baseline:
+    a single client's latency (sequential keep-alive requests, p50 and p99), and
+    requests/s with p99 at ``--wide-clients`` (256) connections; 1-row JSON requests."""
+    from _method import Ratio, Variant
+
+    labels = {"per_request": "one model call per request (--no-micro-batching)",
+              "batched": "micro-batching (the default)",
+              "plain": "micro-batching, a bundle without a transform (the NumPy path)"}
+    flags = {"per_request": ["--no-micro-batching"], "batched": [], "plain": []}
+
+    def variants(clients: int, n: int) -> list:
+        return [Variant(mode, _load_run(port, body, clients, 1, n, args.time_limit, client=args.client), labels[mode],
+                        {"server": f"python -m daskml_scale.serving {'plain.bundle' if mode == 'plain' else 'BUNDLE'} "
+                                   f"{' '.join([*flags[mode], *args.server_args])}".strip(),
+                         "clients": clients, "rows_per_request": 1, "requests_per_run": n,
+                         "body": "JSON list of one diamonds record", "generator": args.client})
+                for mode, port in ports.items()]
+
+    n = args.latency_requests
+    ratios = [Ratio("batched", "per_request", "a single client's p50: micro-batching vs per-request")]
+    if "plain" in ports:
+        ratios.append(Ratio("plain", "batched", "a single client's p50: a bundle without a transform vs with one"))
+    bench.compare("latency_c1", "Single-client latency: sequential keep-alive requests, 1 row each", variants(1, n),
+                  metric="p50_ms", unit="ms", better="lower", ratios=ratios, show=["p99_ms", "req_s"],
+                  notes=["target: a single client's p50 under 1.5 ms (the load generator's time included)"])
+    wide = args.wide_clients
+    n = max(args.requests, 4 * wide) * 2
+    ratios = [Ratio("batched", "per_request", f"{wide} connections, 1-row requests: micro-batched requests/s vs "
+                    "per-request", target=">= 1.3x")]
+    if "plain" in ports:
+        ratios.append(Ratio("plain", "batched", f"{wide} connections: a bundle without a transform vs with one"))
+    bench.compare(f"wide_c{wide}", f"REST, {wide} connections, 1 row per request", variants(wide, n),
+                  metric="req_s", unit="requests/s", better="higher", ratios=ratios,
+                  show=["p50_ms", "p99_ms", "mean_batch_rows"],
+                  notes=[f"target: 10,000 requests/s at p99 under 50 ms at {wide} connections"])
 
 
 def run_matrix(args: argparse.Namespace) -> int:
@@ -439,9 +576,16 @@ def run_matrix(args: argparse.Namespace) -> int:
         for mode, flags in modes.items():  # both up for the whole run, so that the modes can take turns
             ports[mode] = free_port()
             servers[mode] = start_server(bundle, ports[mode], [*flags, *args.server_args])
-        bench.note(f"{os.cpu_count()} cores shared by both servers (one idle while the other is measured) and the "
-                   "load generator; the generator uses aiohttp (or httpx), one connection per client")
+        if not (args.no_plain or args.protocols_only or args.bundle):
+            ports["plain"] = free_port()  # a bundle without a transform: the NumPy path end to end
+            servers["plain"] = start_server(make_bundle(tmp, transform=False), ports["plain"], list(args.server_args))
+        generator = ("a minimal asyncio HTTP/1.1 client (uvloop), a few microseconds of CPU per request"
+                     if args.client == "raw" else "aiohttp (or httpx)")
+        bench.note(f"{os.cpu_count()} cores shared by the servers (idle while another is measured) and the "
+                   f"load generator in another process: {generator}, one keep-alive connection per client")
         top = max(args.clients)
+        if not args.protocols_only:
+            run_headline(bench, args, ports, bodies[1] if 1 in bodies else bodies[min(bodies)])
         if not args.no_protocols:
             run_protocols(bench, args, ports["batched"], protocol_bodies(tmp, rows_df, bundle), args.server_args)
         if not args.no_overload:
@@ -452,7 +596,8 @@ def run_matrix(args: argparse.Namespace) -> int:
             for r in args.rows:
                 n = args.requests if r == 1 else max(args.requests // 4, 50)
                 variants = [
-                    Variant(mode, _load_run(ports[mode], bodies[r], clients, r, n, args.time_limit), labels[mode],
+                    Variant(mode, _load_run(ports[mode], bodies[r], clients, r, n, args.time_limit, client=args.client),
+                            labels[mode],
                             {"server": f"python -m daskml_scale.serving BUNDLE {' '.join([*flags, *args.server_args])}".strip(),
                              "clients": clients, "rows_per_request": r, "requests_per_run": n,
                              "time_limit_s": args.time_limit, "body": "JSON list of diamonds records"})
@@ -508,6 +653,14 @@ def main() -> int:
     p.add_argument("--overload-clients", type=int, default=256, help="connections of the overload run (default 256)")
     p.add_argument("--overload-queue-rows", type=int, default=64,
                    help="the overload server's serve.max-queue-rows (default 64)")
+    p.add_argument("--client", choices=sorted(GENERATORS), default="raw",
+                   help="the load generator: raw (a minimal asyncio HTTP/1.1 client, the default) or aiohttp")
+    p.add_argument("--latency-requests", type=int, default=3000,
+                   help="sequential requests per single-client latency run (default 3000)")
+    p.add_argument("--wide-clients", type=int, default=256,
+                   help="connections of the wide cell, against the per-request baseline (default 256)")
+    p.add_argument("--no-plain", action="store_true",
+                   help="no third server with a bundle without a transform in the headline cells")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="extra server flags, last")
     add_arguments(p)
     args = p.parse_args()
@@ -520,6 +673,8 @@ def main() -> int:
         return 0
     if args.quick and args.requests == p.get_default("requests"):
         args.requests = 200
+    if args.quick and args.latency_requests == p.get_default("latency_requests"):
+        args.latency_requests = 300
     return run_matrix(args)
 
 

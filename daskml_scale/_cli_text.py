@@ -82,12 +82,27 @@ examples:
 
 EPILOG_SERVE = """\
 Endpoints: POST /predict (JSON records or CSV), GET /info, GET /health, GET /metrics,
-POST /jobs (predict_files in the background; needs --scheduler or --workers).
+the Open Inference Protocol v2 (/v2/...), TensorFlow Serving (/v1/models/...), MLflow
+(/invocations, /ping), POST /jobs (predict_files in the background; needs --scheduler or
+--workers, a token and --jobs-allow-read/--jobs-allow-write).
+
+Several models: give several bundles as NAME=URL (a bare URL is named after its file,
+price.bundle -> price), or a folder, which serves every *.bundle in it under its file's
+name. Every protocol routes by name (/models/NAME/predict, /v2/models/NAME/infer,
+/v1/models/NAME:predict); the first model is also the one at /predict.
+
+Reload: SIGHUP reloads every model from its URL, and POST /v2/repository/models/NAME/load
+reloads one (from its URL, or {"parameters": {"url": URL}}); the new version takes over
+once loaded, no request in flight is dropped, and a bundle that fails to load leaves the
+old one serving (the error is in GET /models).
 
 The same command runs as 'python -m daskml_scale.serving BUNDLE_URL [options]'.
 
 examples:
   daskml-scale serve model.bundle --port 8000
+  daskml-scale serve price=models/price.bundle cut=models/cut.bundle
+  daskml-scale serve models/                  # every *.bundle in the folder
+  kill -HUP <pid>                             # reload them all from their files
   curl -s localhost:8000/predict -H 'content-type: application/json' \\
       -d '[{"carat": 0.3, "cut": "Ideal", "color": "E", "clarity": "SI1", "depth": 61.5, "table": 55, "x": 4.3, "y": 4.3, "z": 2.7}]'
 """

@@ -233,6 +233,14 @@ class Bundle:
     def predict_kept(self, df: pd.DataFrame, *, batch_size: int | None = None) -> tuple[pd.DataFrame, np.ndarray | None]:
         """Predictions for the rows the transform keeps, in input order, and their
         positions in ``df`` (``None``: every row); see :func:`~daskml_scale.dropped_rows.apply_on_dropped`."""
+        kept, rows = self.transformed_rows(df)
+        X, _ = self._features().transform(kept, with_target=False)
+        index = df.index if rows is None else df.index[rows]
+        return self.outputs_to_frame(self.predict_array(X, batch_size=batch_size), index), rows
+
+    def transformed_rows(self, df: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray | None]:
+        """The user's transform on raw rows for prediction: the rows it keeps, in input
+        order, and their positions in ``df`` (``None``: every row)."""
         pre = self.preprocessor
         if pre.target is not None and pre.target in df.columns:
             df = df.drop(columns=[pre.target])  # prediction has no use for it (see Preprocessor.transform)
@@ -240,9 +248,7 @@ class Bundle:
         order, rows = kept_rows(df.index, kept.index)
         if order is not None:
             kept = kept.iloc[order]
-        X, _ = self._features().transform(kept, with_target=False)
-        index = df.index if rows is None else df.index[rows]
-        return self.outputs_to_frame(self.predict_array(X, batch_size=batch_size), index), rows
+        return kept, rows
 
     def _features(self) -> Preprocessor:
         """The preprocessor without the user's transform: features of rows already transformed."""

@@ -197,3 +197,41 @@ def test_load_adds_a_model_and_unload_removes_it(folder, table, tmp_path):
     assert default.status_code == 400 and gone.status_code == 200 and after.status_code == 404
     assert again.status_code == 200 and again.json()["version"] == "2"
     assert again.json()["content_hash"] == load_bundle(folder["price2"]).content_hash
+
+
+def test_tritonclient_reloads_through_the_repository_endpoint(folder, table, tmp_path):
+    """``InferenceServerClient.load_model`` (the body ``{}``: the model's own URL) swaps the
+    new file in; a broken file leaves the old version answering, and the index says why."""
+    import tritonclient.http as triton
+    from tritonclient.utils import InferenceServerException
+
+    from .test_serving_protocols import real_server
+
+    path = tmp_path / "price.bundle"
+    shutil.copy(folder["price"], path)
+    frame = _frame(table)
+    exp2 = load_bundle(folder["price2"]).predict_frame(frame)["prediction"].to_numpy()
+    with real_server(create_app(str(path))) as base:
+        c = triton.InferenceServerClient(base)
+        shutil.copy(folder["price2"], path)
+        c.load_model("price")
+        shutil.copy(folder["broken"], path)
+        with pytest.raises(InferenceServerException, match="failed to load"):
+            c.load_model("price")
+        index = c.get_model_repository_index()
+        after = httpx.post(f"http://{base}/predict", json=frame.to_dict("records"), timeout=30)
+    (entry,) = index
+    assert entry["version"] == "2" and entry["state"] == "READY"
+    assert "not a daskml_scale bundle" in entry["reason"]  # the failed load is reported
+    assert after.status_code == 200
+    close([r["prediction"] for r in after.json()], exp2)  # version 2 still answers
+
+
+def test_the_serve_help_tells_how_to_serve_several_models_and_reload(capsys):
+    from daskml_scale import cli
+
+    code = cli.main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert code == 0
+    for words in ("NAME=URL", "a folder", "SIGHUP", "/v2/repository/models/NAME/load", "old one serving"):
+        assert words in text, words

@@ -43,6 +43,8 @@ class Block:
 Columns = dict[str, list[Any]]  # a request's answer: output column -> values, in row order
 FrameBuilder = Callable[[Sequence[Block]], pd.DataFrame]
 PredictFn = Callable[[pd.DataFrame], pd.DataFrame]
+# run(blocks) -> the answer columns of the whole batch, rows in block order
+BatchFn = Callable[[Sequence[Block]], Columns]
 
 
 class MicroBatcher:
@@ -70,6 +72,10 @@ class MicroBatcher:
     executor : ThreadPoolExecutor, optional
         The model thread to run in, shared with another batcher (one model call at a
         time in the process); by default a thread of its own, released by ``stop``.
+    run : callable, optional
+        ``run(blocks) -> columns``: the whole batch's answer columns (output column ->
+        values, rows in block order), in place of ``predict(build_frame(blocks))`` and
+        its conversion to lists (the NumPy path of :mod:`daskml_scale.serving.fastpath`).
     """
 
     def __init__(
@@ -83,6 +89,7 @@ class MicroBatcher:
         metrics: Registry | None = None,
         executor: ThreadPoolExecutor | None = None,
         max_queue_rows: int | None = None,
+        run: BatchFn | None = None,
     ) -> None:
         if max_batch_rows < 1:
             raise ArgumentError(f"Expected max_batch_rows >= 1. Received: max_batch_rows={max_batch_rows}")
@@ -90,6 +97,7 @@ class MicroBatcher:
             raise ArgumentError(f"Expected max_wait_ms >= 0. Received: max_wait_ms={max_wait_ms}")
         self.predict = predict
         self.build_frame = build_frame
+        self.run = run
         self.max_batch_rows = int(max_batch_rows)
         self.max_wait = float(max_wait_ms) / 1000.0
         self.enabled = enabled
@@ -264,13 +272,17 @@ class MicroBatcher:
         return out
 
     def _predict_blocks(self, blocks: list[Block]) -> list[Columns | BaseException]:
-        frame = self.build_frame(blocks)
-        out = self.predict(frame)
         total = sum(b.n for b in blocks)
-        if len(out) != total:
-            raise RuntimeError(f"the model returned {len(out)} rows for {total} input rows")
-        # one conversion per batch, then plain list slices per request
-        cols = {str(c): out[c].tolist() for c in out.columns}
+        if self.run is not None:
+            cols = self.run(blocks)
+            rows = len(next(iter(cols.values()))) if cols else total
+        else:
+            out = self.predict(self.build_frame(blocks))
+            rows = len(out)
+            # one conversion per batch, then plain list slices per request
+            cols = {str(c): out[c].tolist() for c in out.columns}
+        if rows != total:
+            raise RuntimeError(f"the model returned {rows} rows for {total} input rows")
         self.metrics.rows.inc(total)
         if len(blocks) == 1:
             return [cols]

@@ -107,6 +107,12 @@ class InputSpec:
             )
         self.by_name = {c.name: c for c in self.columns}
         self.required = [c.name for c in self.columns if c.required]
+        # per column: (name, required, the JSON types it takes, what to call them), for the checks
+        self._checks = [
+            (c.name, c.required, _BOOL_OK if c.boolean else (_NUMBER_OK if c.numeric else _STRING_OK),
+             "a boolean" if c.boolean else ("a number" if c.numeric else "a string"))
+            for c in self.columns
+        ]
 
     def json_schema(self) -> dict[str, Any]:
         """The JSON schema of one record: every schema column, nullable, and the required ones."""
@@ -159,6 +165,8 @@ class InputSpec:
         Works column by column (one ``set(map(type, values))`` per column) and
         returns the columns; an error names the first offending record.
         """
+        if len(records) == 1 and type(records[0]) is dict:
+            return self._check_record(records[0])
         if set(map(type, records)) != {dict}:
             i, r = next((i, r) for i, r in enumerate(records) if not isinstance(r, dict))
             raise RequestError(400, f"Record {i}: expected a JSON object. Received: {type(r).__name__} {str(r)[:80]}")
@@ -185,6 +193,24 @@ class InputSpec:
                 what = "a boolean" if c.boolean else ("a number" if c.numeric else "a string")
                 raise RequestError(422, f"Record {i}, field {name!r}: expected {what}. Received: {v!r}", field=name)
             cols[name] = vals
+        return cols
+
+    def _check_record(self, record: dict[str, Any]) -> dict[str, list[Any]]:
+        """:meth:`check_records` of a single record (the same checks and messages, without
+        the per-column lists and sets that pay off for many records)."""
+        cols: dict[str, list[Any]] = {}
+        for name, required, allowed, what in self._checks:
+            v = record.get(name, _ABSENT)
+            if v is _ABSENT:
+                if required:
+                    raise RequestError(
+                        422, f"Record 0: required field {name!r} is missing; the model needs {self.required}",
+                        field=name,
+                    )
+                continue  # an optional column the record does not have
+            if type(v) not in allowed:
+                raise RequestError(422, f"Record 0, field {name!r}: expected {what}. Received: {v!r}", field=name)
+            cols[name] = [v]
         return cols
 
     def columns_to_frame(self, cols: dict[str, list[Any]]) -> pd.DataFrame:

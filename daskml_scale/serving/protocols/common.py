@@ -219,7 +219,7 @@ class FeatureModel:
         self.batcher = MicroBatcher(
             self._predict, _stack, max_batch_rows=o.max_batch_rows, max_wait_ms=o.max_wait_ms,
             enabled=o.micro_batching, metrics=state.metrics, executor=state.batcher.executor,
-            max_queue_rows=o.max_queue_rows,
+            max_queue_rows=o.max_queue_rows, run=self._run,
         )
 
     @property
@@ -237,6 +237,16 @@ class FeatureModel:
         b = self.state.bundle
         assert b is not None
         return b.outputs_to_frame(b.predict_array(X, batch_size=max(len(X), 1)), pd.RangeIndex(len(X)))
+
+    def _run(self, blocks: Sequence[Block]) -> Columns:
+        """The batch's answer columns: from the model's outputs where the bundle has the
+        NumPy path (:mod:`daskml_scale.serving.fastpath`), else through a frame."""
+        X = _stack(blocks)
+        fast = self.state.fast
+        if fast is not None:
+            return fast.answer(fast.forward(X), len(X))
+        out = self._predict(X)
+        return {str(c): out[c].tolist() for c in out.columns}
 
     async def submit(self, X: np.ndarray) -> Columns:
         require_ready(self.state)
