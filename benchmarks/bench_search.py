@@ -16,7 +16,9 @@ Sides
     with ``steps_per_execution`` set in ``compile`` (``--kt-spe``, default 32; Keras's
     default of 1 is about 2x slower per step on this model);
   * ``random`` / ``hyperband``: ``daskml_scale.search(..., algorithm="random"|"hyperband")``
-    on the raw rows persisted on the workers (preparing them is timed);
+    on the raw rows persisted on the workers (preparing them is timed); trials whose models
+    share a shape (the same ``units`` and ``activation``) train stacked, in packs;
+  * ``random-alone``: ``random`` with ``stack=False`` (every trial alone), for the effect of stacking;
   * ``fits``: the 32 parameter sets Optuna's RandomSampler(seed=0) draws for ``random``,
     each trained with ``daskml_scale.fit`` (default strategy) in turn.
 
@@ -25,7 +27,10 @@ Comparisons
   * ``target``: from the same rounds, the time until a side's best validation loss
     came within 2% of Keras Tuner's median best loss.
 
-Run:  .venv/bin/python benchmarks/bench_search.py [--quick]
+``--space optimizer`` searches one architecture (learning rate x dropout) instead: every
+trial can then train in a pack.
+
+Run:  .venv/bin/python benchmarks/bench_search.py [--quick] [--space optimizer]
 """
 
 from __future__ import annotations
@@ -55,15 +60,24 @@ SPE = 32  # steps_per_execution in the model's compile (Keras Tuner's and fit's 
 
 
 def build_model(hp):
-    """As a Keras Tuner user writes it."""
+    """As a Keras Tuner user writes it. ``BENCH_SPACE=optimizer`` (``--space optimizer``): one
+    architecture (two Dense layers of 64, relu), the learning rate and a dropout rate searched."""
     import keras
 
+    spe = int(os.environ.get("BENCH_SPE", SPE))
+    if os.environ.get("BENCH_SPACE", "shapes") == "optimizer":
+        rate = hp.Float("dropout", min_value=0.0, max_value=0.3, step=0.1)
+        model = keras.Sequential([keras.layers.Dense(64, activation="relu"), keras.layers.Dropout(rate),
+                                  keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1)])
+        lr = hp.Float("learning_rate", min_value=1e-4, max_value=1e-2, sampling="log")
+        model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse", steps_per_execution=spe)
+        return model
     units = hp.Int("units", min_value=16, max_value=128, step=16)
     activation = hp.Choice("activation", ["relu", "tanh"])
     model = keras.Sequential([keras.layers.Dense(units, activation=activation),
                               keras.layers.Dense(units, activation=activation), keras.layers.Dense(1)])
     lr = hp.Float("learning_rate", min_value=1e-4, max_value=1e-2, sampling="log")
-    model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse", steps_per_execution=int(os.environ.get("BENCH_SPE", SPE)))
+    model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse", steps_per_execution=spe)
     return model
 
 
@@ -130,14 +144,14 @@ def keras_tuner_fresh(trials: int, epochs: int, quick: bool, spe: int) -> dict:
 
 
 # ------------------------------------------------------------------------ ours
-def ours_search(client, ddf, vddf, data: Data, algorithm: str, trials: int, epochs: int) -> dict:
+def ours_search(client, ddf, vddf, data: Data, algorithm: str, trials: int, epochs: int, stack: bool = True) -> dict:
     import datetime
 
     called = datetime.datetime.now()  # Optuna stamps trials with local naive datetimes
     t0 = time.perf_counter()
     result = daskml_scale.search(build_model, ddf, preprocessor=data.pre, trials=trials, epochs=epochs,
                                  algorithm=algorithm, validation_data=vddf, seed=SEED, batch_size=BATCH,
-                                 client=client, verbose=False)
+                                 client=client, verbose=False, stack=stack)
     seconds = time.perf_counter() - t0
     t = result.trials
     curve: list = []
@@ -146,7 +160,8 @@ def ours_search(client, ddf, vddf, data: Data, algorithm: str, trials: int, epoc
     return {"seconds": seconds, "best_val_loss": float(result.best_value), "trials": len(t),
             "pruned": int((t["state"] == "pruned").sum()), "failed": int((t["state"] == "failed").sum()),
             "epochs_run": int(t["epochs"].sum()), "curve": curve,
-            "prepare_s": result.summary["timings"].get("prepare_s")}
+            "prepare_s": result.summary["timings"].get("prepare_s"),
+            "packs": int(t["pack"].nunique()), "stacked_trials": int(t["pack"].notna().sum())}
 
 
 def parameter_sets(trials: int) -> list[dict]:
@@ -230,6 +245,9 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=None, help="epochs per trial (default 5; 3 with --quick)")
     ap.add_argument("--kt-spe", type=int, default=SPE, help=f"steps_per_execution of the model (default {SPE})")
     ap.add_argument("--skip-fits", action="store_true", help="leave out the one-by-one fit side")
+    ap.add_argument("--space", choices=["shapes", "optimizer"], default="shapes",
+                    help="shapes (default, the issue's): units x activation x learning rate; optimizer: one "
+                         "architecture, learning rate x dropout (where stacked packs apply to every trial)")
     ap.add_argument("--kt-child", help=argparse.SUPPRESS)
     add_arguments(ap)
     args = ap.parse_args()
@@ -240,6 +258,7 @@ def main() -> int:
     trials = args.trials or (8 if args.quick else 32)
     epochs = args.epochs or (3 if args.quick else 5)
     os.environ["BENCH_SPE"] = str(args.kt_spe)
+    os.environ["BENCH_SPACE"] = args.space  # read by build_model: here, on the workers and in Keras Tuner's process
     bench = Benchmark.from_args("search", args, description="daskml_scale.search vs Keras Tuner and one-by-one fits")
     data = Data(args.quick)
     bench.fact("train_rows", len(data.X))
@@ -247,6 +266,7 @@ def main() -> int:
     bench.fact("features", data.pre.n_features_)
     bench.fact("trials", trials)
     bench.fact("epochs", epochs)
+    bench.fact("space", args.space)
     import dask.dataframe as dd
 
     client = daskml_scale.connect(n_workers=2, threads_per_worker=1, dashboard_address=None)
@@ -264,6 +284,10 @@ def main() -> int:
             Variant("random", lambda: ours_search(client, ddf, vddf, data, "random", trials, epochs),
                     "daskml_scale.search, random, 2 workers x 1 thread",
                     {**common, "algorithm": "random", "workers": 2, "timed_from": "the search call, raw rows persisted"}),
+            Variant("random-alone", lambda: ours_search(client, ddf, vddf, data, "random", trials, epochs, stack=False),
+                    "daskml_scale.search, random, stack=False (every trial alone), 2 workers x 1 thread",
+                    {**common, "algorithm": "random", "workers": 2, "stack": False,
+                     "timed_from": "the search call, raw rows persisted"}),
             Variant("hyperband", lambda: ours_search(client, ddf, vddf, data, "hyperband", trials, epochs),
                     "daskml_scale.search, TPE + Hyperband pruning, 2 workers x 1 thread",
                     {**common, "algorithm": "hyperband", "workers": 2,
@@ -276,10 +300,11 @@ def main() -> int:
                                      "params": "RandomSampler(seed=0)'s draws"}))
         search_cmp = bench.compare(
             "search", f"{trials} trials x {epochs} epochs: time for all trials", variants,
-            show=["best_val_loss", "epochs_run"],
+            show=["best_val_loss", "epochs_run", "stacked_trials", "packs"],
             ratios=[Ratio("random", "keras-tuner", "random search vs Keras Tuner RandomSearch", target=">= 2x",
                           headline=True),
-                    Ratio("hyperband", "keras-tuner", "hyperband search vs Keras Tuner RandomSearch")]
+                    Ratio("hyperband", "keras-tuner", "hyperband search vs Keras Tuner RandomSearch"),
+                    Ratio("random", "random-alone", "random search: stacked packs vs every trial alone")]
             + ([Ratio("random", "fits", "random search vs the same trials one by one through fit")]
                if not args.skip_fits else []),
         )

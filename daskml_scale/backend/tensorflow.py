@@ -18,35 +18,24 @@ from daskml_scale.exceptions import ArgumentError
 __all__ = ["TensorFlowBackend"]
 
 
-_ASSIGN: list[Any] = []
-
-
-def _assign_graph() -> Any:
-    """One ``tf.function`` for every assignment of this process: the variables are its
-    arguments (traced by shape and dtype, not identity), so the models of later fits
-    with the same architecture reuse the first trace, and no fit adds a new function."""
-    import tensorflow as tf
-
-    if not _ASSIGN:
-        @tf.function
-        def assign(variables, values):
-            for v, x in zip(variables, values):
-                v.assign(x)
-            return tf.constant(0)
-
-        _ASSIGN.append(assign)
-    return _ASSIGN[0]
-
-
 def _assign_fn(variables: list[Any]) -> Callable[[list[np.ndarray]], None]:
     """One graph call that assigns every variable (one eager op each is ~10x slower)."""
     import tensorflow as tf
 
-    handles = [getattr(v, "value", v) for v in variables]  # a Keras variable's tf.Variable
-    dtypes = [v.dtype.name if hasattr(v.dtype, "name") else v.dtype for v in variables]
+    # the variables are captured, one function per set of them: passing them as arguments
+    # (one function per process, traced by shape and dtype) gave wrong metric values in a
+    # long-lived driver process with many models of the same shapes
+    @tf.function
+    def assign(values):
+        for v, x in zip(variables, values):
+            v.assign(x)
+        return tf.constant(0)
 
     def call(values: list[np.ndarray]) -> None:
-        _assign_graph()(handles, [tf.convert_to_tensor(np.asarray(x, dtype=d)) for x, d in zip(values, dtypes)])
+        assign([
+            tf.convert_to_tensor(np.asarray(x, dtype=v.dtype.name if hasattr(v.dtype, "name") else v.dtype))
+            for v, x in zip(variables, values)
+        ])
 
     return call
 

@@ -49,6 +49,7 @@ def search(
     storage: Any = None,
     study_name: str = "daskml_scale-search",
     verbose: Any = "auto",
+    stack: bool = True,
 ) -> SearchResult:
     """Search hyperparameters of a Keras model: many trials at once on the Dask cluster.
 
@@ -103,6 +104,13 @@ def search(
     verbose : "auto", bool
         The progress display (trials done, running, pruned, failed, best so far); ``"auto"``: in a terminal
         or a notebook.
+    stack : bool
+        Train trials whose models share an architecture shape (the same chain of Dense layers, loss and
+        optimizer class; they may differ in learning rate and the optimizer's constants, dropout rates and
+        L1/L2 penalties) together as one stacked program on a worker, each with its own optimizer state,
+        objective and pruning (``docs/search.md``), when at least ``daskml_scale.search.stack-min-trials``
+        (default 4) trials of a shape are asked together. ``.trials["pack"]`` says which pack a trial ran in;
+        ``summary["stacking"]`` why the others trained alone. ``False``: every trial trains alone.
 
     Returns
     -------
@@ -128,6 +136,8 @@ def search(
     for name, value in (("trials", trials), ("epochs", epochs)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ArgumentError(f"Expected {name} to be an integer >= 1. Received: {name}={value!r}")
+    if not isinstance(stack, bool):
+        raise ArgumentError(f"Expected stack=True or stack=False. Received: stack={stack!r}")
     if max_concurrent is not None and (not isinstance(max_concurrent, int) or max_concurrent < 1):
         raise ArgumentError(f"Expected max_concurrent >= 1 or None. Received: max_concurrent={max_concurrent!r}")
     if not isinstance(objective, str) or not objective:
@@ -158,6 +168,6 @@ def search(
         algorithm=algorithm, pruner=pruner, max_concurrent=max_concurrent, validation_data=validation_data,
         validation_fraction=float(validation_fraction), seed=int(seed if seed is not None else config.get("training.seed", 0)),
         storage=storage, study_name=study_name, batch_size=int(batch_size or config.get("training.batch-size", 256)),
-        verbose=verbose,
+        verbose=verbose, stack=stack,
     )
     return run.run()

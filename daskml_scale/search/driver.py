@@ -7,7 +7,9 @@ threads (``max_concurrent``). Each epoch is one task; its objective goes to Optu
 (``trial.report``) and the pruner decides (``trial.should_prune``) before the next
 epoch is sent, so a pruned trial stops at the end of an epoch. The driver keeps each
 running trial's last state: a worker lost mid-epoch costs that epoch, rerun elsewhere
-by Dask from the same state.
+by Dask from the same state. Trials whose models share a shape train together, as one
+stacked program per pack (:mod:`daskml_scale.search.packs`), each still reported,
+pruned and failed on its own.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import math
 import queue
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import dask
@@ -27,6 +28,7 @@ from daskml_scale import backend, config
 from daskml_scale._utils import waits
 from daskml_scale.exceptions import ArgumentError, DataError, WorkersLostError
 from daskml_scale.search import worker as sw
+from daskml_scale.search.packs import _MISSING_DATA_RETRIES, PackScheduling, _Pack, _Run, trial_seed
 from daskml_scale.search.progress import Progress, wants_progress
 from daskml_scale.search.result import SearchResult
 from daskml_scale.search.space import Param
@@ -38,36 +40,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["Search", "trial_seed"]
 
 _POLL_S = 0.5
-_MISSING_DATA_RETRIES = 3
 
 
-def trial_seed(seed: int, number: int) -> int:
-    """The seed of trial ``number``: its initial weights and its shuffles."""
-    return int((seed * 1_000_003 + number * 7919 + 17) % (2**31 - 1))
-
-
-@dataclass
-class _Run:
-    """A trial in flight."""
-
-    trial: Any
-    params: dict[str, Any]
-    started: float
-    epoch: int = 0
-    state: Any = None
-    history: dict[str, list[float]] = field(default_factory=dict)
-    values: list[float] = field(default_factory=list)
-    best_value: float | None = None
-    best_epoch: int | None = None
-    best_state: Any = None
-    workers: list[str] = field(default_factory=list)
-    compute_s: float = 0.0
-    build_s: float = 0.0
-    retries: int = 0
-    future: Any = None
-
-
-class Search:
+class Search(PackScheduling):
     """One call of :func:`daskml_scale.search`, from the data to the result."""
 
     def __init__(
@@ -75,6 +50,7 @@ class Search:
         data: Any, preprocessor: Any, trials: int, epochs: int, objective: str, direction: str,
         algorithm: Any, pruner: Any, max_concurrent: int | None, validation_data: Any,
         validation_fraction: float, seed: int, storage: Any, study_name: str, batch_size: int, verbose: Any,
+        stack: bool = True,
     ) -> None:
         self.client = client
         self.build_model = build_model
@@ -117,6 +93,7 @@ class Search:
         self.counts = {"complete": 0, "pruned": 0, "failed": 0, "running": 0}
         self.progress = Progress(trials, objective, enabled=False)
         self.exhausted = False  # the sampler has tried its whole space
+        self.stack, self.stack_reasons, self._pending, self._packs_made = stack, {}, [], 0
 
     # ------------------------------------------------------------------ running
     def run(self) -> SearchResult:
@@ -151,7 +128,7 @@ class Search:
             sample=self.sample, best=self.best, epochs=self.epochs, seed_of=lambda n: trial_seed(self.seed, n),
             summary={"timings": {k: round(v, 3) for k, v in self.timings.items()}, "workers": sorted(self.loaded),
                      "lost_workers": sorted(self.lost_workers), "stale_trials": stale,
-                     "train_rows": self._rows("train_rows"), "validation_rows": self._rows("validation_rows")},
+                     "stacking": self.stacking_summary(), "train_rows": self._rows("train_rows"), "validation_rows": self._rows("validation_rows")},
         )
 
     def _rows(self, key: str) -> int:
@@ -340,6 +317,8 @@ class Search:
         return {n: p.distribution for n, p in self.space.items() if p.distribution is not None}
 
     def _submit(self, run: _Run, done: "queue.SimpleQueue[Any]", running: dict[str, _Run]) -> None:
+        if run.epoch == 0:  # asked ahead, it may have waited for a thread: its seconds start now
+            run.started = time.perf_counter()
         fut = self.client.submit(
             sw.run_epoch, self.search_id, f"{self.search_id}/{run.trial.number}", self.builder, self.style,
             run.params, self.context, run.state, run.epoch, batch_size=self.batch_size,
@@ -352,14 +331,6 @@ class Search:
         running[fut.key] = run
         fut.add_done_callback(done.put)  # called in distributed's thread, also when it is done already
 
-    def _start(self, done: "queue.SimpleQueue[Any]", running: dict[str, _Run]) -> None:
-        trial = self.study.ask(fixed_distributions=self._distributions())
-        fixed = {n: p.default for n, p in self.space.items() if p.distribution is None}
-        for n, v in fixed.items():
-            trial.set_user_attr(f"fixed_{n}", v)
-        run = _Run(trial=trial, params={**fixed, **trial.params}, started=time.perf_counter())
-        self._submit(run, done, running)
-
     def _loop(self) -> None:
         to_start = max(0, self.trials - self._counted())
         progress = self.progress = Progress(self.trials, self.objective, enabled=wants_progress(self.verbose))
@@ -370,13 +341,18 @@ class Search:
         stall = waits.wait_timeout()
         last_progress = gone_since = None
         try:
-            while to_start > 0 or running:
+            while to_start > 0 or running or self._pending:
                 if self.exhausted:
                     to_start = 0
-                while to_start > 0 and len(running) < self._concurrency():
-                    self._start(done, running)
-                    to_start -= 1
-                self.counts["running"] = len(running)
+                while (to_start > 0 or self._pending) and len(running) < self._concurrency():
+                    if not self._pending:
+                        to_start -= self._ask_units(to_start)
+                    unit = self._pending.pop(0)
+                    if isinstance(unit, _Pack):
+                        self._submit_pack(unit, done, running)
+                    else:
+                        self._submit(unit, done, running)
+                self.counts["running"] = self.trials_in(running)
                 progress.update(self.counts, self._best_text())
                 try:
                     fut = done.get(timeout=_POLL_S)
@@ -398,16 +374,18 @@ class Search:
                     last_progress = last_progress or now
                     if now - last_progress > stall:
                         raise waits.stalled_error(
-                            self.client, {k: f"trial {r.trial.number}" for k, r in running.items()}, stall,
+                            self.client, {k: r.label for k, r in running.items()}, stall,
                             "search: no trial epoch", "Check the workers' logs, then resume from the storage.")
                     continue
                 last_progress = time.monotonic()
                 run = running.pop(fut.key, None)
-                if run is not None:
+                if isinstance(run, _Pack):
+                    self._handle_pack(run, fut, done, running)
+                elif run is not None:
                     self._handle(run, fut, done, running)
         finally:
-            self.counts["running"] = len(running)
-            if running:  # stopped by an error or an interrupt: those trials are run again on resume
+            self.counts["running"] = self.trials_in(running)
+            if running or self._pending:  # stopped by an error or an interrupt: those trials are run again on resume
                 for r in running.values():
                     r.future.cancel()
                 recover_stale(self.study)
@@ -440,22 +418,11 @@ class Search:
 
     def _handle(self, run: _Run, fut: Any, done: "queue.SimpleQueue[Any]", running: dict[str, _Run]) -> None:
         """One epoch's result: report it, then prune, finish or send the next epoch."""
-        if fut.status != "finished":
-            why = fut.exception(timeout=waits.wait_timeout()) if fut.status == "error" else "the task was cancelled"
-            fut.release()
-            self._fail(run, f"{type(why).__name__}: {why}" if isinstance(why, BaseException) else str(why))
+        r, error = self._outcome(fut)
+        if r is None:
+            self._fail(run, error or "")
             return
-        r = fut.result(timeout=waits.wait_timeout())
-        fut.release()
-        if r.get("missing_data"):
-            run.retries += 1
-            if run.retries > _MISSING_DATA_RETRIES:
-                self._fail(run, f"the worker {r.get('worker')} could not get the search's data")
-                return
-            self.loaded.pop(r.get("worker"), None)
-            if r.get("worker"):
-                self._start_loading(r["worker"])
-            self._submit(run, done, running)
+        if self._missing_data(run, r, lambda: self._submit(run, done, running), lambda why: self._fail(run, why)):
             return
         if r.get("worker") and (not run.workers or run.workers[-1] != r["worker"]):
             run.workers.append(r["worker"])
@@ -498,6 +465,9 @@ class Search:
         t.set_user_attr("worker", run.workers[-1] if run.workers else None)
         t.set_user_attr("workers", list(run.workers))
         t.set_user_attr("history", run.history)
+        if run.pack is not None:
+            t.set_user_attr("pack", run.pack)
+            t.set_user_attr("pack_size", run.pack_size)
         if run.best_epoch is not None:
             t.set_user_attr("best_epoch", run.best_epoch)
         if error is not None:

@@ -29,7 +29,8 @@ def _trial_params(t: Any) -> dict[str, Any]:
 def trials_frame(study: Any, objective: str, epochs: int, direction: str = "minimize") -> pd.DataFrame:
     """One row per trial of ``study``: ``trial``, ``state``, the objective (its best epoch's
     value), ``best_epoch`` (1-based), ``epochs`` run, ``seconds`` (from its start to its end),
-    ``compute_seconds`` (in its tasks), ``build_seconds`` (building and tracing its model), ``worker``, ``error``,
+    ``compute_seconds`` (in its tasks; a pack's time is shared evenly by its trials), ``build_seconds`` (building
+    and tracing its model), ``worker``, ``pack`` (the pack it trained in with other trials, or empty), ``error``,
     ``started`` / ``finished``, a ``params_<name>`` column per parameter and an
     ``<objective>_epoch_<k>`` column per epoch."""
     stale = set(study.user_attrs.get("stale_trials", []))
@@ -53,14 +54,15 @@ def trials_frame(study: Any, objective: str, epochs: int, direction: str = "mini
             "epochs": attrs.get("epochs", len(t.intermediate_values)),
             "seconds": attrs.get("seconds", (t.duration.total_seconds() if t.duration else np.nan)),
             "compute_seconds": attrs.get("compute_seconds", np.nan), "build_seconds": attrs.get("build_seconds", np.nan),
-            "worker": attrs.get("worker"), "error": error,
+            "worker": attrs.get("worker"), "pack": attrs.get("pack"), "error": error,
             "rerun_of": attrs.get("rerun_of"), "started": t.datetime_start, "finished": t.datetime_complete,
         }
         row.update({f"params_{n}": v for n, v in params.items()})
         for step, v in t.intermediate_values.items():
             row[f"{objective}_epoch_{step}"] = v
         rows.append(row)
-    columns = ["trial", "state", objective, "best_epoch", "epochs", "seconds", "compute_seconds", "build_seconds", "worker", "error", "rerun_of",
+    columns = ["trial", "state", objective, "best_epoch", "epochs", "seconds", "compute_seconds", "build_seconds", "worker", "pack", "error",
+               "rerun_of",
                "started", "finished", *[f"params_{n}" for n in names],
                *[f"{objective}_epoch_{k}" for k in range(1, epochs + 1)]]
     frame = pd.DataFrame(rows)

@@ -38,6 +38,7 @@ __all__ = ["pack_builder", "load_data", "run_epoch", "drop_search", "call_builde
 _DATA: LRUCache[str, dict[str, np.ndarray]] = LRUCache(2)
 _TRIALS: LRUCache[str, _CachedModel] = LRUCache(8)
 _BUILDERS: LRUCache[str, Callable[..., Any]] = LRUCache(4)
+_PACK_TRAINERS: LRUCache[str, list[Any]] = LRUCache(8)  # architecture -> idle stacked trainers (pack_worker)
 _DATA_LOCK = threading.Lock()
 _LOADS = [0]  # copies of a search's data made by this process (tests check: one per worker per search)
 
