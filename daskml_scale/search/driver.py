@@ -119,6 +119,7 @@ class Search(PackScheduling):
         self.timings["prepare_s"] = time.perf_counter() - t1
         t2 = time.perf_counter()
         self._loop()
+        self.live_workers()  # a worker lost while results kept coming (no idle poll saw it) is counted too
         self.timings["trials_s"] = time.perf_counter() - t2
         self._ensure_best_state()
         self.timings["total_s"] = time.perf_counter() - t0
