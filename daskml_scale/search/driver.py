@@ -448,13 +448,7 @@ class Search(PackScheduling):
         run.state = r["state"]
         if self._better(value, run.best_value):
             run.best_value, run.best_epoch, run.best_state = float(value), run.epoch, r["state"]
-        run.trial.report(float(value), run.epoch + 1)
-        run.epoch += 1
-        if run.epoch >= self.epochs:
-            self._finish(run, "complete")
-        elif run.trial.should_prune():
-            self._finish(run, "pruned")
-        else:
+        if self._end_epoch(run, float(value)):
             self._submit(run, done, running)
 
     def _attrs(self, run: _Run, error: str | None = None) -> None:

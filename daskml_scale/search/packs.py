@@ -226,6 +226,18 @@ class PackScheduling:
         resubmit()
         return True
 
+    def _end_epoch(self, run: _Run, value: float) -> bool:
+        """Report the epoch's objective; the trial completes, is pruned, or (True) goes on."""
+        run.trial.report(value, run.epoch + 1)
+        run.epoch += 1
+        if run.epoch >= self.epochs:
+            self._finish(run, "complete")
+        elif run.trial.should_prune():
+            self._finish(run, "pruned")
+        else:
+            return True
+        return False
+
     def _handle_pack(self, pack: _Pack, fut: Any, done: "queue.SimpleQueue[Any]", running: dict[str, Any]) -> None:
         """One epoch of a pack: each trial reports, then is pruned, finishes, fails or goes on."""
         def fail_all(why: str) -> None:
@@ -267,13 +279,7 @@ class PackScheduling:
                 weights = [np.array(w[pos]) for w in r["state"]["weights"]]
                 run.best_value, run.best_epoch = float(value), run.epoch
                 run.best_state = {"weights": weights, "optimizer": None}
-            run.trial.report(float(value), run.epoch + 1)
-            run.epoch += 1
-            if run.epoch >= self.epochs:
-                self._finish(run, "complete")
-            elif run.trial.should_prune():
-                self._finish(run, "pruned")
-            else:
+            if self._end_epoch(run, float(value)):
                 going_on.append((run, pos))
         if going_on:
             pack.members = [run for run, _ in going_on]
