@@ -189,11 +189,9 @@ class AllReduce(Strategy):
 
     def _attempt(self, runner: "EpochRunner", st: _RingState, blocks: list[list[Any]], workers: list[str],
                  attempt: int) -> list[dict[str, Any]]:
-        """One try at the epoch on ``workers``: streams go to ranks round-robin."""
-        n = len(workers)
-        per_rank: list[list[Any]] = [[] for _ in range(n)]
-        for s, b in enumerate(blocks):
-            per_rank[s % n].extend(b)
+        """One try at the epoch on ``workers``: each stream on its home worker, every input
+        held where its task runs."""
+        per_rank = runner.ranks(blocks, workers)
         rows_per_step = int(self.every) * runner.batch_size
         steps = [sum(-(-_rows(b) // rows_per_step) for b in bl) for bl in per_rank]
         ring_id = f"{runner.fit_id}-e{runner.epoch}-a{attempt}-{uuid.uuid4().hex[:4]}"
@@ -206,7 +204,8 @@ class AllReduce(Strategy):
         ]
         opened = self._wait(runner, ports, workers)
         addresses = [(h, p) for _, h, p in opened]
-        state = runner.put({"weights": runner.weights, "optimizer": runner.optimizer_state}, "allreduce-state")
+        state = runner.put_on({"weights": runner.weights, "optimizer": runner.optimizer_state}, workers,
+                              self._timeout(), "AllReduce")
         futs = [
             client.submit(
                 allreduce_epoch, ring_id, r, addresses, st.secret, attempt, runner.fit_id, runner.model_bytes, state,

@@ -39,7 +39,7 @@ import numpy as np
 
 from daskml_scale import backend, config
 from daskml_scale._utils.lru import LRUCache
-from daskml_scale._utils.waits import run_bounded
+from daskml_scale._utils.waits import run_bounded, within
 from daskml_scale.exceptions import ArgumentError, TrainingError, WorkersLostError
 from daskml_scale.training.allreduce import _LocalState, _rows, _steps, start_epoch
 from daskml_scale.training.averaging import weighted_average
@@ -192,26 +192,25 @@ class Gossip(Strategy):
 
     def _attempt(self, runner: "EpochRunner", st: _GossipState, blocks: list[list[Any]],
                  workers: list[str]) -> tuple[list[dict[str, Any]], int]:
-        """One try at the epoch on ``workers`` (streams go to ranks round-robin): the
-        results of the tasks that finished, and how many were lost or dropped."""
-        n = len(workers)
-        per_rank: list[list[Any]] = [[] for _ in range(n)]
-        for s, b in enumerate(blocks):
-            per_rank[s % n].extend(b)
+        """One try at the epoch on ``workers`` (each stream on its home worker, every
+        input held where its task runs): the results of the tasks that finished, and how many were lost or dropped."""
+        per_rank = runner.ranks(blocks, workers)
         gid = f"{runner.fit_id}-g{runner.epoch}-{uuid.uuid4().hex[:6]}"
         client = runner.client
         ports = [client.submit(open_port, gid, r, pure=False, workers=[w], allow_other_workers=False,
                                key=f"daskml-gossip-port-{gid}-{r}") for r, w in enumerate(workers)]
-        state = runner.put({"weights": runner.weights, "optimizer": runner.optimizer_state}, "gossip-state")
         futs: list[Any] = []
+        state: list[Any] = []
         try:
             if not runner.wait(ports, self._timeout()):
                 raise WorkersLostError(f"Gossip: the workers did not open their ports within {self._timeout():.0f}s"
                                        + runner.checkpoint_hint(), workers=sorted(workers))
+            state = [runner.put_on({"weights": runner.weights, "optimizer": runner.optimizer_state}, workers,
+                                   self._timeout(), "Gossip")]
             addresses = [(h, p) for _, h, p in (f.result(timeout=self._timeout()) for f in ports)]
             futs = [
                 client.submit(
-                    gossip_epoch, gid, r, addresses, st.secret, runner.fit_id, runner.model_bytes, state,
+                    gossip_epoch, gid, r, addresses, st.secret, runner.fit_id, runner.model_bytes, state[0],
                     per_rank[r], runner.sources(runner.parts_of(per_rank[r])), batch_size=runner.batch_size,
                     seed=runner.seed, epoch=runner.epoch, shuffle=runner.shuffle, every=int(self.every),
                     peers=int(self.peers), topology=self.topology, wait=self.wait, timeout=self._timeout(),
@@ -223,7 +222,7 @@ class Gossip(Strategy):
             runner.round_begin()
             return self._collect(runner, futs, workers, gid)
         finally:
-            client.cancel(futs + ports + [state])
+            client.cancel(futs + ports + state)
             _run_bounded(client, close_port, gid, [w for w in workers if w in runner.live_workers()],
                          "Gossip: closing the epoch's ports")
 
@@ -237,6 +236,7 @@ class Gossip(Strategy):
         stopped = False
         first_done: float | None = None
         next_check = 0.0
+        probe_at = time.monotonic() + self._timeout()
         while pending:
             for r in [r for r in pending if futs[r].done()]:
                 pending.discard(r)
@@ -256,6 +256,15 @@ class Gossip(Strategy):
                 stopped = True
                 _run_bounded(runner.client, stop_gossip, gid, sorted({workers[r] for r in pending}),
                              "Gossip: telling the workers left to stop")
+            if pending and first_done is None and now >= probe_at:  # nothing finished for a while: who is silent?
+                probe_at = now + self._timeout()
+                silent = silent_workers(runner.client, sorted({workers[r] for r in pending}))
+                if silent:
+                    logger.warning("daskml_scale.fit: Gossip epoch %d: no task finished within %.0fs and %s did not "
+                                   "answer; the epoch goes on without them", runner.epoch, self._timeout(), silent)
+                    for r in [r for r in pending if workers[r] in silent]:
+                        pending.discard(r)
+                        lost.add(r)
             if pending and first_done is not None and now - first_done > self._timeout():
                 logger.warning("daskml_scale.fit: Gossip epoch %d: the tasks of %s did not finish within %.0fs of the "
                                "first one; the epoch ends without them", runner.epoch,
@@ -289,6 +298,23 @@ def _run_bounded(client: Any, fn: Any, gid: str, workers: list[str], what: str) 
     """``client.run(fn, gid)`` on ``workers``, for at most 3 s: a silent worker (alive to
     the scheduler, not answering) must not hold the fit; its task is left after the timeout."""
     run_bounded(client, fn, gid, workers=workers, what=what)
+
+
+def silent_workers(client: Any, workers: list[str], seconds: float = 5.0) -> list[str]:
+    """Those of ``workers`` that do not answer a call within ``seconds``: alive to the
+    scheduler (a stopped process keeps its place until its heartbeats time out), but not
+    working."""
+    out = []
+    for w in workers:
+        try:
+            within(lambda: client.run(_pong, workers=[w]), seconds, f"Gossip: asking {w} whether it runs", "")
+        except Exception:  # noqa: BLE001  (no answer, or a failed one: either way it is not working)
+            out.append(w)
+    return out
+
+
+def _pong() -> bool:
+    return True
 
 
 # ------------------------------------------------------------------- the worker side

@@ -177,6 +177,32 @@ class EpochRunner:
         """``value`` in the cluster once, as a task (recomputed if its holders die)."""
         return self._fit.put(value, name)
 
+    def put_on(self, value: Any, workers: Sequence[str], timeout: float, who: str) -> Any:
+        """``value`` held by each of ``workers`` (one key, a replica on each), for tasks
+        pinned to those workers: none of them then fetches an input from another
+        worker, which a silent worker (alive to the scheduler, not answering) would hold.
+        Not done within ``timeout`` seconds: a :class:`WorkersLostError`."""
+        from daskml_scale.exceptions import WorkersLostError
+
+        try:
+            return self.client.scatter(value, workers=list(workers), broadcast=True, hash=False, timeout=timeout)
+        except (TimeoutError, OSError) as exc:
+            raise WorkersLostError(f"{who}: the epoch's weights did not reach the workers {sorted(workers)} within "
+                                   f"{timeout:.0f}s ({type(exc).__name__}: {exc})" + self.checkpoint_hint(),
+                                   workers=sorted(workers)) from exc
+
+    def ranks(self, blocks: Sequence[list[Any]], workers: Sequence[str]) -> list[list[Any]]:
+        """Per rank ``r`` (the task on ``workers[r]``), the blocks of the streams it trains:
+        a stream goes to its home worker while that one is among ``workers`` (its
+        prepared partitions are there), otherwise round-robin."""
+        index = {w: r for r, w in enumerate(workers)}
+        homes = self._fit.homes
+        per_rank: list[list[Any]] = [[] for _ in workers]
+        for s, b in enumerate(blocks):
+            home = homes[s % len(homes)] if homes else None
+            per_rank[index.get(home, s % len(workers))].extend(b)  # type: ignore[arg-type]
+        return per_rank
+
     # ------------------------------------------------------------ the epoch's rows
     def stream_order(self, stream: int) -> list[int]:
         """The stream's partitions in this epoch's (seeded) order."""

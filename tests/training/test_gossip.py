@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import daskml_scale
+from daskml_scale.exceptions import TrainingError, WorkersLostError
 from daskml_scale.training.gossip import neighbours, slow_down
 from tests.training.conftest import build_model
 
@@ -156,10 +157,9 @@ def test_a_silent_neighbour_is_left_behind(diamond_data, fitted_pre, own_client)
         def on_train_batch_begin(self, batch, logs=None):
             if not started.is_set():
                 started.set()
-                # 1 s into the epoch: both tasks have their inputs and train. Stopped sooner, the
-                # healthy task can still be fetching an input the silent worker holds (a wait
-                # the driver does not bound yet: see the session note of 2026-12-02)
-                threading.Timer(1.0, os.kill, (pid, signal.SIGSTOP)).start()
+                # at once, while the tasks may still be getting their inputs: each one's are held
+                # by its own worker, so the healthy task never waits for the silent one
+                threading.Timer(0.05, os.kill, (pid, signal.SIGSTOP)).start()
 
     t = time.monotonic()
     try:
@@ -173,6 +173,37 @@ def test_a_silent_neighbour_is_left_behind(diamond_data, fitted_pre, own_client)
     assert h.history["gossip_rows_left"][0] == 0  # the one that finished trained all its rows
     assert np.isfinite(h.history["loss"]).all()
     assert silent in pids
+
+
+@pytest.mark.slow
+def test_every_worker_silent_ends_the_fit_with_an_error(diamond_data, fitted_pre, own_client):
+    """Both workers stopped with SIGSTOP as the epoch starts: no task ever finishes and the
+    scheduler still counts both as alive; the fit ends with an error naming the loss within
+    a few timeouts instead of waiting for the workers' heartbeats to time out."""
+    n = len(fitted_pre.feature_names_)
+    pids = list(own_client.run(os.getpid).values())
+    started = threading.Event()
+
+    import keras
+
+    class Stop(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if not started.is_set():
+                started.set()
+                for pid in pids:
+                    os.kill(pid, signal.SIGSTOP)
+
+    t = time.monotonic()
+    try:
+        with pytest.raises((TrainingError, WorkersLostError)):
+            daskml_scale.fit(build_model(n), diamond_data.ddf(), preprocessor=fitted_pre, epochs=1, batch_size=32,
+                             client=own_client, verbose=0, callbacks=[Stop()],
+                             strategy=daskml_scale.Gossip(every=4, timeout=5))
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    assert started.is_set()
+    assert time.monotonic() - t < 240
 
 
 def _forget_restarting_workers(client, timeout: float = 60) -> None:
