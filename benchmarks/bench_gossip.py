@@ -66,8 +66,9 @@ def main() -> int:
     for n in [int(x) for x in args.workers.split(",") if x]:
         run_cluster(bench, data, n, target, args)
     bench.note(
-        "Measured on a machine shared with other jobs: the times are noisy, and gossip's skip counts with them "
-        "(a neighbour descheduled for a while counts as a straggler). Compare ratios taken in the same run.")
+        f"{os.cpu_count()} cores for up to 8 worker processes: a neighbour descheduled for a while counts as a "
+        "straggler, so gossip's skip counts vary with the load (recorded beside each comparison). Compare ratios "
+        "taken in the same run.")
     bench.write()
     return bench.exit_code()
 

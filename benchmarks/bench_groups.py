@@ -21,7 +21,9 @@ Sides (models per second is the metric: higher is better)
 The baselines take minutes per round on all 4,000 groups, so they run on a random
 sample of ``--sample`` groups (the same rows for every baseline); models per second
 is comparable because the sample is drawn uniformly from the same groups. The mean
-validation loss of ours over the sampled groups is reported next to each baseline's.
+validation loss of ours over the sampled groups is reported next to each baseline's; every
+side builds its models under the same seed as ``fit_groups``, so each group starts from the
+same weights on every side.
 
 ``scale``: ``fit_groups`` from CSV shards (``read_csv``) as the groups grow at a fixed
 number of rows per group: ``--scale-groups`` aircraft (1,000) with at least
@@ -62,6 +64,16 @@ def build_model(n_features: int, k: int = 1):
     m = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(32, activation="relu"), keras.layers.Dense(1)])
     m.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", steps_per_execution=k)
     return m
+
+
+def seeded_build(n_features: int, k: int = 1):
+    """``build_model`` under the fit's seed, as ``fit_groups`` builds its template: every
+    side starts each group from the same weights, so their validation losses compare the
+    training, not two random draws (one draw moved the sample's mean loss by ~4%)."""
+    import keras
+
+    keras.utils.set_random_seed(SEED)
+    return build_model(n_features, k)
 
 
 class Data:
@@ -114,7 +126,7 @@ def run_loop_a(data: Data, epochs: int) -> dict:
     vals = []
     for k in data.sample:
         Xt, yt, Xv, yv = data.arrays[k]
-        model = build_model(data.n)
+        model = seeded_build(data.n)
         h = model.fit(Xt, yt, epochs=epochs, batch_size=BATCH, validation_data=(Xv, yv), verbose=0)
         vals.append(h.history["val_loss"][-1])
     s = time.perf_counter() - t0
@@ -126,7 +138,7 @@ def run_loop_b(data: Data, epochs: int, k: int) -> dict:
     """(b) one compiled model reused: weights and optimizer state reset per group."""
     from daskml_scale import backend
 
-    model = build_model(data.n, k)
+    model = seeded_build(data.n, k)
     Xt, yt, _, _ = data.arrays[data.sample[0]]
     backend.ensure_built(model, Xt[:2], yt[:2])
     w0, opt0 = model.get_weights(), [v.numpy() for v in model.optimizer.variables]
@@ -149,7 +161,7 @@ def _fit_one(df: pd.DataFrame, pre, epochs: int, n: int) -> pd.DataFrame:
     X, y = pre.transform(df)
     key = df.name  # the group's key (Dask passes the rows without the group column)
     held = plan.held_out(len(X), VAL, SEED, (key,))
-    model = build_model(n)
+    model = seeded_build(n)
     h = model.fit(X[~held], y[~held], epochs=epochs, batch_size=BATCH, validation_data=(X[held], y[held]), verbose=0)
     return pd.DataFrame({"val_loss": [h.history["val_loss"][-1]]})
 
@@ -233,7 +245,8 @@ def main() -> int:
     bench = Benchmark.from_args("groups", args, description="Many models: one per aircraft")
     for k, v in settings.items():
         bench.fact(k, v)
-    bench.note("Machine shared with other sessions while measured: the figures are noisy; ratios are taken in one run.")
+    bench.note(f"{os.cpu_count()} cores; each comparison records the load average before and after it (well above "
+               f"the number of cores: other work shared them). Ratios are taken within one run.")
     client = daskml_scale.connect(n_workers=2, threads_per_worker=1, dashboard_address=":0")
     client.wait_for_workers(2, timeout=120)
     try:

@@ -316,8 +316,8 @@ def main() -> int:
                 if ours is not None:
                     bench.fact(f"{name}_best_vs_keras_tuner", ours / kt_best)
             target_comparison(bench, search_cmp, kt_best)
-        bench.note("Figures from a shared 2-core machine where other jobs ran at the same time: noisy; compare "
-                   "the ratios of one run, not absolute seconds.")
+        bench.note(f"{os.cpu_count()} cores; each comparison records the load average before and after it (well "
+                   "above the number of cores: other work shared them). Compare the ratios of one run, not seconds.")
     finally:
         client.close()
     bench.write()
