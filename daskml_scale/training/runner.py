@@ -185,7 +185,10 @@ class EpochRunner:
         from daskml_scale.exceptions import WorkersLostError
 
         try:
-            return self.client.scatter(value, workers=list(workers), broadcast=True, hash=False, timeout=timeout)
+            # a list of one: a dict would be scattered value by value, under its own keys as Dask keys
+            [future] = self.client.scatter([value], workers=list(workers), broadcast=True, hash=False,
+                                           timeout=timeout)
+            return future
         except (TimeoutError, OSError) as exc:
             raise WorkersLostError(f"{who}: the epoch's weights did not reach the workers {sorted(workers)} within "
                                    f"{timeout:.0f}s ({type(exc).__name__}: {exc})" + self.checkpoint_hint(),
