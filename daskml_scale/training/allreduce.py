@@ -202,26 +202,28 @@ class AllReduce(Strategy):
                           key=f"daskml-ring-port-{ring_id}-{r}")
             for r, w in enumerate(workers)
         ]
-        opened = self._wait(runner, ports, workers)
-        addresses = [(h, p) for _, h, p in opened]
-        state = runner.put_on({"weights": runner.weights, "optimizer": runner.optimizer_state}, workers,
-                              self._timeout(), "AllReduce")
-        futs = [
-            client.submit(
-                allreduce_epoch, ring_id, r, addresses, st.secret, attempt, runner.fit_id, runner.model_bytes, state,
-                per_rank[r], max(steps), runner.sources(runner.parts_of(per_rank[r])),
-                batch_size=runner.batch_size, seed=runner.seed, epoch=runner.epoch, shuffle=runner.shuffle,
-                every=int(self.every), outer_lr=float(self.outer_lr), timeout=self._timeout(), pure=False,
-                workers=[w], allow_other_workers=False,
-                key=(f"daskml-allreduce-{runner.fit_id}", runner.epoch, attempt, r),
-            )
-            for r, w in enumerate(workers)
-        ]
-        runner.round_begin()
+        futs: list[Any] = []
+        state: list[Any] = []
         try:
+            opened = self._wait(runner, ports, workers)
+            addresses = [(h, p) for _, h, p in opened]
+            state = [runner.put_on({"weights": runner.weights, "optimizer": runner.optimizer_state}, workers,
+                                   self._timeout(), "AllReduce")]
+            futs = [
+                client.submit(
+                    allreduce_epoch, ring_id, r, addresses, st.secret, attempt, runner.fit_id, runner.model_bytes,
+                    state[0], per_rank[r], max(steps), runner.sources(runner.parts_of(per_rank[r])),
+                    batch_size=runner.batch_size, seed=runner.seed, epoch=runner.epoch, shuffle=runner.shuffle,
+                    every=int(self.every), outer_lr=float(self.outer_lr), timeout=self._timeout(), pure=False,
+                    workers=[w], allow_other_workers=False,
+                    key=(f"daskml-allreduce-{runner.fit_id}", runner.epoch, attempt, r),
+                )
+                for r, w in enumerate(workers)
+            ]
+            runner.round_begin()
             return self._wait(runner, futs, workers)
-        finally:
-            client.cancel(futs + ports + [state])
+        finally:  # also when the ports or the weights did not arrive: no port is left open
+            client.cancel(futs + ports + state)
             # bounded: a silent worker (alive to the scheduler, not answering) must not hold the fit
             run_bounded(client, close_port, ring_id, workers=[w for w in workers if w in runner.live_workers()],
                         what="AllReduce: closing the epoch's ports")

@@ -193,7 +193,8 @@ class Gossip(Strategy):
     def _attempt(self, runner: "EpochRunner", st: _GossipState, blocks: list[list[Any]],
                  workers: list[str]) -> tuple[list[dict[str, Any]], int]:
         """One try at the epoch on ``workers`` (each stream on its home worker, every
-        input held where its task runs): the results of the tasks that finished, and how many were lost or dropped."""
+        input held where its task runs): the results of the tasks that finished, and how
+        many were lost or dropped."""
         per_rank = runner.ranks(blocks, workers)
         gid = f"{runner.fit_id}-g{runner.epoch}-{uuid.uuid4().hex[:6]}"
         client = runner.client
@@ -307,7 +308,7 @@ def silent_workers(client: Any, workers: list[str], seconds: float = 5.0) -> lis
     out = []
     for w in workers:
         try:
-            within(lambda: client.run(_pong, workers=[w]), seconds, f"Gossip: asking {w} whether it runs", "")
+            within(lambda w=w: client.run(_pong, workers=[w]), seconds, f"Gossip: asking {w} whether it runs", "")
         except Exception:  # noqa: BLE001  (no answer, or a failed one: either way it is not working)
             out.append(w)
     return out

@@ -179,8 +179,8 @@ def test_a_silent_neighbour_is_left_behind(diamond_data, fitted_pre, own_client)
 @pytest.mark.slow
 def test_every_worker_silent_ends_the_fit_with_an_error(diamond_data, fitted_pre, own_client):
     """Both workers stopped with SIGSTOP as the epoch starts: no task ever finishes and the
-    scheduler still counts both as alive; the fit ends with an error naming the loss within
-    a few timeouts instead of waiting for the workers' heartbeats to time out."""
+    scheduler still counts both as alive; the fit ends with an error within a few timeouts
+    instead of waiting for the workers' heartbeats to time out."""
     n = len(fitted_pre.feature_names_)
     pids = list(own_client.run(os.getpid).values())
     started = threading.Event()
