@@ -70,10 +70,8 @@ def seeded_build(n_features: int, k: int = 1):
     """``build_model`` under the fit's seed, as ``fit_groups`` builds its template: every
     side starts each group from the same weights, so their validation losses compare the
     training, not two random draws (one draw moved the sample's mean loss by ~4%)."""
-    import keras
-
-    keras.utils.set_random_seed(SEED)
-    return build_model(n_features, k)
+    with daskml_scale.seeded(SEED):  # as fit_groups builds its template
+        return build_model(n_features, k)
 
 
 class Data:

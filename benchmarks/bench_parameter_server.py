@@ -45,17 +45,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
+import daskml_scale  # noqa: E402
 from _method import Benchmark, Ratio, Variant, add_arguments  # noqa: E402
 
 
 def build(n_features: int, steps_per_execution: int = 1):
     import keras
 
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([
-        keras.Input((n_features,)), keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1),
-    ])
+    with daskml_scale.seeded(0):
+        model = keras.Sequential([
+            keras.Input((n_features,)), keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1),
+        ])
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=["mae"],
                   steps_per_execution=steps_per_execution)
     return model

@@ -184,16 +184,14 @@ def parameter_sets(trials: int) -> list[dict]:
 
 
 def fits_one_by_one(client, ddf, vddf, data: Data, params: list[dict], epochs: int) -> dict:
-    import keras
-
     from daskml_scale.search.space import HyperParameters
 
     curve: list = []
     t0 = time.perf_counter()
     bests = []
     for i, p in enumerate(params):
-        keras.utils.set_random_seed(SEED + i)
-        model = build_model(HyperParameters(p))
+        with daskml_scale.seeded(SEED + i):
+            model = build_model(HyperParameters(p))
         h = daskml_scale.fit(model, ddf, preprocessor=data.pre, epochs=epochs, batch_size=BATCH,
                              validation_data=vddf, client=client, verbose=0, seed=SEED)
         bests.append(min(h.history["val_loss"]))

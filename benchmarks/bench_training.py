@@ -53,11 +53,11 @@ SPE = (1, 8, 32, 128)
 def build(n_features: int, seed: int = 0):
     import keras
 
-    keras.utils.set_random_seed(seed)
-    m = keras.Sequential([
-        keras.Input((n_features,)), keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1),
-    ])
+    with daskml_scale.seeded(seed):
+        m = keras.Sequential([
+            keras.Input((n_features,)), keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1),
+        ])
     m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=["mae"])
     return m
 

@@ -67,11 +67,11 @@ def preprocessor(encoding: str) -> daskml_scale.Preprocessor:
 def build(pre, k: int = 1, seed: int = 0):
     import keras
 
-    keras.utils.set_random_seed(seed)
-    inputs, features = daskml_scale.model_inputs(pre, embedding_dims=DIMS)
-    h = keras.layers.Dense(64, activation="relu")(features)
-    h = keras.layers.Dense(64, activation="relu")(h)
-    model = keras.Model(inputs, keras.layers.Dense(1)(h))
+    with daskml_scale.seeded(seed):
+        inputs, features = daskml_scale.model_inputs(pre, embedding_dims=DIMS)
+        h = keras.layers.Dense(64, activation="relu")(features)
+        h = keras.layers.Dense(64, activation="relu")(h)
+        model = keras.Model(inputs, keras.layers.Dense(1)(h))
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=["mae"], steps_per_execution=k)
     return model
 

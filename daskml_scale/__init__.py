@@ -21,6 +21,7 @@ from daskml_scale.plots import plot_history, plot_predictions
 from daskml_scale.predict import PredictReport, predict, predict_files
 from daskml_scale.preprocessing import Preprocessor
 from daskml_scale.search import HyperParameters, SearchResult, search
+from daskml_scale.seeding import seeded
 from daskml_scale.serving import create_app, serve
 from daskml_scale.training import (
     AllReduce, EpochRunner, Federated, Gossip, ModelAveraging, ParameterServer, Strategy, fit,
@@ -37,6 +38,7 @@ __all__ = [
     "bad_rows_report",
     "Preprocessor",
     "model_inputs",
+    "seeded",
     # training
     "fit",
     "Strategy",

@@ -52,8 +52,8 @@ def pre(table):
 def build(n: int):
     import keras
 
-    keras.utils.set_random_seed(3)
-    model = keras.Sequential([keras.Input((n,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    with daskml_scale.seeded(3):
+        model = keras.Sequential([keras.Input((n,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
     model.compile(keras.optimizers.SGD(0.01), "mse", metrics=["mae"])
     return model
 

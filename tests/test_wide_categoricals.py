@@ -44,10 +44,10 @@ def pre(table) -> daskml_scale.Preprocessor:
 def build(pre, seed=0, lr=3e-3):
     import keras
 
-    keras.utils.set_random_seed(seed)
-    inputs, features = daskml_scale.model_inputs(pre, embedding_dims={"tailnum": 8, "dest": 4})
-    hidden = keras.layers.Dense(32, activation="relu")(features)
-    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+    with daskml_scale.seeded(seed):
+        inputs, features = daskml_scale.model_inputs(pre, embedding_dims={"tailnum": 8, "dest": 4})
+        hidden = keras.layers.Dense(32, activation="relu")(features)
+        model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
     model.compile(keras.optimizers.Adam(lr), "mse")
     return model
 

@@ -24,6 +24,7 @@ from daskml_scale.exceptions import ArgumentError, DataError, MissingColumnError
 from daskml_scale.groups.large import large_groups, max_group_rows_from, split_large, train_large
 from daskml_scale.groups.models import GroupModels, history_frame
 from daskml_scale.groups.spec import stack_plan
+from daskml_scale.seeding import seeded
 from daskml_scale.groups.worker import ROW_KEY, GroupTask, add_row_key, stack_results, train_partition
 
 __all__ = ["fit_groups", "build_template"]
@@ -34,10 +35,8 @@ _FALLBACKS = ("global", None)
 
 def build_template(build_model: Callable[[int], Any], n_features: int, seed: int, preprocessor: Any) -> Any:
     """``build_model(n_features)`` under ``seed``, checked and built (every group starts from its weights)."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    model = build_model(n_features)
+    with seeded(seed):  # equal templates under one seed, whatever the process's other threads draw
+        model = build_model(n_features)
     if getattr(model, "optimizer", None) is None or not getattr(model, "compiled", True):
         raise ArgumentError(
             "Expected build_model(n_features) to return a compiled Keras model. Received: a model without an "
@@ -201,6 +200,13 @@ def fit_groups(
         raise ArgumentError(f"Expected a stackable architecture for mode='stacked'. Received: {why}; use mode='loop'")
     run_mode = "loop" if mode == "loop" or spec is None else "stacked"
     initial = backend.get_weights(template)
+
+    def fresh() -> Any:
+        """A new model (its own optimizer) from the template's starting weights."""
+        model = build_template(build_model, preprocessor.n_features_, seed, preprocessor)
+        backend.set_weights(model, initial)
+        return model
+
     template_bytes = ship_model(template, backend.model_to_bytes(template))
     fit_id = f"groups-{uuid.uuid4().hex[:8]}"
     task = GroupTask(
@@ -226,7 +232,7 @@ def fit_groups(
             from daskml_scale.training import fit
 
             tf = time.perf_counter()
-            fallback_model = build_template(build_model, preprocessor.n_features_, seed, preprocessor)
+            fallback_model = fresh()
             fallback_history = fit(
                 fallback_model, data, preprocessor=preprocessor, epochs=int(fallback_epochs or epochs),
                 batch_size=batch_size, validation_fraction=validation_fraction or None, client=client, seed=seed,
@@ -236,7 +242,7 @@ def fit_groups(
         if large_frames:
             tl = time.perf_counter()
             large_results = train_large(
-                large_frames, lambda: build_template(build_model, preprocessor.n_features_, seed, preprocessor),
+                large_frames, fresh,
                 preprocessor=preprocessor, epochs=epochs, batch_size=batch_size,
                 validation_fraction=validation_fraction, client=client, seed=seed)
             timings["large_s"] = time.perf_counter() - tl

@@ -28,6 +28,7 @@ import numpy as np
 from daskml_scale import backend
 from daskml_scale.search import worker as sw
 from daskml_scale.search.stack import describe
+from daskml_scale.seeding import seeded
 from daskml_scale.training.worker import _worker_address
 
 __all__ = ["run_pack_epoch", "stack_settings", "slice_state"]
@@ -106,11 +107,9 @@ def _build(search_id: str, builder: Mapping[str, Any], style: str, params: Mappi
            context: Mapping[str, Any], seed: int, X: np.ndarray, y: np.ndarray, layout: Any) -> tuple[Any, Any]:
     """The trial's model with the initial weights :func:`~daskml_scale.search.worker.run_epoch`
     gives it (the same seed, then the build; its optimizer and metrics are not needed here)."""
-    import keras
-
     fn = sw._unpack_builder(f"{search_id}/builder", builder)
-    keras.utils.set_random_seed(seed)
-    model, hp = sw.call_builder(fn, style, params, context)
+    with seeded(seed):
+        model, hp = sw.call_builder(fn, style, params, context)
     sw.check_model(model)
     backend.set_input_layout(model, layout)
     if not model.built:

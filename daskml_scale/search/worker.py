@@ -31,6 +31,7 @@ import numpy as np
 
 from daskml_scale import backend
 from daskml_scale._utils.lru import LRUCache
+from daskml_scale.seeding import seeded
 from daskml_scale.training.worker import _CachedModel, _worker_address
 
 __all__ = ["pack_builder", "load_data", "run_epoch", "drop_search", "call_builder", "has_data", "loads"]
@@ -195,11 +196,9 @@ def run_epoch(
     if cached is None:
         tb = time.perf_counter()
         try:
-            import keras
-
             fn = _unpack_builder(f"{search_id}/builder", builder)
-            keras.utils.set_random_seed(seed)
-            model, hp = call_builder(fn, style, params, context)
+            with seeded(seed):  # equal for every trial of these params, whatever other threads draw
+                model, hp = call_builder(fn, style, params, context)
             check_model(model)
             backend.set_input_layout(model, layout)  # a model with named inputs: X is cut into them
             backend.ensure_built(model, X[:2], y[:2])

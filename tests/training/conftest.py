@@ -10,12 +10,12 @@ from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamon
 def build_model(n_features: int, seed: int = 0, lr: float = 2e-3, batchnorm: bool = False):
     import keras
 
-    keras.utils.set_random_seed(seed)
-    layers = [keras.Input((n_features,)), keras.layers.Dense(32, activation="relu")]
-    if batchnorm:
-        layers.append(keras.layers.BatchNormalization())
-    layers.append(keras.layers.Dense(1))
-    model = keras.Sequential(layers)
+    with daskml_scale.seeded(seed):
+        layers = [keras.Input((n_features,)), keras.layers.Dense(32, activation="relu")]
+        if batchnorm:
+            layers.append(keras.layers.BatchNormalization())
+        layers.append(keras.layers.Dense(1))
+        model = keras.Sequential(layers)
     model.compile(optimizer=keras.optimizers.Adam(lr), loss="mse", metrics=["mae"])
     return model
 

@@ -24,8 +24,8 @@ BATCH = 128
 def small_model(n_features: int, seed: int = 0):
     import keras
 
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    with daskml_scale.seeded(seed):
+        model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse", metrics=["mae"])
     return model
 

@@ -36,11 +36,11 @@ def test_two_workers_reach_single_process_quality(flights_data, client):
     pre, epochs, batch = flights_data.pre, 3, 256
 
     def build():
-        keras.utils.set_random_seed(0)
-        m = keras.Sequential([
-            keras.Input((len(pre.feature_names_),)), keras.layers.Dense(64, activation="relu"),
-            keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1),
-        ])
+        with daskml_scale.seeded(0):
+            m = keras.Sequential([
+                keras.Input((len(pre.feature_names_),)), keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1),
+            ])
         m.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", metrics=["mae"])
         return m
 

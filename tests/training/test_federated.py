@@ -226,17 +226,8 @@ def test_clipping_bounds_the_norm():
     assert p.noise_std(1.5, 0.2, 3) == pytest.approx(0.1)
 
 
-_FULL_SUITE_ONLY = pytest.mark.xfail(strict=False, reason=(
-    "passes alone (4 of 4 runs of this file) but failed in 2 of 2 full-suite runs on 2026-12-02 "
-    "(secure losses 59.3/32.9 and 44.7/15.2 against plain 51.1/21.3; once the DP test's weight spread 0.25 "
-    "against 0.025): two fits that should train alike did not, already in round 0's training loss; they passed "
-    "in 4 of 4 runs in other orders the session after (one after every top-level test file); the cause is not "
-    "found yet (see the session notes)"))
-
-
 def _both(a, b) -> str:
-    """Two fits' histories and summaries side by side: what a failure message shows (the
-    discrepancy above is seen only in full-suite runs, so the message must tell the story)."""
+    """Two fits' histories and summaries side by side: what a failure message shows."""
     import logging
 
     keys = sorted(set(a.history) | set(b.history))
@@ -265,7 +256,6 @@ def _recorded(monkeypatch, module, name):
 
 
 @pytest.mark.slow
-@_FULL_SUITE_ONLY
 def test_secure_aggregation_trains_as_fedavg_and_the_driver_sees_masked_updates_only(
         sites_client, site_data, fitted_pre, monkeypatch):
     from daskml_scale.training import federated, federated_privacy
@@ -303,7 +293,6 @@ def test_secure_aggregation_trains_as_fedavg_and_the_driver_sees_masked_updates_
 
 
 @pytest.mark.slow
-@_FULL_SUITE_ONLY
 def test_dp_fedavg_clips_every_site_and_adds_noise_of_the_stated_scale(sites_client, site_data, fitted_pre):
     n = len(fitted_pre.feature_names_)
     clip = 0.05

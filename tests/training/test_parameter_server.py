@@ -23,8 +23,8 @@ BATCH = 128
 def small_model(n_features: int, seed: int = 0):
     import keras
 
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+    with daskml_scale.seeded(seed):
+        model = keras.Sequential([keras.Input((n_features,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.SGD(0.02, momentum=0.9), loss="mse")
     return model
 
@@ -178,8 +178,8 @@ def test_weights_that_cannot_be_packed(diamond_data, fitted_pre, client):
     n = len(fitted_pre.feature_names_)
     norm = keras.layers.Normalization()
     norm.adapt(np.random.default_rng(0).random((64, n)).astype(np.float32))
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((n,)), norm, keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    with daskml_scale.seeded(0):
+        model = keras.Sequential([keras.Input((n,)), norm, keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
     model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="mse")
     assert any(v.dtype != "float32" for v in model.weights)
     for mode in ("sync", "async"):
