@@ -243,8 +243,8 @@ def main() -> int:
     bench = Benchmark.from_args("groups", args, description="Many models: one per aircraft")
     for k, v in settings.items():
         bench.fact(k, v)
-    bench.note(f"{os.cpu_count()} cores; each comparison records the load average before and after it (well above "
-               f"the number of cores: other work shared them). Ratios are taken within one run.")
+    bench.note(f"{os.cpu_count()} cores; each comparison records the load average before and after it (above the "
+               f"number of cores: other work shared them). Ratios are taken within one run.")
     client = daskml_scale.connect(n_workers=2, threads_per_worker=1, dashboard_address=":0")
     client.wait_for_workers(2, timeout=120)
     try:
