@@ -24,8 +24,8 @@ from daskml_scale.exceptions import ArgumentError, DataError, MissingColumnError
 from daskml_scale.groups.large import large_groups, max_group_rows_from, split_large, train_large
 from daskml_scale.groups.models import GroupModels, history_frame
 from daskml_scale.groups.spec import stack_plan
-from daskml_scale.seeding import seeded
 from daskml_scale.groups.worker import ROW_KEY, GroupTask, add_row_key, stack_results, train_partition
+from daskml_scale.seeding import seeded
 
 __all__ = ["fit_groups", "build_template"]
 
