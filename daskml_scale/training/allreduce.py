@@ -36,7 +36,7 @@ from daskml_scale.exceptions import ArgumentError, TrainingError, WorkersLostErr
 from daskml_scale.training.averaging import weighted_average
 from daskml_scale.training.ring import Ring, RingError, close_port, open_port
 from daskml_scale.training.strategy import Strategy
-from daskml_scale.training.worker import gather_rows, model_for
+from daskml_scale.training.worker import StreamRange, evaluate_here, gather_rows, model_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from daskml_scale.training.runner import EpochRunner
@@ -45,8 +45,10 @@ __all__ = ["AllReduce", "allreduce_epoch"]
 
 logger = logging.getLogger(__name__)
 
-#: a worker gathers the rows of this many reduce steps at once (then slices them)
+#: a worker gathers the rows of this many reduce steps at once (then slices them) ...
 _STEPS_PER_BLOCK = 64
+#: ... or more, up to this many bytes of rows, when they are one range of a shuffled stream
+_BLOCK_BYTES = 32 << 20
 
 
 class _RingState:
@@ -183,6 +185,8 @@ class AllReduce(Strategy):
         samples = [r["samples"] for r in done]
         runner.optimizer_state = weighted_average([r["optimizer"] for r in done], samples)
         runner.add_train_metrics([r["metrics"] for r in done], sum(samples))
+        if any("validation" in r for r in results):
+            runner.validated([r.get("validation") for r in results])
         st.stats = {"steps": float(max(r["steps"] for r in results)),
                     "mb_sent": float(max(r["bytes_sent"] for r in results)) / 1e6}
         runner.round_end()
@@ -204,6 +208,9 @@ class AllReduce(Strategy):
         ]
         futs: list[Any] = []
         state: list[Any] = []
+        formed = False
+        # the ranks end on the same weights, the driver's: each validates its rows there
+        validation = runner.validation_for(workers) or [None] * len(workers)
         try:
             opened = self._wait(runner, ports, workers)
             addresses = [(h, p) for _, h, p in opened]
@@ -214,19 +221,23 @@ class AllReduce(Strategy):
                     allreduce_epoch, ring_id, r, addresses, st.secret, attempt, runner.fit_id, runner.model_bytes,
                     state[0], per_rank[r], max(steps), runner.sources(runner.parts_of(per_rank[r])),
                     batch_size=runner.batch_size, seed=runner.seed, epoch=runner.epoch, shuffle=runner.shuffle,
-                    every=int(self.every), outer_lr=float(self.outer_lr), timeout=self._timeout(), pure=False,
+                    every=int(self.every), outer_lr=float(self.outer_lr), timeout=self._timeout(),
+                    validation=validation[r], pure=False,
                     workers=[w], allow_other_workers=False,
                     key=(f"daskml-allreduce-{runner.fit_id}", runner.epoch, attempt, r),
                 )
                 for r, w in enumerate(workers)
             ]
             runner.round_begin()
-            return self._wait(runner, futs, workers)
+            results = self._wait(runner, futs, workers)
+            formed = True  # every rank's task formed its ring, which closed the rank's port
+            return results
         finally:  # also when the ports or the weights did not arrive: no port is left open
             client.cancel(futs + ports + state)
-            # bounded: a silent worker (alive to the scheduler, not answering) must not hold the fit
-            run_bounded(client, close_port, ring_id, workers=[w for w in workers if w in runner.live_workers()],
-                        what="AllReduce: closing the epoch's ports")
+            if not formed:
+                # bounded: a silent worker (alive to the scheduler, not answering) must not hold the fit
+                run_bounded(client, close_port, ring_id, workers=[w for w in workers if w in runner.live_workers()],
+                            what="AllReduce: closing the epoch's ports")
 
     def _wait(self, runner: "EpochRunner", futs: list[Any], workers: list[str]) -> list[Any]:
         """Wait for one task per rank; a lost rank's worker ends the attempt at once."""
@@ -272,11 +283,13 @@ def allreduce_epoch(
     ring_id: str, rank: int, addresses: list[tuple[str, int]], secret: bytes, attempt: int,
     fit_id: str, model_bytes: bytes, state: dict[str, Any], blocks: Sequence[Sequence[Any]], n_steps: int,
     sources: dict[int, Any], *, batch_size: int, seed: int, epoch: int, shuffle: bool, every: int, timeout: float,
-    outer_lr: float = 1.0,
+    outer_lr: float = 1.0, validation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One rank's epoch: ``n_steps`` reduces (a rank whose rows ran out takes part with
     nothing, so every rank makes the same reduces). Returns samples, metric state,
-    optimizer state and, on rank 0, the weights."""
+    optimizer state, on rank 0 the weights, and with ``validation``
+    (``EpochRunner.validation_for``) the metric state of those rows at the epoch's final
+    weights, which every rank holds after the last reduce."""
     from distributed import secede
 
     try:
@@ -322,12 +335,15 @@ def allreduce_epoch(
                         local.unpack(buf[:-1] / np.float32(buf[-1]))
                     samples += rows
                     done += 1
-            return {
+            out = {
                 "samples": samples, "steps": done, "bytes_sent": ring.bytes_sent,
                 "metrics": backend.metric_state(model), "optimizer": backend.get_optimizer_state(model),
                 "weights": backend.get_weights(model) if rank == 0 else None,
                 "timings": {**cached.timings, "epoch_task_s": time.perf_counter() - t0},
             }
+            if validation is not None:  # after the training metrics were read: it resets them
+                out["validation"] = evaluate_here(cached, validation)
+            return out
     finally:
         ring.close()
 
@@ -392,7 +408,7 @@ def _steps(blocks: Sequence[Sequence[Any]], sources: dict[int, Any], seed: int, 
     """``n_steps`` (X, y) pairs: the blocks' rows cut into steps, then empty steps."""
     given = 0
     empty: tuple[np.ndarray, np.ndarray] | None = None
-    for block in blocks:
+    for block in _coalesced(blocks, sources):
         X, y = gather_rows(block, sources, seed, epoch, shuffle)
         empty = (X[:0], y[:0])
         for a in range(0, len(X), rows_per_step):
@@ -402,3 +418,31 @@ def _steps(blocks: Sequence[Sequence[Any]], sources: dict[int, Any], seed: int, 
         empty = (np.zeros((0, 1), np.float32), np.zeros((0,), np.float32))
     for _ in range(n_steps - given):
         yield empty
+
+
+def _coalesced(blocks: Sequence[Sequence[Any]], sources: dict[int, Any]) -> list[list[Any]]:
+    """Consecutive blocks that are adjacent ranges of one shuffled stream, joined into
+    ranges of at most ``_BLOCK_BYTES`` of rows: one gather (a pass of fancy indexing)
+    for many steps instead of one per block. Blocks hold whole steps (all but a stream's
+    last), so the steps cut from a joined range are the same rows."""
+    out: list[list[Any]] = []
+    row_bytes: int | None = None
+    for block in blocks:
+        if out and len(block) == 1 and len(out[-1]) == 1:
+            last, r = out[-1][0], block[0]
+            if isinstance(last, StreamRange) and isinstance(r, StreamRange) and last.parts == r.parts \
+                    and last.stream == r.stream and last.stop == r.start:
+                if row_bytes is None:
+                    row_bytes = _row_bytes(sources[r.parts[0]])
+                if (r.stop - last.start) * row_bytes <= _BLOCK_BYTES:
+                    out[-1] = [StreamRange(last.parts, last.start, r.stop, last.stream)]
+                    continue
+        out.append(list(block))
+    return out
+
+
+def _row_bytes(source: Any) -> int:
+    if not isinstance(source, dict):  # a lazy partition: not read here just to measure it
+        return _BLOCK_BYTES + 1
+    X, y = source["X"], source["y"]
+    return int(X.itemsize * np.prod(X.shape[1:], dtype=np.int64) + y.itemsize * np.prod(y.shape[1:], dtype=np.int64))

@@ -14,7 +14,7 @@ import sys
 import time
 import types
 import uuid
-from typing import Any
+from typing import Any, Sequence
 
 import dask
 import numpy as np
@@ -89,6 +89,8 @@ class Fit:
         self.trainable_mask: list[bool] = []
         self.callbacks: Any = None
         self._warm: list[Any] = []  # the warm-up tasks (their results: worker timings)
+        # per epoch, validation answers its strategy's tasks computed (EpochRunner.validated)
+        self.validated: dict[int, list[dict[str, Any]]] = {}
         # where the time before the first step goes (history.daskml_summary["timings"])
         self.timings: dict[str, float] = {}
         self._worker_timings: dict[str, float] = {}
@@ -134,6 +136,8 @@ class Fit:
         self.workers = workers
         self.homes = list(workers)
         self.sources, self.cached = self._sources(self.data, self.validation_fraction, "train", workers)
+        if self.validation_data is not None:  # prepared while the training partitions are counted
+            self.val_sources, _ = self._sources(self.validation_data, 0.0, "val", workers)
         sizes = self._sizes(self.sources, self.cached, workers)
         self.train_sizes = [s[0] for s in sizes]
         self.val_sizes = [s[1] for s in sizes]
@@ -141,8 +145,7 @@ class Fit:
         if sum(self.train_sizes) == 0:
             raise DataError("Expected training rows. Received: 0 rows after reading and preprocessing the data")
         self.streams = self._assign(self.train_sizes, len(workers))
-        if self.validation_data is not None:
-            self.val_sources, _ = self._sources(self.validation_data, 0.0, "val", workers)
+        if self.val_sources is not None:
             self.val_streams = [list(range(i, len(self.val_sources), len(workers))) for i in range(len(workers))]
         elif self.validation_fraction > 0:
             self.val_streams = self.streams
@@ -433,11 +436,28 @@ class Fit:
                 self._worker_timings[k] = max(self._worker_timings.get(k, 0.0), float(v))
 
     # ------------------------------------------------------------------ validation
-    def validate(self, epoch: int) -> dict[str, float]:
+    def _validation_rows(self) -> tuple[list[Any], list[list[int]], str]:
         if self.val_sources is not None:
-            sources, streams, rows = self.val_sources, self.val_streams, "all"
-        else:
-            sources, streams, rows = self.sources, self.streams, "held-out"
+            return self.val_sources, self.val_streams, "all"
+        return self.sources, self.streams, "held-out"
+
+    def inline_validation(self, workers: Sequence[str]) -> list[dict[str, Any] | None] | None:
+        """See :meth:`EpochRunner.validation_for`."""
+        if (self.val_sources is None and self.validation_fraction <= 0) or list(workers) != list(self.homes):
+            return None
+        sources, streams, rows = self._validation_rows()
+        out: list[dict[str, Any] | None] = []
+        for r in range(len(workers)):
+            parts = streams[r] if r < len(streams) else []
+            out.append({"parts": list(parts), "sources": {p: sources[p] for p in parts}, "rows": rows,
+                        "batch_size": max(self.batch_size, 1024)} if parts else None)
+        return out
+
+    def validate(self, epoch: int) -> dict[str, float]:
+        answered = self.validated.pop(epoch, None)
+        if answered is not None:  # the epoch's tasks validated at its final weights
+            return self._validation_logs(answered)
+        sources, streams, rows = self._validation_rows()
         weights = self._ship(self.weights)
         futs = []
         for s, parts in enumerate(streams):
@@ -452,7 +472,10 @@ class Fit:
                     key=(f"daskml-validate-{self.fit_id}", epoch, uuid.uuid4().hex[:8], s),
                 )
             )
-        results = [r for r in self.gather(futs) if r.get("samples", 0) > 0]
+        return self._validation_logs(self.gather(futs))
+
+    def _validation_logs(self, answers: list[dict[str, Any]]) -> dict[str, float]:
+        results = [r for r in answers if r.get("samples", 0) > 0]
         if not results:
             return {}
         logs = backend.metric_results(self.model, sum_states([r["metrics"] for r in results]))

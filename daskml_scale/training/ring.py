@@ -96,8 +96,9 @@ def _worker_tls() -> Any:
 
 
 def open_port(ring_id: str, rank: int) -> tuple[str | None, str, int]:
-    """Task: listen for this worker's member of ring ``ring_id`` (kept until
-    :func:`close_port`); returns (worker address, host, port)."""
+    """Task: listen for this worker's member of ring ``ring_id`` (kept until a
+    :class:`Ring` of it is formed, or :func:`close_port`); returns (worker address,
+    host, port)."""
     from distributed import get_worker
     from distributed.comm.addressing import get_address_host
 
@@ -236,6 +237,8 @@ class Ring:
         self.bytes_sent = 0
         self.prev = self.next = None
         if self.size == 1:
+            if (alone := _PORTS.pop((ring_id, self.rank))) is not None:
+                alone.close()
             return
         port = port_of(ring_id, self.rank)
         if port is None:
@@ -257,6 +260,10 @@ class Ring:
         self.prev = accepted[0]
         if port.tls is not None:
             TLS_RINGS[0] += 1
+        # formed: the listening port has served; closing it here spares the driver a
+        # round trip to every worker after each epoch (it still closes ports on failure)
+        if _PORTS.pop((ring_id, self.rank)) is not None:
+            port.close()
 
     def _connect(self, address: tuple[str, int], tls: Any) -> Any:
         return connect_member(address, self.next_name, tls, self._secret, self.rank, self._attempt,

@@ -206,6 +206,22 @@ class EpochRunner:
             per_rank[index.get(home, s % len(workers))].extend(b)  # type: ignore[arg-type]
         return per_rank
 
+    # ------------------------------------------------------------ validation in the epoch's tasks
+    def validation_for(self, workers: Sequence[str]) -> list[dict[str, Any] | None] | None:
+        """Per rank (the task on ``workers[r]``), the validation rows that task can evaluate
+        itself once it holds the epoch's final weights, with
+        :func:`~daskml_scale.training.worker.evaluate_here`; ``None`` for a rank with no
+        validation rows. ``None`` when the fit does not validate, or when ``workers`` are
+        not the fit's first workers in their order (the validation partitions are placed
+        by those). A strategy whose epoch tasks end on the weights the driver keeps (all
+        ranks alike) saves the driver a round of validation tasks; it hands the tasks'
+        answers to :meth:`validated`."""
+        return self._fit.inline_validation(workers)
+
+    def validated(self, answers: Sequence[dict[str, Any] | None]) -> None:
+        """The epoch's validation, computed by its tasks (their :meth:`validation_for` rows)."""
+        self._fit.validated[self.epoch] = [a for a in answers if a is not None]
+
     # ------------------------------------------------------------ the epoch's rows
     def stream_order(self, stream: int) -> list[int]:
         """The stream's partitions in this epoch's (seeded) order."""

@@ -25,7 +25,7 @@ from daskml_scale.exceptions import MissingColumnError
 
 __all__ = [
     "PartSlice", "StreamRange", "Lazy", "prepare_partition", "train_round", "evaluate_parts", "model_for",
-    "gather_rows", "sample_rows", "partition_sizes", "warm_model",
+    "gather_rows", "sample_rows", "partition_sizes", "warm_model", "evaluate_here",
 ]
 
 
@@ -304,28 +304,43 @@ def evaluate_parts(
     """Metric state (sums) of the model at ``weights`` over rows of ``parts``: the rows
     held out of training (``rows="held-out"``), or all of them (``"all"``: partitions of
     separate validation data, prepared with nothing held out)."""
-    kx, ky = ("Xv", "yv") if rows == "held-out" else ("X", "y")
     cached = model_for(fit_id, model_bytes)
-    samples = 0
     with cached.lock:
-        model = cached.model
-        backend.set_weights(model, weights) if model.built else None
-        first = True
-        for p in parts:
-            arrays = _materialize(sources[p])
-            X, y = arrays[kx], arrays[ky]
-            if len(X) == 0:
-                continue
-            if first:
-                backend.ensure_built(model, X, y)
-                backend.set_weights(model, weights)
-                backend.reset_metrics(model)
-                first = False
-            cached.eval_fn(X, y, batch_size)
-            samples += len(X)
+        return _evaluate(cached, parts, sources, batch_size, rows, weights)
+
+
+def evaluate_here(cached: _CachedModel, validation: dict[str, Any]) -> dict[str, Any]:
+    """:func:`evaluate_parts` at the weights ``cached``'s model holds now, inside a task
+    that already holds its lock (a strategy's epoch task that ends on the weights the
+    driver keeps); ``validation`` is what ``EpochRunner.validation_for`` gave the task."""
+    return _evaluate(cached, validation["parts"], validation["sources"], validation["batch_size"],
+                     validation["rows"], None)
+
+
+def _evaluate(cached: _CachedModel, parts: Sequence[int], sources: dict[int, Any], batch_size: int, rows: str,
+              weights: list[np.ndarray] | None) -> dict[str, Any]:
+    kx, ky = ("Xv", "yv") if rows == "held-out" else ("X", "y")
+    model = cached.model
+    if weights is not None and model.built:
+        backend.set_weights(model, weights)
+    samples = 0
+    first = True
+    for p in parts:
+        arrays = _materialize(sources[p])
+        X, y = arrays[kx], arrays[ky]
+        if len(X) == 0:
+            continue
         if first:
-            return {"samples": 0}
-        return {"samples": samples, "metrics": backend.metric_state(model)}
+            backend.ensure_built(model, X, y)
+            if weights is not None:
+                backend.set_weights(model, weights)
+            backend.reset_metrics(model)
+            first = False
+        cached.eval_fn(X, y, batch_size)
+        samples += len(X)
+    if first:
+        return {"samples": 0}
+    return {"samples": samples, "metrics": backend.metric_state(model)}
 
 
 def sample_rows(source: Any) -> tuple[np.ndarray, np.ndarray]:

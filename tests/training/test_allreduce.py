@@ -70,6 +70,33 @@ def test_every_k_averages_weights_and_learns(diamond_data, fitted_pre, client):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("held_out", [False, True], ids=["validation_data", "validation_fraction"])
+def test_the_ranks_validate_at_the_epochs_final_weights(diamond_data, fitted_pre, client, held_out):
+    """The epoch's tasks validate their rows themselves (no validation tasks of the
+    driver's), at the weights the driver keeps: Keras's own evaluate agrees."""
+    from distributed import get_task_stream
+
+    n = len(fitted_pre.feature_names_)
+    model = build_model(n)
+    extra = dict(validation_fraction=0.2) if held_out else dict(validation_data=diamond_data.val_ddf())
+    with get_task_stream(client) as ts:
+        h = daskml_scale.fit(model, diamond_data.ddf(), preprocessor=fitted_pre, epochs=2, batch_size=BATCH,
+                             client=client, verbose=0, strategy=daskml_scale.AllReduce(every=8), **extra)
+    keys = [str(t["key"]) for t in ts.data]
+    assert any("daskml-allreduce" in k for k in keys)
+    assert not [k for k in keys if "daskml-validate" in k]
+    if held_out:
+        rows = h.daskml_summary["validation_rows"]
+        assert 0.15 * 24_000 < rows < 0.25 * 24_000
+        assert len(h.history["val_loss"]) == 2
+        return
+    Xv, yv = fitted_pre.transform(diamond_data.val)
+    want = model.evaluate(Xv, yv, batch_size=1024, verbose=0, return_dict=True)
+    assert h.history["val_loss"][-1] == pytest.approx(want["loss"], rel=1e-4)
+    assert h.history["val_mae"][-1] == pytest.approx(want["mae"], rel=1e-4)
+
+
+@pytest.mark.slow
 def test_a_worker_killed_mid_epoch_does_not_hang(diamond_data, fitted_pre, own_client):
     import keras
 
@@ -124,8 +151,15 @@ def test_a_connection_without_the_secret_is_closed_unanswered(client):
     stranger.settimeout(10)
     assert stranger.recv(1) == b""  # closed, nothing sent
     stranger.close()
+    # a formed ring closed its listening ports: nobody else can knock
+    for address in addresses:
+        with pytest.raises(OSError):
+            socket.create_connection(address, timeout=5).close()
 
     # a member with the wrong secret never joins: its neighbour's wait ends, with an error
+    opened = [client.submit(open_port, ring_id, r, workers=[w], pure=False).result(timeout=30)
+              for r, w in enumerate(workers)]
+    addresses = [(h, p) for _, h, p in opened]
     bad = [client.submit(member if r == 0 else _member_with_secret, *((r, [1.0]) if r == 0 else
                          (ring_id, r, addresses, secrets.token_bytes(32))), workers=[w], pure=False)
            for r, w in enumerate(workers)]
@@ -226,3 +260,30 @@ def _ring_used_tls():
     from daskml_scale.training import ring
 
     return ring.TLS_RINGS[0] > 0
+
+
+def test_joined_ranges_give_the_same_steps_as_the_blocks(monkeypatch):
+    """A worker gathers adjacent ranges of its shuffled stream at once: the steps cut
+    from them are the rows, in the order, that block by block gave; a byte budget keeps
+    the gathers bounded."""
+    from daskml_scale.training import allreduce
+    from daskml_scale.training.worker import StreamRange
+
+    rng = np.random.default_rng(0)
+    sources = {p: {"X": rng.random((n, 3), dtype=np.float32), "y": rng.random(n, dtype=np.float32)}
+               for p, n in [(0, 700), (2, 450)]}
+    total, step = 1150, 64
+    blocks = [[StreamRange((0, 2), a, min(a + 4 * step, total), 1)] for a in range(0, total, 4 * step)]
+
+    def steps(budget):
+        monkeypatch.setattr(allreduce, "_BLOCK_BYTES", budget)
+        return list(allreduce._steps(blocks, sources, 7, 3, True, step, 20))
+
+    one_by_one, joined = steps(0), steps(32 << 20)
+    assert len(allreduce._coalesced(blocks, sources)) == 1
+    assert len(one_by_one) == len(joined) == 20  # 18 steps of rows, then 2 empty ones
+    for (xa, ya), (xb, yb) in zip(one_by_one, joined):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    monkeypatch.setattr(allreduce, "_BLOCK_BYTES", 16 * 2 * 4 * step)  # two blocks' rows at most
+    assert len(allreduce._coalesced(blocks, sources)) == 3
