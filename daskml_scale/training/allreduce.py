@@ -36,7 +36,7 @@ from daskml_scale.exceptions import ArgumentError, TrainingError, WorkersLostErr
 from daskml_scale.training.averaging import weighted_average
 from daskml_scale.training.ring import Ring, RingError, close_port, open_port
 from daskml_scale.training.strategy import Strategy
-from daskml_scale.training.worker import StreamRange, evaluate_here, gather_rows, model_for
+from daskml_scale.training.worker import StreamRange, evaluate_here, first_rows, gather_rows, model_for
 
 if TYPE_CHECKING:  # pragma: no cover
     from daskml_scale.training.runner import EpochRunner
@@ -352,9 +352,9 @@ def start_epoch(model: Any, state: dict[str, Any], blocks: Sequence[Sequence[Any
                 seed: int, epoch: int, shuffle: bool) -> None:
     """An epoch task's start: build ``model`` on the first rows of ``blocks`` and set the
     driver's ``state`` on it (weights, optimizer slots), metrics reset."""
-    sample = next((gather_rows(b, sources, seed, epoch, shuffle) for b in blocks[:1]), None)
+    sample = first_rows(blocks, sources)
     if sample is not None:
-        backend.ensure_built(model, sample[0][:2], sample[1][:2])
+        backend.ensure_built(model, *sample)
     backend.set_weights(model, state["weights"])
     if state.get("optimizer"):
         backend.set_optimizer_state(model, state["optimizer"])

@@ -26,6 +26,7 @@ from daskml_scale.exceptions import MissingColumnError
 __all__ = [
     "PartSlice", "StreamRange", "Lazy", "prepare_partition", "train_round", "evaluate_parts", "model_for",
     "gather_rows", "sample_rows", "partition_sizes", "warm_model", "evaluate_here",
+    "first_rows",
 ]
 
 
@@ -341,6 +342,16 @@ def _evaluate(cached: _CachedModel, parts: Sequence[int], sources: dict[int, Any
     if first:
         return {"samples": 0}
     return {"samples": samples, "metrics": backend.metric_state(model)}
+
+
+def first_rows(blocks: Sequence[Sequence[PartSlice | StreamRange]], sources: dict[int, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two rows of the first partition that ``blocks`` read (a model is built on them),
+    without gathering a block; None when there is none or it has no rows."""
+    first = next((s for b in blocks for s in b), None)
+    if first is None:
+        return None
+    arrays = _materialize(sources[first.parts[0]])
+    return (arrays["X"][:2], arrays["y"][:2]) if len(arrays["X"]) else None
 
 
 def sample_rows(source: Any) -> tuple[np.ndarray, np.ndarray]:
