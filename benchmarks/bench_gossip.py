@@ -5,9 +5,12 @@ straggler; the method of ``_method.py``.
 Workload: that of ``bench_training.py`` (the flights table, its Preprocessor and MLP,
 batch 256 per worker, Adam 1e-3; the raw data persisted on the workers). The target is
 the validation loss of single-process ``model.fit`` (``steps_per_execution=32``, the
-near-best setting there) after 12 epochs (3 with ``--quick``). For each strategy the
-time runs from the ``fit`` call to the end of the first epoch whose validation loss is
-at the target or below.
+near-best setting there) after 12 epochs (3 with ``--quick``), plus ``--slack`` (2%):
+one target for 2, 4 and 8 workers, so that the times compare across cluster sizes. The
+exact 12-epoch loss is out of reach of local SGD on 4 workers here (best 305.5-307.9 in
+30 epochs, every 64 steps, batches of 64, 128 or 256), while 2 workers reach it. For
+each strategy the time runs from the ``fit`` call to the end of the first epoch whose
+validation loss is at the target or below.
 
 All three strategies average every 64 local steps (local SGD), so they differ only in
 how: ``AllReduce(every=64)`` reduces among the workers in a ring (everyone waits for
@@ -51,18 +54,23 @@ STRAGGLING = ("allreduce", "averaging", "gossip", "gossip-q0.5")
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", default="2,4,8", help="comma-separated numbers of worker processes")
-    ap.add_argument("--max-epochs", type=int, default=24)
+    ap.add_argument("--max-epochs", type=int, default=30)
+    ap.add_argument("--slack", type=float, default=0.02,
+                    help="the target is the single-process loss times 1 + slack (default 0.02)")
     ap.add_argument("--skip-straggler", action="store_true", help="skip the runs with one worker slowed")
     add_arguments(ap)
     args = ap.parse_args()
     bench = Benchmark.from_args("gossip", args, description="Gossip vs AllReduce and ModelAveraging, time to target")
     data = Data(args.quick)
     target_epochs = 3 if args.quick else TARGET_EPOCHS
-    target = single_fit(data, 32, target_epochs)["val_loss"]
+    exact = single_fit(data, 32, target_epochs)["val_loss"]
+    target = exact * (1 + args.slack)
+    bench.fact("single_process_val_loss", exact)
     bench.fact("target_val_loss", target)
-    bench.fact("target", f"model.fit, steps_per_execution=32, {target_epochs} epochs")
+    bench.fact("target", f"model.fit, steps_per_execution=32, {target_epochs} epochs, + {100 * args.slack:g}%")
     bench.fact("train_rows", len(data.X))
-    print(f"target: single-process {target_epochs}-epoch val_loss {target:.3f}", flush=True)
+    print(f"target: single-process {target_epochs}-epoch val_loss {exact:.3f} + {100 * args.slack:g}% = {target:.3f}",
+          flush=True)
     for n in [int(x) for x in args.workers.split(",") if x]:
         run_cluster(bench, data, n, target, args)
     bench.note(
@@ -98,8 +106,11 @@ def run_cluster(bench: Benchmark, data: Data, n: int, target: float, args: argpa
             return [Ratio(g, ref, f"{g} vs {ref}") for g in names if g.startswith("gossip")
                     for ref in ("allreduce", "averaging")]
 
-        bench.compare(f"calm-{n}", f"time to the target, {n} workers", variants(CALM, False),
-                      show=["epochs"], ratios=ratios(CALM))
+        single = Variant("single", lambda: single_fit(data, 32, args.max_epochs, target, stop=True),
+                         "model.fit in this process, steps_per_execution=32 (the reference)",
+                         {"steps_per_execution": 32, "timed_from": "the model.fit call, arrays in memory"})
+        bench.compare(f"calm-{n}", f"time to the target, {n} workers", [single, *variants(CALM, False)],
+                      show=["epochs"], ratios=ratios(CALM) + [Ratio(c, "single", f"{c} vs one process") for c in CALM])
         if args.skip_straggler:
             return
         slow = sorted(client.nthreads())[0]

@@ -94,9 +94,10 @@ class Data:
         self.n = self.X.shape[1]
 
 
-def single_fit(data: Data, k: int, epochs: int, target: float | None = None, make=None) -> dict:
+def single_fit(data: Data, k: int, epochs: int, target: float | None = None, make=None, stop: bool = False) -> dict:
     """The baseline script: model.fit on arrays in memory, timed from the fit call
-    (``make(data, k)`` builds the model: by default :func:`build_k` on the features)."""
+    (``make(data, k)`` builds the model: by default :func:`build_k` on the features;
+    ``stop``: end the fit at the first epoch at the target)."""
     import keras
 
     model = make(data, k) if make is not None else build_k(data.n, k)
@@ -107,12 +108,13 @@ def single_fit(data: Data, k: int, epochs: int, target: float | None = None, mak
         def on_epoch_end(self, epoch, logs=None):
             if target is not None and not reached and logs["val_loss"] <= target * (1 + 1e-6):
                 reached.append(time.perf_counter() - t0)
+                self.model.stop_training = stop
 
     h = model.fit(data.X, data.y, epochs=epochs, batch_size=BATCH, validation_data=(data.Xv, data.yv),
                   verbose=0, callbacks=[Clock()])
     total = time.perf_counter() - t0
     out = {"seconds": reached[0] if reached else total, "fit_s": total, "val_loss": h.history["val_loss"][-1],
-           "epochs": epochs}
+           "epochs": len(h.history["val_loss"])}
     if target is not None and not reached:
         out["errors"] = 1  # cannot happen for the script that set the target; guards the logic
     return out
@@ -131,9 +133,10 @@ def single_fit_fresh(k: int, epochs: int, target: float, quick: bool) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def ours_fit(client, ddf, vddf, data: Data, strategy, target: float, max_epochs: int, make=None) -> dict:
+def ours_fit(client, ddf, vddf, data: Data, strategy, target: float, max_epochs: int, make=None,
+             batch_size: int = BATCH) -> dict:
     """daskml_scale.fit until the validation loss reaches ``target`` (``make(data)``
-    builds the model: by default :func:`build` on the features)."""
+    builds the model: by default :func:`build` on the features; ``batch_size`` per worker)."""
     import keras
 
     model = make(data) if make is not None else build(data.n)
@@ -146,7 +149,7 @@ def ours_fit(client, ddf, vddf, data: Data, strategy, target: float, max_epochs:
                 reached.append((epoch + 1, time.perf_counter() - t0))
                 self.model.stop_training = True
 
-    h = daskml_scale.fit(model, ddf, preprocessor=data.pre, strategy=strategy, epochs=max_epochs, batch_size=BATCH,
+    h = daskml_scale.fit(model, ddf, preprocessor=data.pre, strategy=strategy, epochs=max_epochs, batch_size=batch_size,
                          validation_data=vddf, client=client, verbose=0, callbacks=[Clock()])
     timings = h.daskml_summary["timings"]
     if not reached:
