@@ -169,8 +169,11 @@ def render_speed(results: dict[str, dict[str, Any]]) -> str:
     for n in names:
         data = results[n]
         parts = []
-        for c, r in _headlines(data):
-            label = r.get("label") or f"{r['subject']} vs {r['reference']}"
+        heads = _headlines(data)
+        labels = [r.get("label") or f"{r['subject']} vs {r['reference']}" for _, r in heads]
+        for (c, r), label in zip(heads, labels):
+            if labels.count(label) > 1:  # the same ratio in several comparisons: say which
+                label = f"{c['title']}: {label}"
             if r.get("status") != "ok" or r.get("median") is None:
                 parts.append(f"{label}: not computed (a side failed)")
                 continue
