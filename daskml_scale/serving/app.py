@@ -450,10 +450,17 @@ class _Server(Starlette):
 
     hot: ASGIApp | None = None
     hot_routes: Sequence[Route] = ()
+    #: (the literal start of the route's path, the route), for each of ``hot_routes``
+    hot_prefixes: Sequence[tuple[str, Route]] = ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.hot is not None and scope["type"] == "http" and scope["method"] == "POST":
-            for route in self.hot_routes:
+            path, root = scope["path"], scope.get("root_path")
+            if root and path.startswith(root):  # the path below a proxy's prefix, as the routes see it
+                path = path[len(root):]
+            for prefix, route in self.hot_prefixes:
+                if not path.startswith(prefix):  # a string test before the route's regex
+                    continue
                 match, child = route.matches(scope)
                 if match is Match.FULL:
                     scope["app"] = self
@@ -540,6 +547,7 @@ def create_app(
     app.hot = MetricsMiddleware(hot, registry_for=models.registry_for)
     app.hot_routes = [r for r in app.routes if isinstance(r, Route) and r.methods == {"POST"}
                       and r.path.endswith(("/predict", "/infer", ":predict", "/invocations"))]
+    app.hot_prefixes = [(r.path.split("{", 1)[0], r) for r in app.hot_routes]
     app.state.models = models
     models.on_default = lambda new: setattr(app.state, "serving", new)
     app.state.serving = state

@@ -18,7 +18,7 @@ import pandas as pd
 from daskml_scale.serving.batcher import Block, Columns, MicroBatcher
 from daskml_scale.serving.errors import RequestError, ServingError
 from daskml_scale.serving.http import receive_body, require_ready
-from daskml_scale.serving.inputs import dumps, loads
+from daskml_scale.serving.inputs import DROPPED_COLUMN, dumps, loads
 
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.types import Receive, Scope, Send
@@ -131,26 +131,25 @@ def check_columns(spec: "InputSpec", cols: Mapping[str, Any], what: str = "Colum
     out: Columns = {}
     n: int | None = None
     first = ""
-    for c in spec.columns:
-        vals = cols.get(c.name)
+    for name, required, allowed, kind in spec._checks:
+        vals = cols.get(name)
         if vals is None:
-            if c.required:
-                raise RequestError(422, f"{what} {c.name!r} is missing; the model needs {spec.required}", field=c.name)
+            if required:
+                raise RequestError(422, f"{what} {name!r} is missing; the model needs {spec.required}", field=name)
             continue
-        if not isinstance(vals, list):
-            raise RequestError(422, f"{what} {c.name!r}: expected a list of values. Received: {type(vals).__name__}",
-                               field=c.name)
+        if type(vals) is not list:
+            raise RequestError(422, f"{what} {name!r}: expected a list of values. Received: {type(vals).__name__}",
+                               field=name)
         if n is None:
-            n, first = len(vals), c.name
+            n, first = len(vals), name
         elif len(vals) != n:
-            raise RequestError(422, f"{what} {c.name!r} has {len(vals)} values; {what.lower()} {first!r} has {n}",
-                               field=c.name)
-        allowed = _BOOL_OK if c.boolean else (_NUMBER_OK if c.numeric else _STRING_OK)
-        if not set(map(type, vals)) <= allowed:
+            raise RequestError(422, f"{what} {name!r} has {len(vals)} values; {what.lower()} {first!r} has {n}",
+                               field=name)
+        # one value (a single-row request): no set to build
+        if not (type(vals[0]) in allowed if n == 1 else set(map(type, vals)) <= allowed):
             i, v = next((i, v) for i, v in enumerate(vals) if type(v) not in allowed)
-            kind = "a boolean" if c.boolean else ("a number" if c.numeric else "a string")
-            raise RequestError(422, f"Row {i}, {what.lower()} {c.name!r}: expected {kind}. Received: {v!r}", field=c.name)
-        out[c.name] = vals
+            raise RequestError(422, f"Row {i}, {what.lower()} {name!r}: expected {kind}. Received: {v!r}", field=name)
+        out[name] = vals
     if not n:
         raise RequestError(422 if n is None else 400, "Expected at least one row of the model's columns "
                            f"{spec.required}. Received: " + ("none of them" if n is None else "zero rows"))
@@ -188,8 +187,6 @@ def rows_to_columns(spec: "InputSpec", rows: Any, names: Sequence[str] | None, w
 def split_dropped(cols: Columns, omit: bool) -> tuple[Columns, list[bool] | None]:
     """(output columns, which rows the transform dropped or ``None``); with ``omit`` the
     dropped rows are left out of the columns (and ``None`` is returned for them)."""
-    from daskml_scale.serving.inputs import DROPPED_COLUMN
-
     dropped = cols.get(DROPPED_COLUMN)
     outputs = {c: v for c, v in cols.items() if c != DROPPED_COLUMN} if dropped is not None else cols
     if dropped is None or not any(dropped):

@@ -20,7 +20,7 @@ import numpy as np
 
 from daskml_scale.serving.errors import RequestError
 
-__all__ = ["DATATYPES", "Tensor", "decode_inputs", "json_columns", "encode_output", "datatype_of_dtype", "split_body"]
+__all__ = ["DATATYPES", "Tensor", "decode_inputs", "flat_columns", "encode_output", "datatype_of_dtype", "split_body"]
 
 #: v2 datatype -> NumPy dtype (little-endian); BYTES is an object array of str
 DATATYPES: dict[str, Any] = {
@@ -35,6 +35,7 @@ _VIEW = {"BOOL": "?", "UINT8": "B", "UINT16": "H", "UINT32": "I", "UINT64": "Q",
          "INT32": "i", "INT64": "q", "FP32": "f", "FP64": "d"} if sys.byteorder == "little" else {}
 _JSON_TYPES = {"BOOL": (bool,), "BYTES": (str,)}  # the other datatypes: numbers (bool excluded)
 _LEN = struct.Struct("<I")
+_ONE = {dt: struct.Struct("<" + v) for dt, v in _VIEW.items()}  # one element of each datatype
 
 
 class Tensor:
@@ -166,26 +167,75 @@ def _from_binary(raw: bytes, datatype: str, name: str, count: int) -> "np.ndarra
     return out
 
 
-def json_columns(inputs: Any) -> dict[str, list[Any]] | None:
-    """The common case in one pass: every input a column with flat JSON ``data`` of shape
-    ``[rows]`` or ``[rows, 1]`` and no parameters -> name -> values; ``None`` when any
-    input needs :func:`decode_inputs` (binary data, nested data, other shapes, errors).
+def flat_columns(inputs: Any, binary: bytes = b"") -> dict[str, list[Any]] | None:
+    """The common case in one pass: every input a column of shape ``[rows]`` or
+    ``[rows, 1]``, its values flat JSON ``data`` or (binary tensor extension) a
+    ``binary_data_size`` run of ``binary`` and no other parameter -> name -> values;
+    ``None`` when any input needs :func:`decode_inputs` (nested data, other shapes or
+    datatypes, anything malformed: that path says what is wrong).
 
     The values' types are left to the column checks, which know each column's type.
     """
     if type(inputs) is not list or not inputs:
         return None
     out: dict[str, list[Any]] = {}
+    pos, end = 0, len(binary)
     for t in inputs:
-        if type(t) is not dict or t.get("parameters"):
+        if type(t) is not dict:
             return None
-        data, shape, name = t.get("data"), t.get("shape"), t.get("name")
-        if type(data) is not list or type(name) is not str or name in out or t.get("datatype") not in DATATYPES:
-            return None
-        n = len(data)
-        if not n or type(data[0]) is list or (shape != [n] and shape != [n, 1]):
+        params = t.get("parameters")
+        if params:
+            if type(params) is not dict or len(params) != 1 or "data" in t:
+                return None
+            size = params.get("binary_data_size")
+            if type(size) is not int or size <= 0 or pos + size > end:
+                return None
+            datatype = t.get("datatype")
+            one = _ONE.get(datatype)  # type: ignore[arg-type]
+            if one is not None and size == one.size:  # one number (a single-row request): no view to make
+                data = list(one.unpack_from(binary, pos))
+            elif datatype == "BYTES":
+                if size >= 4 and _LEN.unpack_from(binary, pos)[0] == size - 4:  # one string
+                    try:
+                        data = [binary[pos + 4 : pos + size].decode("utf-8")]
+                    except UnicodeDecodeError:
+                        return None
+                else:
+                    data = _bytes_elements(binary[pos : pos + size])  # type: ignore[assignment]
+                    if data is None:
+                        return None
+            else:
+                view = _VIEW.get(datatype)  # type: ignore[arg-type]
+                if view is None or size % DATATYPES[datatype].itemsize:
+                    return None
+                data = memoryview(binary)[pos : pos + size].cast(view).tolist()
+            pos += size
+        else:
+            data = t.get("data")
+            if type(data) is not list or t.get("datatype") not in DATATYPES:
+                return None
+        name, shape, n = t.get("name"), t.get("shape"), len(data)
+        if type(name) is not str or name in out or not n or type(data[0]) is list or (shape != [n, 1] and shape != [n]):
             return None
         out[name] = data
+    return out if pos == end else None
+
+
+def _bytes_elements(raw: bytes) -> list[str] | None:
+    """BYTES binary data as text (each element: a 4-byte little-endian length, then the
+    bytes), or ``None`` when malformed."""
+    out: list[str] = []
+    pos, end = 0, len(raw)
+    try:
+        while pos < end:
+            (n,) = _LEN.unpack_from(raw, pos)
+            pos += 4
+            if pos + n > end:
+                return None
+            out.append(raw[pos : pos + n].decode("utf-8"))
+            pos += n
+    except (struct.error, UnicodeDecodeError):
+        return None
     return out
 
 

@@ -36,7 +36,7 @@ from daskml_scale.serving.protocols.common import (
     JSON, Endpoint, check_columns, header, parse_json, read_body, served_of, split_dropped,
 )
 from daskml_scale.serving.protocols.tensors import (
-    Tensor, datatype_of_dtype, decode_inputs, encode_output, json_columns, split_body,
+    Tensor, datatype_of_dtype, decode_inputs, encode_output, flat_columns, split_body,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -232,8 +232,8 @@ class InferEndpoint(Endpoint):
             if ctype not in (None, "pd", "np"):
                 raise RequestError(400, f"Unsupported content_type {ctype!r}: send \"pd\" (one input per column) or "
                                    "\"np\" (one matrix of transformed features)")
-            fast = json_columns(req.get("inputs")) if not binary and ctype != "np" else None
-            if fast is not None:  # one flat JSON column per input: straight to the column checks
+            fast = flat_columns(req.get("inputs"), binary) if ctype != "np" else None
+            if fast is not None:  # one flat column per input (JSON or binary): straight to the column checks
                 X = None
                 cols, n = check_columns(state.spec, fast, "Input")  # type: ignore[arg-type]
             else:
