@@ -325,16 +325,24 @@ def allreduce_epoch(
                     fused(None, None, prev)
             else:
                 local = _LocalState(model, outer_lr)
+                clock = time.perf_counter
+                t_train = t_pack = t_reduce = 0.0
                 for X, y in _steps(blocks, sources, seed, epoch, shuffle, rows_per_step, n_steps):
                     rows = len(X)
+                    t1 = clock()
                     if rows:
                         cached.train(X, y, batch_size)
+                    t2 = clock()
                     buf = local.pack(rows)
+                    t3 = clock()
                     ring.allreduce(buf)
+                    t4 = clock()
                     if buf[-1]:
                         local.unpack(buf[:-1] / np.float32(buf[-1]))
+                    t_train, t_pack, t_reduce = t_train + t2 - t1, t_pack + t3 - t2 + clock() - t4, t_reduce + t4 - t3
                     samples += rows
                     done += 1
+                cached.timings.update(epoch_train_s=t_train, epoch_pack_s=t_pack, epoch_reduce_s=t_reduce)
             out = {
                 "samples": samples, "steps": done, "bytes_sent": ring.bytes_sent,
                 "metrics": backend.metric_state(model), "optimizer": backend.get_optimizer_state(model),
