@@ -389,12 +389,20 @@ def batch_stats(port: int) -> tuple[float, float]:
 
 def _load_run(port: int, body: str, clients: int, rows: int, requests: int, time_limit: float,
               path: str = "/predict", headers: dict[str, str] | None = None, overload: bool = False,
-              client: str = "raw"):
+              client: str = "raw", pid: int | None = None):
     """A variant: one load-generator run (``client``: a key of :data:`GENERATORS`) against the
-    server on ``port``."""
+    server on ``port``; with the server's ``pid``, also its CPU time per answered request
+    (``server_cpu_us``: what a requests/s figure on a shared machine comes down to)."""
+
+    def cpu() -> float:
+        import psutil
+
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
 
     def run() -> dict:
         calls0, rows0 = batch_stats(port)
+        cpu0 = cpu() if pid else 0.0
         cmd = [
             sys.executable, str(HERE), "--load", "--url", f"http://127.0.0.1:{port}{path}",
             "--body", body, "--clients", str(clients), "--requests", str(requests), "--time-limit", str(time_limit),
@@ -406,6 +414,8 @@ def _load_run(port: int, body: str, clients: int, rows: int, requests: int, time
             raise RuntimeError(f"the load generator exited with {out.returncode}: {out.stderr[-2000:]}")
         res = json.loads(out.stdout.strip().splitlines()[-1])
         calls1, rows1 = batch_stats(port)
+        if pid:
+            res["server_cpu_us"] = (cpu() - cpu0) / max(res["requests"], 1) * 1e6
         res["load_wall_s"] = res.pop("wall_s")
         res.update(rows_s=res["req_s"] * rows, mean_batch_rows=(rows1 - rows0) / max(calls1 - calls0, 1))
         return res
@@ -469,8 +479,11 @@ def protocol_bodies(tmp: str, rows_df, bundle_url: str) -> dict[str, tuple[str, 
     return out
 
 
-def run_protocols(bench, args: argparse.Namespace, port: int, bodies: dict, server_flags: list[str]) -> None:
-    """Single-row requests of every dialect against the same (micro-batched) server."""
+def run_protocols(bench, args: argparse.Namespace, port: int, bodies: dict, server_flags: list[str],
+                  pid: int | None = None) -> None:
+    """Single-row requests of every dialect against the same (micro-batched) server, in
+    ``--protocol-rounds`` interleaved rounds (requests/s on 2 shared cores swings by 2x
+    between runs; the server's CPU per request, shown beside, swings far less)."""
     from _method import Ratio, Variant
 
     labels = {"predict": "POST /predict, a JSON list of records", "v2_json": "v2 infer, JSON, content_type pd",
@@ -479,7 +492,8 @@ def run_protocols(bench, args: argparse.Namespace, port: int, bodies: dict, serv
     for clients in sorted({min(args.clients), max(args.clients)}):
         n = args.requests
         variants = [
-            Variant(key, _load_run(port, body, clients, 1, n, args.time_limit, path, headers, client=args.client),
+            Variant(key, _load_run(port, body, clients, 1, n, args.time_limit, path, headers, client=args.client,
+                                   pid=pid),
                     labels[key],
                     {"server": f"python -m daskml_scale.serving BUNDLE {' '.join(server_flags)}".strip(), "path": path,
                      "clients": clients, "rows_per_request": 1, "requests_per_run": n})
@@ -488,7 +502,8 @@ def run_protocols(bench, args: argparse.Namespace, port: int, bodies: dict, serv
         ratios = [Ratio(k, "predict", f"{labels[k]} vs /predict, requests/s, {clients} clients", target=">= 0.9")
                   for k in bodies if k != "predict"]
         bench.compare(f"protocols_c{clients}", f"Protocols, {clients} concurrent clients, 1-row requests", variants,
-                      metric="req_s", unit="requests/s", better="higher", ratios=ratios, show=["p50_ms", "p99_ms"])
+                      metric="req_s", unit="requests/s", better="higher", ratios=ratios,
+                      show=["p50_ms", "p99_ms", "server_cpu_us"], rounds=None if args.quick else args.protocol_rounds)
 
 
 def run_overload(bench, args: argparse.Namespace, bundle: str, body: str) -> None:
@@ -587,7 +602,8 @@ def run_matrix(args: argparse.Namespace) -> int:
         if not args.protocols_only:
             run_headline(bench, args, ports, bodies[1] if 1 in bodies else bodies[min(bodies)])
         if not args.no_protocols:
-            run_protocols(bench, args, ports["batched"], protocol_bodies(tmp, rows_df, bundle), args.server_args)
+            run_protocols(bench, args, ports["batched"], protocol_bodies(tmp, rows_df, bundle), args.server_args,
+                          pid=servers["batched"].pid)
         if not args.no_overload:
             run_overload(bench, args, bundle, bodies[min(bodies)])
         if args.protocols_only:
@@ -650,6 +666,8 @@ def main() -> int:
                    help="only the v2 / TF Serving / MLflow comparison and the overload run")
     p.add_argument("--overload", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-overload", action="store_true", help="skip the overload run")
+    p.add_argument("--protocol-rounds", type=int, default=11,
+                   help="interleaved rounds of the protocol comparison (default 11)")
     p.add_argument("--overload-clients", type=int, default=256, help="connections of the overload run (default 256)")
     p.add_argument("--overload-queue-rows", type=int, default=64,
                    help="the overload server's serve.max-queue-rows (default 64)")
