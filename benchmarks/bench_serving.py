@@ -503,7 +503,7 @@ def run_protocols(bench, args: argparse.Namespace, port: int, bodies: dict, serv
                   for k in bodies if k != "predict"]
         bench.compare(f"protocols_c{clients}", f"Protocols, {clients} concurrent clients, 1-row requests", variants,
                       metric="req_s", unit="requests/s", better="higher", ratios=ratios,
-                      show=["p50_ms", "p99_ms", "server_cpu_us"], rounds=None if args.quick else args.protocol_rounds)
+                      show=["p50_ms", "p99_ms", "server_cpu_us"], rounds=None if args.quick or clients == 1 else args.protocol_rounds)
 
 
 def run_overload(bench, args: argparse.Namespace, bundle: str, body: str) -> None:
@@ -667,7 +667,7 @@ def main() -> int:
     p.add_argument("--overload", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--no-overload", action="store_true", help="skip the overload run")
     p.add_argument("--protocol-rounds", type=int, default=11,
-                   help="interleaved rounds of the protocol comparison (default 11)")
+                   help="interleaved rounds of the protocol comparison with many clients (default 11)")
     p.add_argument("--overload-clients", type=int, default=256, help="connections of the overload run (default 256)")
     p.add_argument("--overload-queue-rows", type=int, default=64,
                    help="the overload server's serve.max-queue-rows (default 64)")
