@@ -242,6 +242,7 @@ def _v2_bad_cases(table: pd.DataFrame) -> list[tuple[str, Any, int, str]]:
         ("no inputs", {"inputs": []}, 400, "non-empty list"),
         ("missing column", {"inputs": [t for t in good if t["name"] != "carat"]}, 422, "carat"),
         ("unknown datatype", {"inputs": edit(carat, datatype="FLOAT")}, 400, "datatype"),
+        ("datatype a list", {"inputs": edit(carat, datatype=["FP64"])}, 400, "datatype"),
         ("count mismatch", {"inputs": edit(carat, shape=[4])}, 400, "elements"),
         ("rows mismatch", {"inputs": edit(carat, shape=[2], data=[0.1, 0.2])}, 422, "values"),
         ("text in a number", {"inputs": edit(carat, datatype="BYTES", data=["a", "b", "c"])}, 422, "carat"),
@@ -308,6 +309,7 @@ def test_v2_binary_tensors_of_one_and_many_rows(bundle, table):
         ("truncated text", {"cut": ("BYTES", (9).to_bytes(4, "little") + b"Ideal")}, 400, "malformed BYTES"),
         ("not UTF-8", {"cut": ("BYTES", (2).to_bytes(4, "little") + b"\xff\xfe")}, 422, "UTF-8"),
         ("short number", {"carat": ("FP32", b"\x00\x00")}, 400, "binary_data_size"),
+        ("datatype a list", {"carat": (["FP32"], b"\x00\x00\x80?")}, 400, "datatype"),
         ("text in a number", {"carat": ("BYTES", (1).to_bytes(4, "little") + b"a")}, 422, "carat"),
         ("float16", {"carat": ("FP16", np.array([0.5], "<f2").tobytes())}, 200, ""),
     ]
@@ -486,6 +488,53 @@ def test_mlflow_errors_carry_error_code_and_message(bundle, table):
 
 
 # ------------------------------------------------------------- shared micro-batches
+def _odd_requests(rec: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Each protocol's request with one field replaced by a JSON value of another kind."""
+    cols = list(rec)
+    good_v2 = v2_columns(pd.DataFrame([rec]))
+    out: list[tuple[str, Any]] = []
+    v2 = f"/v2/models/{NAME}/infer"
+    tfs = f"/v1/models/{NAME}:predict"
+    for w in ([1], {"a": 1}, None, 1.5, "x", True, [], {}):
+        for field in ("name", "datatype", "shape", "data", "parameters"):
+            out.append((v2, {"inputs": [dict(good_v2[0], **{field: w}), *good_v2[1:]]}))
+        for field in ("parameters", "outputs", "id", "inputs"):
+            out.append((v2, {"inputs": good_v2, field: w}))
+        out += [(v2, {"inputs": good_v2, "parameters": {"content_type": w}}),
+                (v2, {"inputs": good_v2, "outputs": [{"name": w}]}),
+                (v2, {"inputs": good_v2, "outputs": [{"name": "prediction", "parameters": w}]}),
+                (tfs, {"instances": [rec], "signature_name": w}), (tfs, {"instances": w}), (tfs, {"inputs": w}),
+                (tfs, {"instances": [w]}), (tfs, {"inputs": {c: w for c in cols}}),
+                (tfs, {"instances": [{**rec, cols[0]: w}]}),
+                ("/invocations", {"dataframe_split": {"columns": [w, *cols[1:]], "data": [list(rec.values())]}}),
+                ("/invocations", {"dataframe_split": {"columns": cols, "data": w}}),
+                ("/invocations", {"dataframe_split": w}), ("/invocations", {"dataframe_records": [w]}),
+                ("/invocations", {"dataframe_records": w}), ("/invocations", {"instances": w}),
+                ("/invocations", {"inputs": w}), ("/invocations", {"inputs": {c: w for c in cols}}),
+                ("/invocations", {"params": w, "dataframe_records": [rec]}),
+                ("/predict", [w]), ("/predict", [{**rec, cols[0]: w}]), ("/predict", {"records": w})]
+    return out
+
+
+def test_a_json_value_of_any_kind_in_any_field_is_answered_not_a_server_error(bundle, table):
+    """A client's mistake is the client's: a list, an object, null, a number, a string or a
+    boolean where a protocol expects something else gets an answer (2xx or 4xx with an
+    error), never a 500 (a JSON list or object as a dict key once raised TypeError)."""
+    rec = _frame(table, 0, 1).iloc[0].to_dict()
+    cases = _odd_requests(rec)
+
+    async def go(c):
+        return [(path, body, await c.post(path, json=body)) for path, body in cases]
+
+    answers = run(create_app(bundle, model_name=NAME), go)
+    assert len(answers) > 200
+    server_errors = [(p, json.dumps(b)[:120], r.status_code) for p, b, r in answers if r.status_code >= 500]
+    assert not server_errors, server_errors
+    for p, b, r in answers:
+        if r.status_code >= 400:
+            assert r.json().get("error"), (p, b, r.text)
+
+
 def test_requests_of_every_dialect_share_batches(bundle, table):
     frame = _frame(table, 300, 40)
     expected = _expected(bundle, frame)

@@ -191,7 +191,9 @@ def flat_columns(inputs: Any, binary: bytes = b"") -> dict[str, list[Any]] | Non
             if type(size) is not int or size <= 0 or pos + size > end:
                 return None
             datatype = t.get("datatype")
-            one = _ONE.get(datatype)  # type: ignore[arg-type]
+            if type(datatype) is not str:
+                return None
+            one = _ONE.get(datatype)
             if one is not None and size == one.size:  # one number (a single-row request): no view to make
                 data = list(one.unpack_from(binary, pos))
             elif datatype == "BYTES":
@@ -205,14 +207,15 @@ def flat_columns(inputs: Any, binary: bytes = b"") -> dict[str, list[Any]] | Non
                     if data is None:
                         return None
             else:
-                view = _VIEW.get(datatype)  # type: ignore[arg-type]
+                view = _VIEW.get(datatype)
                 if view is None or size % DATATYPES[datatype].itemsize:
                     return None
                 data = memoryview(binary)[pos : pos + size].cast(view).tolist()
             pos += size
         else:
             data = t.get("data")
-            if type(data) is not list or t.get("datatype") not in DATATYPES:
+            datatype = t.get("datatype")
+            if type(data) is not list or type(datatype) is not str or datatype not in DATATYPES:
                 return None
         name, shape, n = t.get("name"), t.get("shape"), len(data)
         if type(name) is not str or name in out or not n or type(data[0]) is list or (shape != [n, 1] and shape != [n]):
@@ -262,7 +265,7 @@ def decode_inputs(inputs: Any, binary: bytes) -> list[Tensor]:
             raise RequestError(400, f"Input {name!r} is given twice", field=name)
         seen.add(name)
         datatype = t.get("datatype")
-        if datatype not in DATATYPES:
+        if type(datatype) is not str or datatype not in DATATYPES:  # (a JSON list or object is unhashable)
             raise RequestError(400, f"Input {name!r}: expected 'datatype' among {sorted(DATATYPES)}. "
                                f"Received: {datatype!r}", field=name)
         shape = _check_shape(t.get("shape"), name)
