@@ -108,7 +108,7 @@ class InputSpec:
         self.by_name = {c.name: c for c in self.columns}
         self.required = [c.name for c in self.columns if c.required]
         # per column: (name, required, the JSON types it takes, what to call them), for the checks
-        self._checks = [
+        self.checks = [
             (c.name, c.required, _BOOL_OK if c.boolean else (_NUMBER_OK if c.numeric else _STRING_OK),
              "a boolean" if c.boolean else ("a number" if c.numeric else "a string"))
             for c in self.columns
@@ -199,7 +199,7 @@ class InputSpec:
         """:meth:`check_records` of a single record (the same checks and messages, without
         the per-column lists and sets that pay off for many records)."""
         cols: dict[str, list[Any]] = {}
-        for name, required, allowed, what in self._checks:
+        for name, required, allowed, what in self.checks:
             v = record.get(name, _ABSENT)
             if v is _ABSENT:
                 if required:

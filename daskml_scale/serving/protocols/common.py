@@ -34,11 +34,6 @@ __all__ = [
 
 JSON = b"application/json"
 
-_NONE = type(None)
-_NUMBER_OK = frozenset({int, float, _NONE})
-_BOOL_OK = frozenset({bool, _NONE})
-_STRING_OK = frozenset({str, int, float, _NONE})
-
 Headers = list[tuple[bytes, bytes]]
 
 
@@ -131,7 +126,7 @@ def check_columns(spec: "InputSpec", cols: Mapping[str, Any], what: str = "Colum
     out: Columns = {}
     n: int | None = None
     first = ""
-    for name, required, allowed, kind in spec._checks:
+    for name, required, allowed, kind in spec.checks:
         vals = cols.get(name)
         if vals is None:
             if required:

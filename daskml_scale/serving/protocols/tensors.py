@@ -147,15 +147,8 @@ def _from_binary(raw: bytes, datatype: str, name: str, count: int) -> "np.ndarra
             return memoryview(raw).cast(view).tolist()
         return np.frombuffer(raw, dtype=dt)
     out: list[Any] = []
-    pos = 0
     try:
-        while pos < len(raw):
-            (n,) = _LEN.unpack_from(raw, pos)
-            pos += 4
-            if pos + n > len(raw):
-                raise struct.error("truncated")
-            out.append(raw[pos : pos + n].decode("utf-8"))
-            pos += n
+        _bytes_elements(raw, out)
     except struct.error:
         raise RequestError(400, f"Input {name!r}: malformed BYTES binary data (each element: a 4-byte "
                            "little-endian length, then that many bytes)", field=name) from None
@@ -203,8 +196,10 @@ def flat_columns(inputs: Any, binary: bytes = b"") -> dict[str, list[Any]] | Non
                     except UnicodeDecodeError:
                         return None
                 else:
-                    data = _bytes_elements(binary[pos : pos + size])  # type: ignore[assignment]
-                    if data is None:
+                    data = []
+                    try:
+                        _bytes_elements(binary[pos : pos + size], data)
+                    except (struct.error, UnicodeDecodeError):
                         return None
             else:
                 view = _VIEW.get(datatype)
@@ -224,22 +219,18 @@ def flat_columns(inputs: Any, binary: bytes = b"") -> dict[str, list[Any]] | Non
     return out if pos == end else None
 
 
-def _bytes_elements(raw: bytes) -> list[str] | None:
-    """BYTES binary data as text (each element: a 4-byte little-endian length, then the
-    bytes), or ``None`` when malformed."""
-    out: list[str] = []
+def _bytes_elements(raw: bytes, out: list[Any]) -> None:
+    """Append BYTES binary data's elements to ``out`` as text (each element: a 4-byte
+    little-endian length, then the bytes); ``struct.error`` when malformed,
+    ``UnicodeDecodeError`` for an element that is not UTF-8 (``out`` holds those before it)."""
     pos, end = 0, len(raw)
-    try:
-        while pos < end:
-            (n,) = _LEN.unpack_from(raw, pos)
-            pos += 4
-            if pos + n > end:
-                return None
-            out.append(raw[pos : pos + n].decode("utf-8"))
-            pos += n
-    except (struct.error, UnicodeDecodeError):
-        return None
-    return out
+    while pos < end:
+        (n,) = _LEN.unpack_from(raw, pos)
+        pos += 4
+        if pos + n > end:
+            raise struct.error("truncated")
+        out.append(raw[pos : pos + n].decode("utf-8"))
+        pos += n
 
 
 def decode_inputs(inputs: Any, binary: bytes) -> list[Tensor]:
