@@ -14,7 +14,7 @@ import sys
 import time
 import types
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import dask
 import numpy as np
@@ -108,12 +108,15 @@ class Fit:
         workers = self.live_workers()
         if not workers:
             raise WorkersLostError("The cluster has no workers: start some, or call daskml_scale.connect()")
-        # the model goes out first: workers build and trace it while they prepare the data
-        warm = self._warm_up(workers)
-        self.timings["model_s"] = time.perf_counter() - t0
+        # the data's preparation is submitted first, so that workers start on it while the
+        # driver builds and serializes the model; the warm-up (build and trace the model on
+        # every worker) then comes before the partitions still queued (a higher priority)
+        self._submit_sources(workers)
         t1 = time.perf_counter()
+        warm = self._warm_up(workers)
+        self.timings["model_s"] = time.perf_counter() - t1
         self._plan(workers)
-        self.timings["plan_s"] = time.perf_counter() - t1
+        self.timings["plan_s"] = time.perf_counter() - t0 - self.timings["model_s"]
         if not warm:
             t2 = time.perf_counter()
             self._ship_model()
@@ -131,13 +134,16 @@ class Fit:
         history.plot = types.MethodType(plot_history, history)  # history.plot(): the curves
         return history
 
-    def _plan(self, workers: list[str]) -> None:
-        """Prepared partitions (training and validation), their sizes, the streams."""
+    def _submit_sources(self, workers: list[str]) -> None:
+        """The prepared partitions (training and validation), submitted, not waited for."""
         self.workers = workers
         self.homes = list(workers)
         self.sources, self.cached = self._sources(self.data, self.validation_fraction, "train", workers)
         if self.validation_data is not None:  # prepared while the training partitions are counted
             self.val_sources, _ = self._sources(self.validation_data, 0.0, "val", workers)
+
+    def _plan(self, workers: list[str]) -> None:
+        """The prepared partitions' sizes, the streams."""
         sizes = self._sizes(self.sources, self.cached, workers)
         self.train_sizes = [s[0] for s in sizes]
         self.val_sizes = [s[1] for s in sizes]
@@ -251,10 +257,12 @@ class Fit:
                 self.timings["first_epoch_end_s"] = time.perf_counter() - t0
             logs = runner.train_logs()
             logs.update(self.strategy.epoch_logs(runner))
-            backend.set_weights(self.model, self.weights)
             self.live_workers()  # notes workers lost during the epoch
-            if self.val_sources is not None or self.validation_fraction > 0:
-                logs.update(self.validate(epoch))
+            validating = self.val_sources is not None or self.validation_fraction > 0
+            validated = self.start_validation(epoch) if validating else None
+            backend.set_weights(self.model, self.weights)  # while the workers validate
+            if validated is not None:
+                logs.update(validated())
             self.callbacks.on_epoch_end(epoch, logs)
             if self.checkpoint:
                 save_checkpoint(
@@ -453,10 +461,11 @@ class Fit:
                         "batch_size": max(self.batch_size, 1024)} if parts else None)
         return out
 
-    def validate(self, epoch: int) -> dict[str, float]:
+    def start_validation(self, epoch: int) -> Callable[[], dict[str, float]]:
+        """Start validating the epoch's final weights; the call returned waits for the logs."""
         answered = self.validated.pop(epoch, None)
         if answered is not None:  # the epoch's tasks validated at its final weights
-            return self._validation_logs(answered)
+            return lambda: self._validation_logs(answered)
         sources, streams, rows = self._validation_rows()
         weights = self._ship(self.weights)
         futs = []
@@ -472,7 +481,7 @@ class Fit:
                     key=(f"daskml-validate-{self.fit_id}", epoch, uuid.uuid4().hex[:8], s),
                 )
             )
-        return self._validation_logs(self.gather(futs))
+        return lambda: self._validation_logs(self.gather(futs))
 
     def _validation_logs(self, answers: list[dict[str, Any]]) -> dict[str, float]:
         results = [r for r in answers if r.get("samples", 0) > 0]

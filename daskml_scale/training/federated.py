@@ -36,7 +36,6 @@ from daskml_scale.exceptions import ArgumentError, DataError, TrainingError
 from daskml_scale.training import federated_privacy as privacy
 from daskml_scale.training.averaging import weighted_average
 from daskml_scale.training.driver import Fit
-from daskml_scale.training.runner import sum_states
 from daskml_scale.training.strategy import Strategy
 from daskml_scale.training.worker import StreamRange, gather_rows, model_for, partition_sizes, prepare_partition
 
@@ -392,6 +391,9 @@ class FederatedFit(Fit):
             self.val_frames = {str(s): _frame(v, self.storage_options) for s, v in self.validation_data.items()}
         return super().run()
 
+    def _submit_sources(self, workers: list[str]) -> None:
+        """Nothing ahead of the plan: a site's partitions are prepared by :meth:`_plan`, on the site."""
+
     def _plan(self, workers: list[str]) -> None:
         self.workers, self.homes = workers, list(workers)
         self.sites = site_workers(self.client)
@@ -460,7 +462,7 @@ class FederatedFit(Fit):
         self.client.cancel([f for f in futs if f.status != "finished"])
         return [f.result(timeout=_wait_s()) for f in done]
 
-    def validate(self, epoch: int) -> dict[str, float]:
+    def start_validation(self, epoch: int) -> Any:
         from daskml_scale.training.worker import evaluate_parts
 
         if self.val_sources is not None:
@@ -477,11 +479,7 @@ class FederatedFit(Fit):
                 batch_size=max(self.batch_size, 1024), rows=rows, pure=False, workers=live[site],
                 allow_other_workers=False, key=(f"daskml-fed-validate-{self.fit_id}-{site}", epoch, uuid.uuid4().hex[:6]),
             ))
-        results = [r for r in self._gather_within(futs, "validation") if r.get("samples", 0) > 0]
-        if not results:
-            return {}
-        logs = backend.metric_results(self.model, sum_states([r["metrics"] for r in results]))
-        return {f"val_{k}": v for k, v in logs.items()}
+        return lambda: self._validation_logs(self._gather_within(futs, "validation"))
 
 
 def _integer(a: Any) -> bool:
