@@ -74,7 +74,10 @@ def fit(
         :class:`ParameterServer`, or a :class:`Strategy` of your own. Default:
         :func:`default_strategy`.
     epochs, batch_size : int
-        As in ``model.fit``; ``batch_size`` defaults to ``daskml_scale.training.batch-size``.
+        As in ``model.fit``; ``batch_size`` is the rows of one worker's step (defaults to
+        ``daskml_scale.training.batch-size``): on ``N`` workers a step takes ``N *
+        batch_size`` rows in all. To keep the global batch (and the learning rate) of a
+        script tuned in one process at batch ``B``, pass ``B // N`` (``docs/training.md``).
     validation_data : dask or pandas DataFrame, optional
         Rows to validate on after every epoch, on the workers.
     validation_fraction : float, optional
