@@ -76,6 +76,44 @@ def test_the_compiled_train_loop_is_kerass_own_fit_step_for_step(table, pre):
     np.testing.assert_allclose(forward(X[:77]), keras_own.predict(X[:77], verbose=0), rtol=1e-4, atol=1e-5)
 
 
+def test_a_packed_round_sets_the_state_trains_and_reads_it_back(table, pre):
+    """AllReduce's round of local steps in one call is the same as its pieces one by one:
+    set the weights and Adam's slots, train, read them (a model with a second optimizer
+    state it does not carry: the step counter, int64)."""
+    import keras
+
+    X, y = pre.transform(table)
+    n = X.shape[1]
+
+    def adam_model():
+        with daskml_scale.seeded(5):
+            m = keras.Sequential([keras.Input((n,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1)])
+        m.compile(keras.optimizers.Adam(1e-2), "mse")
+        backend.ensure_built(m, X, y)
+        return m
+
+    def state_vars(m):
+        return list(m.weights) + [v for v in backend.optimizer_variables(m) if v.dtype == "float32"]
+
+    ours, pieces = adam_model(), adam_model()
+    fn = backend.make_packed_train_fn(ours, state_vars(ours))
+    first = fn(X[:640], y[:640], 64, None)  # None: the model's own state
+    backend.make_train_fn(pieces)(X[:640], y[:640], 64)
+    np.testing.assert_allclose(first, np.concatenate([np.ravel(v.numpy()) for v in state_vars(pieces)]),
+                               rtol=1e-5, atol=1e-6)
+    assert first.dtype == np.float32 and first.size == sum(int(np.prod(v.shape)) for v in state_vars(ours))
+
+    given = (first * 0.5).astype(np.float32)  # another state in: set before the steps
+    second = fn(X[640:1280], y[640:1280], 64, given)
+    for v, value in zip(state_vars(pieces), backend.unpack(given, [tuple(v.shape) for v in state_vars(pieces)])):
+        v.assign(value)
+    backend.make_train_fn(pieces)(X[640:1280], y[640:1280], 64)
+    np.testing.assert_allclose(second, np.concatenate([np.ravel(v.numpy()) for v in state_vars(pieces)]),
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(second, first)
+    assert int(ours.optimizer.iterations.numpy()) == 20  # the counter is the model's own, stepped
+
+
 @needs_other
 @pytest.mark.slow
 def test_a_bundle_saved_on_one_backend_predicts_the_same_on_the_other(tmp_path, table, pre):

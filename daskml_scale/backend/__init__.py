@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -25,6 +25,7 @@ from daskml_scale.backend.base import (
     pack,
     set_input_layout,
     split_inputs,
+    assign_values,
     unpack,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "set_input_layout",
     "input_layout_of",
     "split_inputs",
+    "assign_values",
     "ensure_built",
     "get_weights",
     "set_weights",
@@ -50,6 +52,8 @@ __all__ = [
     "metric_results",
     "make_train_fn",
     "make_eval_fn",
+    "make_packed_train_fn",
+    "optimizer_variables",
     "make_gradient_loop_fn",
     "make_apply_fn",
     "make_fused_step_fn",
@@ -125,6 +129,14 @@ def make_train_fn(model: Any) -> TrainFn:
 
 def make_eval_fn(model: Any) -> TrainFn:
     return current().make_eval_fn(model)
+
+
+def make_packed_train_fn(model: Any, variables: Sequence[Any]) -> Callable[..., np.ndarray]:
+    return current().make_packed_train_fn(model, variables)
+
+
+def optimizer_variables(model: Any) -> list[Any]:
+    return current().optimizer_variables(model)
 
 
 def make_gradient_loop_fn(model: Any) -> Callable[..., tuple[Any, list[list[np.ndarray]]]]:

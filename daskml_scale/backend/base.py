@@ -22,7 +22,7 @@ from daskml_scale.exceptions import ArgumentError, DaskmlScaleError
 
 __all__ = [
     "Backend", "BackendUnsupportedError", "pack", "unpack", "model_to_bytes", "model_from_bytes",
-    "set_input_layout", "input_layout_of", "split_inputs",
+    "set_input_layout", "input_layout_of", "split_inputs", "assign_values",
 ]
 
 TrainFn = Callable[[np.ndarray, np.ndarray, int], int]
@@ -75,6 +75,17 @@ def unpack(packed: np.ndarray | Sequence[np.ndarray], shapes: Sequence[tuple[int
         out.append(packed[at : at + size].reshape(shape))
         at += size
     return out
+
+
+def assign_values(variables: Sequence[Any], values: Sequence[np.ndarray]) -> None:
+    """Set each variable to its value, cast to the variable's dtype (an integer variable,
+    e.g. a ``Normalization`` layer's count, carried in a float32 vector is rounded)."""
+    for v, value in zip(variables, values):
+        dtype = np.dtype(getattr(v.dtype, "name", v.dtype))
+        value = np.asarray(value)
+        if dtype.kind in "iub" and value.dtype.kind == "f":
+            value = np.rint(value)
+        v.assign(value.astype(dtype, copy=False))
 
 
 # ------------------------------------------------------------- named model inputs
@@ -220,6 +231,28 @@ class Backend:
     def make_train_fn(self, model: Any) -> TrainFn:
         """``fn(X, y, batch_size) -> steps``: ``model.train_step`` per batch, compiled."""
         raise self._unsupported("Distributed training (a compiled train loop)")
+
+    def make_packed_train_fn(self, model: Any, variables: Sequence[Any]) -> Callable[..., np.ndarray]:
+        """``fn(X, y, batch_size, state) -> values``: a round of local SGD in one call
+        (AllReduce, ``every > 1``). ``state`` (one flat float32 vector of ``variables``'
+        values in order, or None to leave them) is assigned first, then
+        ``model.train_step`` runs per batch of ``(X, y)``, and the variables' values
+        after come back as one flat float32 vector.
+
+        This version composes the backend's own pieces (an assignment per variable, the
+        train loop, a read per variable); a backend may compile the whole round as one
+        program, as the TensorFlow backend does."""
+        train = self.make_train_fn(model)
+        shapes = [tuple(v.shape) for v in variables]
+
+        def call(X: np.ndarray, y: np.ndarray, batch_size: int, state: np.ndarray | None) -> np.ndarray:
+            if state is not None:
+                assign_values(variables, unpack(state, shapes))
+            if len(X):
+                train(X, y, batch_size)
+            return np.concatenate([np.ravel(np.asarray(v.numpy(), dtype=np.float32)) for v in variables])
+
+        return call
 
     def make_eval_fn(self, model: Any) -> TrainFn:
         """``fn(X, y, batch_size) -> steps``: ``model.test_step`` per batch (metrics accumulate)."""

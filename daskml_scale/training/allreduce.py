@@ -134,7 +134,7 @@ class AllReduce(Strategy):
             runner.state = st
 
     def worker_functions(self) -> tuple[str, ...]:
-        return ("fused",) if int(self.every) == 1 else ("train",)
+        return ("fused",) if int(self.every) == 1 else ("local_sgd",)
 
     def create_state(self) -> _RingState:
         return _RingState()
@@ -324,24 +324,30 @@ def allreduce_epoch(
                 if prev is not None:
                     fused(None, None, prev)
             else:
-                local = _LocalState(model, outer_lr)
+                local = _LocalState(cached, outer_lr)
                 clock = time.perf_counter
                 t_train = t_pack = t_reduce = 0.0
+                pending: np.ndarray | None = None  # the last reduce's state, set by the next round's call
                 for X, y in _steps(blocks, sources, seed, epoch, shuffle, rows_per_step, n_steps):
                     rows = len(X)
                     t1 = clock()
-                    if rows:
-                        cached.train(X, y, batch_size)
+                    if rows:  # one call: set the reduced state, the local steps, read the state
+                        state = cached.train_round(X, y, batch_size, pending)
+                    elif pending is not None:  # nothing to train here: keep the model in step
+                        local.assign(pending)
                     t2 = clock()
-                    buf = local.pack(rows)
+                    buf = local.weighed(state, rows) if rows else np.zeros(local.size, np.float32)
+                    pending = None
                     t3 = clock()
                     ring.allreduce(buf)
                     t4 = clock()
                     if buf[-1]:
-                        local.unpack(buf[:-1] / np.float32(buf[-1]))
+                        pending = local.outer_step(buf[:-1] / np.float32(buf[-1]))
                     t_train, t_pack, t_reduce = t_train + t2 - t1, t_pack + t3 - t2 + clock() - t4, t_reduce + t4 - t3
                     samples += rows
                     done += 1
+                if pending is not None:
+                    local.assign(pending)
                 cached.timings.update(epoch_train_s=t_train, epoch_pack_s=t_pack, epoch_reduce_s=t_reduce)
             out = {
                 "samples": samples, "steps": done, "bytes_sent": ring.bytes_sent,
@@ -372,43 +378,41 @@ def start_epoch(model: Any, state: dict[str, Any], blocks: Sequence[Sequence[Any
 class _LocalState:
     """Local SGD's state as one float32 vector: the weights and the optimizer's float
     slots (Adam's moments), averaged together as ``ModelAveraging`` averages them; the
-    outer step scales the change of the trainable weights since the last reduce."""
+    outer step scales the change of the trainable weights since the last reduce. The
+    vector's order is the worker model's ``local_sgd`` variables, then one element for
+    the rows behind it (every element is weighed by the rows)."""
 
-    def __init__(self, model: Any, outer_lr: float) -> None:
-        self.model = model
+    def __init__(self, cached: Any, outer_lr: float) -> None:
+        model = cached.model
+        self.variables = cached.local_sgd[0]
         self.outer_lr = np.float32(outer_lr)
-        self.shapes = [tuple(v.shape) for v in model.weights]
-        self.n_weights = sum(int(np.prod(sh)) for sh in self.shapes)
+        self.n_weights = sum(int(np.prod(v.shape)) for v in model.weights)
         trainable = {id(v) for v in model.trainable_weights}
         self.mask = np.concatenate([np.full(int(np.prod(v.shape)), id(v) in trainable) for v in model.weights])
-        slots = backend.get_optimizer_state(model)
-        self.float_slots = [i for i, a in enumerate(slots) if a.dtype == np.float32]
-        self.size = self.n_weights + sum(slots[i].size for i in self.float_slots) + 1
-        self.synced = backend.pack(backend.get_weights(model)) if self.outer_lr != 1 else None
+        self.size = sum(int(np.prod(v.shape)) for v in self.variables) + 1
+        # the weights at the last reduce, as floats (an integer weight, e.g. a Normalization count, too)
+        self.synced = (np.concatenate([np.ravel(np.asarray(w, dtype=np.float32)) for w in backend.get_weights(model)])
+                       if self.outer_lr != 1 else None)
 
-    def pack(self, rows: int) -> np.ndarray:
-        if not rows:  # nothing trained here: take part with nothing
-            return np.zeros(self.size, np.float32)
-        slots = backend.get_optimizer_state(self.model)
-        parts = [backend.pack(backend.get_weights(self.model))] + [np.ravel(slots[i]) for i in self.float_slots]
-        buf = np.concatenate(parts + [np.ones(1, np.float32)]).astype(np.float32, copy=False)
-        buf *= np.float32(rows)
+    def weighed(self, state: np.ndarray, rows: int) -> np.ndarray:
+        """This member's contribution: ``state`` (the variables' values) and a 1, times ``rows``."""
+        buf = np.empty(self.size, np.float32)
+        np.multiply(state, np.float32(rows), out=buf[:-1])
+        buf[-1] = rows
         return buf
 
-    def unpack(self, mean: np.ndarray) -> None:
-        weights = mean[: self.n_weights]
+    def outer_step(self, mean: np.ndarray) -> np.ndarray:
+        """The state to continue from, given the members' mean (``mean`` is updated in place)."""
         if self.synced is not None:
+            weights = mean[: self.n_weights]
             moved = self.synced + self.outer_lr * (weights - self.synced)
-            weights = np.where(self.mask, moved, weights).astype(np.float32)  # statistics: plain means
-            self.synced = weights
-        backend.set_weights(self.model, backend.unpack(weights, self.shapes))
-        if self.float_slots:
-            slots = backend.get_optimizer_state(self.model)
-            at = self.n_weights
-            for i in self.float_slots:
-                slots[i] = mean[at: at + slots[i].size].reshape(slots[i].shape)
-                at += slots[i].size
-            backend.set_optimizer_state(self.model, slots)
+            mean[: self.n_weights] = np.where(self.mask, moved, weights)  # statistics: plain means
+            self.synced = mean[: self.n_weights].copy()
+        return mean
+
+    def assign(self, state: np.ndarray) -> None:
+        """Set the variables to ``state`` (outside a round's call: after the last reduce)."""
+        backend.assign_values(self.variables, backend.unpack(state, [tuple(v.shape) for v in self.variables]))
 
 
 def _steps(blocks: Sequence[Sequence[Any]], sources: dict[int, Any], seed: int, epoch: int, shuffle: bool,

@@ -146,6 +146,9 @@ class Gossip(Strategy):
         return {"strategy": self.name, "every": int(self.every), "peers": int(self.peers),
                 "topology": self.topology, "wait": self.wait, "quorum": float(self.quorum)}
 
+    def worker_functions(self) -> tuple[str, ...]:
+        return ("local_sgd",)
+
     def create_state(self) -> _GossipState:
         return _GossipState()
 
@@ -336,18 +339,21 @@ def slow_down(factor: float) -> float:
     duration afterwards (a straggler), whatever the strategy. ``1.0`` undoes it."""
     from daskml_scale.training import worker
 
-    if not getattr(worker._CachedModel.train, "slowed", False):
-        plain = worker._CachedModel.train
-
-        def train(self: Any, X: np.ndarray, y: np.ndarray, batch_size: int) -> int:
+    def slowed(plain: Any) -> Any:
+        def call(self: Any, *args: Any) -> Any:
             t = time.perf_counter()
-            steps = plain(self, X, y, batch_size)
+            out = plain(self, *args)
             if _SLOW[0] > 1.0:
                 time.sleep((_SLOW[0] - 1.0) * (time.perf_counter() - t))
-            return steps
+            return out
 
-        train.slowed = True  # type: ignore[attr-defined]
-        worker._CachedModel.train = train  # type: ignore[method-assign]
+        call.slowed = True  # type: ignore[attr-defined]
+        return call
+
+    for name in ("train", "train_round"):  # the train loop, and a round of local SGD
+        plain = getattr(worker._CachedModel, name)
+        if not getattr(plain, "slowed", False):
+            setattr(worker._CachedModel, name, slowed(plain))
     previous, _SLOW[0] = _SLOW[0], float(factor)
     return previous
 
@@ -393,20 +399,21 @@ def gossip_epoch(
         with cached.lock:
             model = cached.model
             start_epoch(model, state, blocks, sources, seed, epoch, shuffle)
-            local = _LocalState(model, 1.0)
+            local = _LocalState(cached, 1.0)
             samples = rounds = 0
             round_s = 0.0
+            pending: np.ndarray | None = None  # the last mix, set by the next round's call
             for X, y in _steps(blocks, sources, seed, epoch, shuffle, every * batch_size, 0):
                 if _STOPPED.get(gid):
                     break
                 t = time.perf_counter()
-                cached.train(X, y, batch_size)
+                state, pending = cached.train_round(X, y, batch_size, pending), None
                 round_s = time.perf_counter() - t
                 samples += len(X)
                 if samples >= total:
                     break  # the driver averages next: an exchange now would be lost work
                 outs, ins = neighbours(rank, n, rounds, peers, topology, seed, epoch)
-                vec = local.pack(1)
+                vec = local.weighed(state, 1)
                 node.send(outs, rounds, vec)
                 budget = float(wait) if wait is not None else min(max(2 * round_s, 0.002), _MAX_WAIT_S)
                 if rounds == 0:  # the neighbours' tasks start a little apart: line up once
@@ -414,8 +421,10 @@ def gossip_epoch(
                 for got in node.take(ins, rounds, min(budget, timeout)):
                     vec += got
                 if vec[-1] > 1:
-                    local.unpack(vec[:-1] / vec[-1])
+                    pending = vec[:-1] / vec[-1]
                 rounds += 1
+            if pending is not None:
+                local.assign(pending)
             node.finish(everyone=topology == "random")
             return {
                 "samples": samples, "rows_left": total - samples, "rounds": rounds,

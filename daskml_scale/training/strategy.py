@@ -59,8 +59,9 @@ class Strategy(abc.ABC):
     def worker_functions(self) -> tuple[str, ...]:
         """The compiled functions this strategy's worker tasks call, traced ahead while
         the data is prepared: any of ``"train"`` (``model.train_step`` loops),
-        ``"gradients"`` (the parameter server's gradient loop) and ``"fused"``
-        (AllReduce's apply-then-gradient step)."""
+        ``"gradients"`` (the parameter server's gradient loop), ``"fused"``
+        (AllReduce's apply-then-gradient step) and ``"local_sgd"`` (AllReduce's round of
+        local steps with the state in and out)."""
         return ("train",)
 
     def create_state(self) -> Any:

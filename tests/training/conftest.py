@@ -20,6 +20,21 @@ def build_model(n_features: int, seed: int = 0, lr: float = 2e-3, batchnorm: boo
     return model
 
 
+def normalized_model(n_features: int):
+    """A model with a Normalization layer first (common in Keras code): its weights hold
+    an int64 count beside the floats."""
+    import keras
+
+    norm = keras.layers.Normalization()
+    norm.adapt(np.random.default_rng(0).random((640, n_features)).astype(np.float32))
+    with daskml_scale.seeded(0):
+        model = keras.Sequential([keras.Input((n_features,)), norm, keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="mse")
+    assert any(v.dtype != "float32" for v in model.weights)
+    return model
+
+
 def single_process_sgd(model, parts, batch: int, epochs: int) -> int:
     """The reference: per step, one optimizer step on the mean loss of the union of the
     workers' batches (the row-weighted mean of their batch gradients), in this process,

@@ -16,7 +16,7 @@ import pytest
 
 import daskml_scale
 from daskml_scale.training.ring import Ring, RingError, close_port, open_port
-from tests.training.conftest import build_model, single_process_sgd
+from tests.training.conftest import build_model, normalized_model, single_process_sgd
 
 BATCH = 128
 
@@ -287,3 +287,21 @@ def test_joined_ranges_give_the_same_steps_as_the_blocks(monkeypatch):
         np.testing.assert_array_equal(ya, yb)
     monkeypatch.setattr(allreduce, "_BLOCK_BYTES", 16 * 2 * 4 * step)  # two blocks' rows at most
     assert len(allreduce._coalesced(blocks, sources)) == 3
+
+
+@pytest.mark.parametrize("strategy", ["default", "gossip"])
+def test_a_model_with_integer_weights_trains_with_local_sgd(diamond_data, fitted_pre, client, strategy):
+    """A Normalization layer (common in Keras code) holds an int64 count among its weights:
+    the default strategy (local SGD with an outer step) and Gossip carry it through their
+    float32 state vector and give it back as the integer it was."""
+    model = normalized_model(len(fitted_pre.feature_names_))
+    ints = [i for i, v in enumerate(model.weights) if v.dtype != "float32"]
+    before = [np.asarray(w) for w in model.get_weights()]
+    chosen = None if strategy == "default" else daskml_scale.Gossip(every=8)
+    h = daskml_scale.fit(model, diamond_data.ddf(), preprocessor=fitted_pre, epochs=2, batch_size=BATCH,
+                         client=client, verbose=0, strategy=chosen)
+    assert "allreduce_fallback" not in h.history
+    assert h.history["loss"][1] < h.history["loss"][0] and np.isfinite(h.history["loss"][1])
+    after = model.get_weights()
+    for i in ints:
+        assert after[i].dtype == before[i].dtype and np.array_equal(after[i], before[i])

@@ -13,7 +13,7 @@ import pytest
 
 import daskml_scale
 from daskml_scale.training.ps_actor import ParamServerActor
-from tests.training.conftest import build_model, single_process_sgd
+from tests.training.conftest import build_model, normalized_model, single_process_sgd
 
 pytestmark = pytest.mark.slow
 
@@ -173,15 +173,7 @@ def test_packed_messages_match_lists():
 
 def test_weights_that_cannot_be_packed(diamond_data, fitted_pre, client):
     """A Normalization layer holds an int64 count: weights travel as lists, gradients packed."""
-    import keras
-
-    n = len(fitted_pre.feature_names_)
-    norm = keras.layers.Normalization()
-    norm.adapt(np.random.default_rng(0).random((64, n)).astype(np.float32))
-    with daskml_scale.seeded(0):
-        model = keras.Sequential([keras.Input((n,)), norm, keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
-    model.compile(optimizer=keras.optimizers.Adam(2e-3), loss="mse")
-    assert any(v.dtype != "float32" for v in model.weights)
+    model = normalized_model(len(fitted_pre.feature_names_))
     for mode in ("sync", "async"):
         h = daskml_scale.fit(model, diamond_data.ddf(), preprocessor=fitted_pre, epochs=1, batch_size=BATCH,
                              client=client, verbose=0, strategy=daskml_scale.ParameterServer(mode, push_every=8))
