@@ -259,10 +259,10 @@ class Fit:
             logs.update(self.strategy.epoch_logs(runner))
             self.live_workers()  # notes workers lost during the epoch
             validating = self.val_sources is not None or self.validation_fraction > 0
-            validated = self.start_validation(epoch) if validating else None
+            finish_validation = self.start_validation(epoch) if validating else None
             backend.set_weights(self.model, self.weights)  # while the workers validate
-            if validated is not None:
-                logs.update(validated())
+            if finish_validation is not None:
+                logs.update(finish_validation())
             self.callbacks.on_epoch_end(epoch, logs)
             if self.checkpoint:
                 save_checkpoint(

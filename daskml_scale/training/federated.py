@@ -27,7 +27,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -462,7 +462,7 @@ class FederatedFit(Fit):
         self.client.cancel([f for f in futs if f.status != "finished"])
         return [f.result(timeout=_wait_s()) for f in done]
 
-    def start_validation(self, epoch: int) -> Any:
+    def start_validation(self, epoch: int) -> Callable[[], dict[str, float]]:
         from daskml_scale.training.worker import evaluate_parts
 
         if self.val_sources is not None:
