@@ -114,6 +114,47 @@ def test_a_packed_round_sets_the_state_trains_and_reads_it_back(table, pre):
     assert int(ours.optimizer.iterations.numpy()) == 20  # the counter is the model's own, stepped
 
 
+@pytest.mark.parametrize("functions", [("train",), ("local_sgd",), ("gradients",), ("fused",)])
+def test_a_workers_warm_up_compiles_what_the_strategy_calls_and_leaves_the_state_as_built(table, pre, functions):
+    """``warm_model`` (what a fit runs on each worker before the data is ready) traces the
+    strategy's functions and the evaluation, and the model comes out of it with the weights,
+    optimizer slots (Adam's step counter too) and metrics it went in with."""
+    import keras
+
+    from daskml_scale.custom_objects import ship_model
+    from daskml_scale.training import worker
+
+    X, y = pre.transform(table)
+    with daskml_scale.seeded(7):
+        model = keras.Sequential([keras.Input((X.shape[1],)), keras.layers.Dense(8, activation="relu"),
+                                  keras.layers.Dense(1)])
+    model.compile(keras.optimizers.Adam(1e-2), "mse", metrics=["mae"])
+    backend.ensure_built(model, X, y)
+    shipped = ship_model(model, backend.model_to_bytes(model))
+    fit_id = f"warm-{functions[0]}-{backend.name()}"
+    try:
+        timings = worker.warm_model(fit_id, shipped, X[:2], y[:2], 32, functions, True)
+    except backend.BackendUnsupportedError:
+        pytest.skip(f"{functions[0]} is not implemented on {backend.name()}")
+    warmed = worker.model_for(fit_id, shipped).model
+    for a, b in zip(backend.get_weights(warmed), backend.get_weights(model)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(backend.get_optimizer_state(warmed), backend.get_optimizer_state(model)):
+        np.testing.assert_array_equal(a, b)
+    assert int(np.asarray(warmed.optimizer.iterations)) == 0
+    assert all(float(np.sum(v)) == 0.0 for m in backend.metric_state(warmed) for v in m)
+    assert timings["warm_s"] > 0
+    if functions[0] in ("train", "local_sgd"):
+        assert "first_train_call_s" in timings  # the loop was called (and traced) in the warm-up
+        cached = worker.model_for(fit_id, shipped)
+        steps_before = int(np.asarray(warmed.optimizer.iterations))
+        if functions[0] == "train":
+            cached.train(X[:64], y[:64], 32)
+        else:
+            cached.train_round(X[:64], y[:64], 32, None)
+        assert int(np.asarray(warmed.optimizer.iterations)) == steps_before + 2  # it trains after
+
+
 @needs_other
 @pytest.mark.slow
 def test_a_bundle_saved_on_one_backend_predicts_the_same_on_the_other(tmp_path, table, pre):
