@@ -34,7 +34,7 @@ from daskml_scale import backend, config
 from daskml_scale._utils.waits import run_bounded
 from daskml_scale.exceptions import ArgumentError, TrainingError, WorkersLostError
 from daskml_scale.training.averaging import weighted_average
-from daskml_scale.training.ring import Ring, RingError, close_port, open_port
+from daskml_scale.training.ring import Ring, RingError, close_port, open_ports
 from daskml_scale.training.strategy import Strategy
 from daskml_scale.training.worker import StreamRange, evaluate_here, first_rows, gather_rows, model_for
 
@@ -201,19 +201,13 @@ class AllReduce(Strategy):
         ring_id = f"{runner.fit_id}-e{runner.epoch}-a{attempt}-{uuid.uuid4().hex[:4]}"
         st.rings.append(ring_id)
         client = runner.client
-        ports = [
-            client.submit(open_port, ring_id, r, pure=False, workers=[w], allow_other_workers=False,
-                          key=f"daskml-ring-port-{ring_id}-{r}")
-            for r, w in enumerate(workers)
-        ]
         futs: list[Any] = []
         state: list[Any] = []
         formed = False
         # the ranks end on the same weights, the driver's: each validates its rows there
         validation = runner.validation_for(workers) or [None] * len(workers)
         try:
-            opened = self._wait(runner, ports, workers)
-            addresses = [(h, p) for _, h, p in opened]
+            addresses = [(h, p) for _, h, p in self._open_ports(runner, ring_id, workers)]
             state = [runner.put_on({"weights": runner.weights, "optimizer": runner.optimizer_state}, workers,
                                    self._timeout(), "AllReduce")]
             futs = [
@@ -233,11 +227,22 @@ class AllReduce(Strategy):
             formed = True  # every rank's task formed its ring, which closed the rank's port
             return results
         finally:  # also when the ports or the weights did not arrive: no port is left open
-            client.cancel(futs + ports + state)
+            client.cancel(futs + state)
             if not formed:
                 # bounded: a silent worker (alive to the scheduler, not answering) must not hold the fit
                 run_bounded(client, close_port, ring_id, workers=[w for w in workers if w in runner.live_workers()],
                             what="AllReduce: closing the epoch's ports")
+
+    def _open_ports(self, runner: "EpochRunner", ring_id: str, workers: list[str]) -> list[Any]:
+        """Every rank's port (:func:`~daskml_scale.training.ring.open_ports`); a worker lost
+        meanwhile ends the attempt as a lost member."""
+        try:
+            return open_ports(runner.client, ring_id, workers, self._timeout())
+        except Exception as exc:
+            gone = [w for w in workers if w not in set(runner.live_workers())]
+            if gone:
+                raise _MemberLost(f"worker(s) {gone} left the ring") from exc
+            raise
 
     def _wait(self, runner: "EpochRunner", futs: list[Any], workers: list[str]) -> list[Any]:
         """Wait for one task per rank; a lost rank's worker ends the attempt at once."""

@@ -89,6 +89,7 @@ class Fit:
         self.trainable_mask: list[bool] = []
         self.callbacks: Any = None
         self._warm: list[Any] = []  # the warm-up tasks (their results: worker timings)
+        self._size_futures: list[Any] | None = None  # the partitions' sizes, submitted with them
         # per epoch, validation answers its strategy's tasks computed (EpochRunner.validated)
         self.validated: dict[int, list[dict[str, Any]]] = {}
         # where the time before the first step goes (history.daskml_summary["timings"])
@@ -141,6 +142,10 @@ class Fit:
         self.sources, self.cached = self._sources(self.data, self.validation_fraction, "train", workers)
         if self.validation_data is not None:  # prepared while the training partitions are counted
             self.val_sources, _ = self._sources(self.validation_data, 0.0, "val", workers)
+        # counted as soon as each is prepared, ahead of the warm-up (a higher priority): the
+        # plan is then ready while the workers trace the model, and the first epoch's tasks
+        # are submitted behind the warm-up rather than a round trip after it
+        self._size_futures = self._submit_sizes(self.sources, self.cached, workers)
 
     def _plan(self, workers: list[str]) -> None:
         """The prepared partitions' sizes, the streams."""
@@ -325,14 +330,19 @@ class Fit:
         per_part = dask.utils.parse_bytes(str(config.get("io.blocksize", "64MiB")))
         return npartitions * per_part * 2 < 0.3 * total
 
-    def _sizes(self, sources: list[Any], cached: bool, workers: list[str]) -> list[tuple[int, int, int]]:
+    def _submit_sizes(self, sources: list[Any], cached: bool, workers: list[str]) -> list[Any]:
         if cached:
-            futs = self.client.map(partition_sizes, sources, pure=False)
-        else:
-            futs = [
-                self.client.submit(partition_sizes, s, pure=False, workers=[workers[i % len(workers)]], allow_other_workers=True)
-                for i, s in enumerate(sources)
-            ]
+            return self.client.map(partition_sizes, sources, pure=False, priority=20)
+        return [
+            self.client.submit(partition_sizes, s, pure=False, workers=[workers[i % len(workers)]], allow_other_workers=True,
+                               priority=20)
+            for i, s in enumerate(sources)
+        ]
+
+    def _sizes(self, sources: list[Any], cached: bool, workers: list[str]) -> list[tuple[int, int, int]]:
+        """(training rows, held-out rows, rows dropped for a missing target) per partition."""
+        futs = self._size_futures or self._submit_sizes(sources, cached, workers)
+        self._size_futures = None
         return [tuple(x) for x in self.gather(futs)]
 
     @staticmethod

@@ -40,11 +40,11 @@ import numpy as np
 from daskml_scale import backend, config
 from daskml_scale._utils.lru import LRUCache
 from daskml_scale._utils.waits import run_bounded, within
-from daskml_scale.exceptions import ArgumentError, TrainingError, WorkersLostError
+from daskml_scale.exceptions import ArgumentError, ClusterTimeoutError, TrainingError, WorkersLostError
 from daskml_scale.training.allreduce import _LocalState, _rows, _steps, start_epoch
 from daskml_scale.training.averaging import weighted_average
 from daskml_scale.training.gossip_net import Node
-from daskml_scale.training.ring import close_port, open_port
+from daskml_scale.training.ring import close_port, open_ports
 from daskml_scale.training.strategy import Strategy
 from daskml_scale.training.worker import model_for
 
@@ -201,17 +201,20 @@ class Gossip(Strategy):
         per_rank = runner.ranks(blocks, workers)
         gid = f"{runner.fit_id}-g{runner.epoch}-{uuid.uuid4().hex[:6]}"
         client = runner.client
-        ports = [client.submit(open_port, gid, r, pure=False, workers=[w], allow_other_workers=False,
-                               key=f"daskml-gossip-port-{gid}-{r}") for r, w in enumerate(workers)]
         futs: list[Any] = []
         state: list[Any] = []
         try:
-            if not runner.wait(ports, self._timeout()):
+            try:
+                addresses = [(h, p) for _, h, p in open_ports(client, gid, workers, self._timeout())]
+            except Exception as exc:  # a worker that left, or one that does not answer
+                gone = sorted(set(workers) - set(runner.live_workers()))
+                if not (gone or isinstance(exc, ClusterTimeoutError)):
+                    raise
                 raise WorkersLostError(f"Gossip: the workers did not open their ports within {self._timeout():.0f}s"
-                                       + runner.checkpoint_hint(), workers=sorted(workers))
+                                       + (f" ({', '.join(gone)} left)" if gone else "") + runner.checkpoint_hint(),
+                                       workers=gone or sorted(workers)) from exc
             state = [runner.put_on({"weights": runner.weights, "optimizer": runner.optimizer_state}, workers,
                                    self._timeout(), "Gossip")]
-            addresses = [(h, p) for _, h, p in (f.result(timeout=self._timeout()) for f in ports)]
             futs = [
                 client.submit(
                     gossip_epoch, gid, r, addresses, st.secret, runner.fit_id, runner.model_bytes, state[0],
@@ -226,7 +229,7 @@ class Gossip(Strategy):
             runner.round_begin()
             return self._collect(runner, futs, workers, gid)
         finally:
-            client.cancel(futs + ports + state)
+            client.cancel(futs + state)
             _run_bounded(client, close_port, gid, [w for w in workers if w in runner.live_workers()],
                          "Gossip: closing the epoch's ports")
 

@@ -1,7 +1,7 @@
 """A gossip member's network: messages out on threads, a mailbox in, bounded waits.
 
 A :class:`Node` is one worker's member of one gossip epoch. It listens on the port that
-:func:`~daskml_scale.training.ring.open_port` opened for it and accepts any other member
+:func:`~daskml_scale.training.ring.open_ports` opened for it and accepts any other member
 of the epoch (the same handshake, secret and TLS as the ring's connections). Sending
 never blocks training: each neighbour has a thread with a slot for the newest message
 (an older one not yet sent is replaced). Receiving fills a mailbox with the newest

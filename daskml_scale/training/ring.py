@@ -1,7 +1,7 @@
 """A ring of direct worker-to-worker connections that sums float32 vectors (all-reduce).
 
-Each member of a ring listens on its worker's host (:func:`open_port`, one task per
-worker before an epoch), connects to the next member and accepts the previous one.
+Each member of a ring listens on its worker's host (:func:`open_ports`, on every
+worker's event loop before an epoch), connects to the next member and accepts the previous one.
 Every connection starts with a handshake that carries the fit's secret: a connection
 without it is closed unanswered. :meth:`Ring.allreduce` is the bandwidth-optimal ring
 algorithm (a reduce-scatter, then an all-gather): each member sends and receives
@@ -35,7 +35,7 @@ from daskml_scale._utils.lru import LRUCache
 from daskml_scale.exceptions import TrainingError
 
 __all__ = [
-    "Ring", "RingError", "open_port", "port_of", "close_port", "connect_member", "accept_member", "recv_into", "CHUNK",
+    "Ring", "RingError", "open_port", "open_ports", "port_of", "close_port", "connect_member", "accept_member", "recv_into", "CHUNK",
 ]
 
 _HELLO = struct.Struct("<4s32sqq")  # magic, secret, rank, attempt
@@ -78,14 +78,16 @@ _PORTS: LRUCache[tuple[str, int], _Port] = LRUCache(16)
 TLS_RINGS = [0]  # rings this process joined over TLS (tests read it)
 
 
-def _worker_tls() -> Any:
-    """The worker's TLS contexts (listen, connect) on a ``tls://`` cluster, else None."""
-    try:
-        from distributed import get_worker
+def _worker_tls(worker: Any = None) -> Any:
+    """The worker's TLS contexts (listen, connect) on a ``tls://`` cluster, else None
+    (``worker``: this process's worker, by default the one running the current task)."""
+    if worker is None:
+        try:
+            from distributed import get_worker
 
-        worker = get_worker()
-    except ValueError:
-        return None
+            worker = get_worker()
+        except ValueError:
+            return None
     if not worker.address.startswith("tls://"):
         return None
     listen = worker.security.get_listen_args("worker").get("ssl_context")
@@ -95,21 +97,43 @@ def _worker_tls() -> Any:
     return listen, connect
 
 
-def open_port(ring_id: str, rank: int) -> tuple[str | None, str, int]:
+def open_port(ring_id: str, rank: int, worker: Any = None) -> tuple[str | None, str, int]:
     """Task: listen for this worker's member of ring ``ring_id`` (kept until a
     :class:`Ring` of it is formed, or :func:`close_port`); returns (worker address,
-    host, port)."""
-    from distributed import get_worker
+    host, port). Outside a task, pass the ``worker`` (see :func:`open_ports`)."""
     from distributed.comm.addressing import get_address_host
 
-    worker = get_worker()
+    if worker is None:
+        from distributed import get_worker
+
+        worker = get_worker()
     host = get_address_host(worker.address)
-    port = _Port(host, _worker_tls())
+    port = _Port(host, _worker_tls(worker))
     old = _PORTS.pop((ring_id, rank))
     if old is not None:
         old.close()
     _PORTS.put((ring_id, rank), port)
     return worker.address, port.address[0], port.address[1]
+
+
+def open_ports(client: Any, ring_id: str, workers: list[str], timeout: float) -> list[tuple[str | None, str, int]]:
+    """Rank ``r``'s port of ring ``ring_id`` opened on ``workers[r]``, for every rank, in one
+    ``client.run``: it runs on each worker's event loop, not in its task threads, so a
+    worker still busy in a task (a fit's warm-up, tracing the model) opens its port at
+    once, and the epoch's tasks queue behind that task instead of starting a round trip
+    after it. Bounded by ``timeout`` (a ``ClusterTimeoutError`` naming the workers)."""
+    from daskml_scale._utils.waits import within
+
+    ranks = {w: r for r, w in enumerate(workers)}
+    opened = within(lambda: client.run(_open_rank_port, ring_id, ranks, workers=list(workers)), timeout,
+                    f"Opening the ports of ring {ring_id} on {len(workers)} worker(s)",
+                    "A worker that does not answer its scheduler's messages cannot take part.", client)
+    return [opened[w] for w in workers]
+
+
+def _open_rank_port(ring_id: str, ranks: dict[str, int], dask_worker: Any) -> tuple[str | None, str, int]:
+    """``client.run`` function of :func:`open_ports`: this worker's rank's port."""
+    return open_port(ring_id, ranks[dask_worker.address], worker=dask_worker)
 
 
 def port_of(ring_id: str, rank: int) -> _Port | None:
