@@ -78,7 +78,7 @@ def _serve(n: int, ready: Any, stop: Any) -> int:
 
     owner = _SyncOwner(n)
     server = ChannelServer(get_address_host(get_worker().address), owner, "handle")
-    ready.set(list(server.address))
+    ready.set(list(server.endpoint))  # host, port and the channel's secret
     stop.wait(timeout=600)
     server.close()
     return owner.round
