@@ -234,14 +234,16 @@ class AllReduce(Strategy):
                             what="AllReduce: closing the epoch's ports")
 
     def _open_ports(self, runner: "EpochRunner", ring_id: str, workers: list[str]) -> list[Any]:
-        """Every rank's port (:func:`~daskml_scale.training.ring.open_ports`); a worker lost
-        meanwhile ends the attempt as a lost member."""
+        """Every rank's port (:func:`~daskml_scale.training.ring.open_ports`). A worker lost
+        meanwhile, or one that cannot be reached or does not answer (it may be dying before
+        the scheduler knows), ends the attempt as a lost member: the epoch restarts on the
+        workers left, at most ``training.ps-restarts`` times."""
         try:
             return open_ports(runner.client, ring_id, workers, self._timeout())
         except Exception as exc:
             gone = [w for w in workers if w not in set(runner.live_workers())]
-            if gone:
-                raise _MemberLost(f"worker(s) {gone} left the ring") from exc
+            if gone or isinstance(exc, (OSError, TimeoutError)):
+                raise _MemberLost(f"worker(s) {gone or workers} did not open their ports: {exc}") from exc
             raise
 
     def _wait(self, runner: "EpochRunner", futs: list[Any], workers: list[str]) -> list[Any]:

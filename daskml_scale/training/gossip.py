@@ -208,7 +208,7 @@ class Gossip(Strategy):
                 addresses = [(h, p) for _, h, p in open_ports(client, gid, workers, self._timeout())]
             except Exception as exc:  # a worker that left, or one that does not answer
                 gone = sorted(set(workers) - set(runner.live_workers()))
-                if not (gone or isinstance(exc, ClusterTimeoutError)):
+                if not (gone or isinstance(exc, (OSError, ClusterTimeoutError))):
                     raise
                 raise WorkersLostError(f"Gossip: the workers did not open their ports within {self._timeout():.0f}s"
                                        + (f" ({', '.join(gone)} left)" if gone else "") + runner.checkpoint_hint(),
