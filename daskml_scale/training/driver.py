@@ -287,6 +287,7 @@ class Fit:
             logger.exception("daskml_scale.fit: the strategy could not release its state")
         futures = [s for s in self.sources if not isinstance(s, Lazy)]
         futures += [s for s in (self.val_sources or []) if not isinstance(s, Lazy)]
+        futures += self._size_futures or []  # a fit that failed before its plan counted them
         for f in futures + self._warm + [self.model_bytes]:
             try:
                 if f is not None and hasattr(f, "release"):
