@@ -27,6 +27,8 @@ import sys
 import threading
 from typing import Any, Iterable
 
+import numpy as np
+
 from daskml_scale import backend
 from daskml_scale.exceptions import TrainingError
 
@@ -104,17 +106,22 @@ def _live_objects(model: Any) -> dict[str, Any]:
     return found
 
 
-def custom_objects_of(model: Any, keras_bytes: bytes) -> dict[str, tuple[Any, bool]]:
+def custom_objects_of(model: Any, saved: bytes | dict[str, Any]) -> dict[str, tuple[Any, bool]]:
     """Name -> (object, whether the model's config needs it): the objects of Keras's
-    global registry and those that the saved model (``keras_bytes``) names."""
+    global registry and those that the saved model (``.keras`` bytes, or its config)
+    names."""
     import io
     import json
     import zipfile
 
     import keras
 
-    with zipfile.ZipFile(io.BytesIO(keras_bytes)) as zf:
-        names, strings = _names_in_config(json.loads(zf.read("config.json")))
+    if isinstance(saved, dict):
+        config = saved
+    else:
+        with zipfile.ZipFile(io.BytesIO(saved)) as zf:
+            config = json.loads(zf.read("config.json"))
+    names, strings = _names_in_config(config)
     registry = keras.saving.get_custom_objects()
     live = _live_objects(model)
     out: dict[str, tuple[Any, bool]] = {name: (obj, False) for name, obj in registry.items()}
@@ -182,16 +189,85 @@ def _entry(name: str, obj: Any, needed: bool) -> dict[str, Any]:
     return entry
 
 
-def ship_model(model: Any, keras_bytes: bytes) -> bytes:
-    """What a fit sends its workers: the ``.keras`` bytes together with the custom
-    objects (see the module's docstring), the layout of the model's named inputs and
-    the driver's Keras backend (a worker on another backend refuses it by name). Read
-    by :func:`load_shipped_model`."""
-    objects = custom_objects_of(model, keras_bytes)
+def ship_model(model: Any, keras_bytes: bytes | None = None) -> bytes:
+    """What a fit sends its workers: the model together with the custom objects (see
+    the module's docstring), the layout of the model's named inputs and the driver's
+    Keras backend (a worker on another backend refuses it by name). Read by
+    :func:`load_shipped_model`.
+
+    The model travels as ``keras_bytes`` when given, else as its config, its weights and
+    its optimizer's variables (:func:`_as_config`): what a ``.keras`` file holds, without
+    writing and reading the zip and HDF5 (~25 ms on the driver and ~30 ms on each worker
+    for a small model). A model holding state beyond its variables (the vocabulary of a
+    lookup layer, a quantized layer, a layer with its own ``save_own_variables``)
+    travels as ``.keras`` bytes."""
+    saved = None if keras_bytes is not None else _as_config(model)
+    if saved is None:
+        keras_bytes = keras_bytes if keras_bytes is not None else backend.model_to_bytes(model)
+        payload: dict[str, Any] = {"keras": keras_bytes}
+        objects = custom_objects_of(model, keras_bytes)
+    else:
+        payload = saved
+        objects = custom_objects_of(model, saved["config"])
     layout = backend.input_layout_of(model)  # how X is cut into named inputs travels with the model
     entries = [_entry(name, obj, needed) for name, (obj, needed) in sorted(objects.items())]
-    payload = {"keras": keras_bytes, "objects": entries, "layout": layout, "backend": backend.name()}
+    payload.update(objects=entries, layout=layout, backend=backend.name())
     return _MAGIC + pickle.dumps(payload, protocol=5)
+
+
+def _variables_are_the_state(model: Any) -> bool:
+    """Whether ``model`` (and its optimizer) is rebuilt whole from its config and the
+    values of its variables: no layer saves assets or state of its own beyond them."""
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if hasattr(layer, "save_assets") or getattr(layer, "quantization_mode", None):
+            return False
+        for method in ("save_own_variables", "load_own_variables"):
+            owner = getattr(type(layer), method, None)
+            module = getattr(owner, "__module__", "") or ""
+            if not _is_keras(module) or module.startswith("keras.src.layers.preprocessing"):
+                return False
+    opt = getattr(model, "optimizer", None)
+    if opt is not None:
+        for method in ("save_own_variables", "load_own_variables"):
+            if not _is_keras(getattr(getattr(type(opt), method, None), "__module__", None)):
+                return False
+    return True
+
+
+def _as_config(model: Any) -> dict[str, Any] | None:
+    """The model as ``{"config", "weights", "optimizer"}``, or ``None`` where its
+    variables are not its whole state (:func:`_variables_are_the_state`)."""
+    import keras
+
+    try:
+        from keras.src.saving.serialization_lib import ObjectSharingScope
+    except ImportError:  # pragma: no cover - another Keras layout: the .keras bytes
+        return None
+    if not getattr(model, "built", False) or not _variables_are_the_state(model):
+        return None
+    with ObjectSharingScope():  # an object the config names twice is one object again, as in a .keras file
+        config = keras.saving.serialize_keras_object(model)
+    opt = model.optimizer
+    optimizer = [np.asarray(v) for v in opt.variables] if opt is not None and opt.built else None
+    return {"config": config, "weights": [np.asarray(w) for w in model.get_weights()], "optimizer": optimizer}
+
+
+def _from_config(payload: dict[str, Any]) -> Any:
+    """The model of :func:`_as_config`'s payload, as ``keras.saving.load_model`` makes it
+    from a ``.keras`` file: built and compiled from its config, then its values."""
+    import keras
+    from keras.src.saving.serialization_lib import ObjectSharingScope
+
+    with ObjectSharingScope():
+        model = keras.saving.deserialize_keras_object(payload["config"], safe_mode=False)
+    model.set_weights(payload["weights"])
+    state = payload.get("optimizer")
+    opt = model.optimizer
+    if state is not None and opt is not None:
+        if not opt.built:
+            opt.build(model.trainable_variables)
+        backend.assign_values(list(opt.variables), state)
+    return model
 
 
 def _register(name: str, obj: Any) -> None:
@@ -264,7 +340,10 @@ def load_shipped_model(data: bytes) -> Any:
     payload = pickle.loads(memoryview(data)[len(_MAGIC) :])
     check_backend(payload.get("backend"))
     install_objects(payload["objects"])
-    model = backend.model_from_bytes(payload["keras"], safe_mode=False)
+    if "keras" in payload:
+        model = backend.model_from_bytes(payload["keras"], safe_mode=False)
+    else:
+        model = _from_config(payload)
     backend.set_input_layout(model, payload.get("layout"))
     return model
 

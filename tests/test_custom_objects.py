@@ -142,6 +142,65 @@ def test_without_custom_objects_the_keras_bytes_travel_with_the_backend_name(mon
     assert names["leaky_tanh"]["needed"] and names["leaky_tanh"]["module"] == "tests.keras_objects"
 
 
+def _roundtrip(model):
+    from daskml_scale.custom_objects import load_shipped_model
+
+    shipped = ship_model(model)
+    return pickle.loads(shipped[len(_MAGIC):]), load_shipped_model(shipped)
+
+
+def test_a_model_travels_as_its_config_and_values_and_comes_back_whole():
+    """Without ``.keras`` bytes, a fit ships the config, the weights and the optimizer's
+    variables: the model that loads predicts the same, has the same optimizer state
+    (its step counter too) and a layer used twice is one layer again."""
+    import keras
+
+    inp = keras.Input((4,))
+    shared = keras.layers.Dense(4, activation="tanh")
+    out = keras.layers.Dense(1)(shared(shared(inp)))
+    model = keras.Model(inp, out)
+    model.compile(keras.optimizers.Adam(1e-2), "mse", metrics=["mae"])
+    X = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    model.fit(X, X.sum(axis=1), epochs=2, batch_size=16, verbose=0)
+    payload, loaded = _roundtrip(model)
+    assert "keras" not in payload and payload["config"]["class_name"] == "Functional"
+    assert len(loaded.weights) == len(model.weights) == 4  # the shared layer is not duplicated
+    np.testing.assert_array_equal(np.asarray(loaded(X)), np.asarray(model(X)))
+    assert [v.path for v in loaded.optimizer.variables] == [v.path for v in model.optimizer.variables]
+    for a, b in zip(loaded.optimizer.variables, model.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(loaded.optimizer.iterations) == 8 and loaded.loss == "mse"
+    # the custom objects travel with the config as with the .keras bytes
+    custom, restored = _roundtrip(keras_objects.build_model(3))
+    assert {"daskml_test>pinball", "daskml_test>Affine", "leaky_tanh"} <= {e["name"] for e in custom["objects"]}
+    assert "config" in custom and any(type(lyr).__name__ == "Affine" for lyr in restored.layers)
+
+
+class _OwnState(__import__("keras").layers.Layer):
+    """A layer that saves something of its own beside its variables."""
+
+    def save_own_variables(self, store):  # pragma: no cover - never called here
+        super().save_own_variables(store)
+
+
+def test_a_model_with_state_beyond_its_variables_travels_as_keras_bytes():
+    """An adapted lookup layer's vocabulary is an asset, not a variable; a layer with its
+    own ``save_own_variables`` may save anything: both models travel as ``.keras`` bytes."""
+    import keras
+
+    lookup = keras.layers.StringLookup()
+    lookup.adapt(np.array(["a", "b", "c"]))
+    inp = keras.Input((1,), dtype="string")
+    model = keras.Model(inp, keras.layers.Dense(1)(keras.ops.cast(lookup(inp), "float32")))
+    model.compile("adam", "mse")
+    payload, loaded = _roundtrip(model)
+    assert "keras" in payload and "config" not in payload
+    words = np.array([["c"], ["a"], ["zz"]])
+    np.testing.assert_array_equal(np.asarray(loaded(words)), np.asarray(model(words)))
+    own = keras.Sequential([keras.Input((2,)), _OwnState(), keras.layers.Dense(1)])
+    assert "keras" in pickle.loads(ship_model(own)[len(_MAGIC):])
+
+
 LOADERS = r'''
 import sys
 import keras
@@ -160,16 +219,20 @@ np.save(sys.argv[4], np.stack(out))
 
 
 @pytest.mark.slow
-def test_the_parameter_server_actor_and_the_worker_load_shipped_objects_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("form", ["keras", "config"])
+def test_the_parameter_server_actor_and_the_worker_load_shipped_objects_in_a_fresh_process(tmp_path, form):
     """Each of the two worker-side loaders on its own, where nothing was registered
-    before and the module cannot be imported."""
+    before and the module cannot be imported: the model as ``.keras`` bytes, and as its
+    config and values (what a fit ships)."""
     from daskml_scale import backend
 
     module = hidden_module(tmp_path)
     model = module.build_model(5)
     X = np.random.default_rng(0).normal(size=(16, 5)).astype("float32")
     model.fit(X, X.sum(axis=1), epochs=1, verbose=0)
-    (tmp_path / "model.bin").write_bytes(ship_model(model, backend.model_to_bytes(model)))
+    shipped = ship_model(model, backend.model_to_bytes(model)) if form == "keras" else ship_model(model)
+    assert (form in pickle.loads(shipped[len(_MAGIC):]))
+    (tmp_path / "model.bin").write_bytes(shipped)
     np.save(tmp_path / "X.npy", X)
     env = child_env()
     args = [str(tmp_path / "model.bin"), str(tmp_path / "X.npy"), module.__name__, str(tmp_path / "out.npy")]

@@ -43,6 +43,7 @@ __all__ = [
     "split_inputs",
     "assign_values",
     "ensure_built",
+    "build_model",
     "get_weights",
     "set_weights",
     "get_optimizer_state",
@@ -93,6 +94,10 @@ def current() -> Backend:
 # ----------------------------------------------------- shorthands for current()
 def ensure_built(model: Any, X: np.ndarray, y: np.ndarray) -> None:
     current().ensure_built(model, X, y)
+
+
+def build_model(model: Any, X: np.ndarray) -> None:
+    current().build_model(model, X)
 
 
 def get_weights(model: Any) -> list[np.ndarray]:

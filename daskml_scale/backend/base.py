@@ -159,15 +159,20 @@ class Backend:
         return {}
 
     # ---------------------------------------------------------------------- state
-    def ensure_built(self, model: Any, X: np.ndarray, y: np.ndarray) -> None:
-        """Build the model, its optimizer's slots and its metrics on a sample batch, so
-        every state list (weights, optimizer, metrics) has its final length."""
-        layout = input_layout_of(model)
-        if not model.built and not layout:
+    def build_model(self, model: Any, X: np.ndarray) -> None:
+        """Build the model and its optimizer's slots for rows like ``X`` (the metrics are
+        :meth:`ensure_built`'s part)."""
+        if not model.built and not input_layout_of(model):
             model.build((None,) + tuple(X.shape[1:]))
         opt = model.optimizer
         if opt is not None and not opt.built:
             opt.build(model.trainable_variables)
+
+    def ensure_built(self, model: Any, X: np.ndarray, y: np.ndarray) -> None:
+        """Build the model, its optimizer's slots and its metrics on a sample batch, so
+        every state list (weights, optimizer, metrics) has its final length."""
+        self.build_model(model, X)
+        layout = input_layout_of(model)
         if not getattr(model, "_daskml_metrics_built", False):
             # one eager test step creates the metrics' variables: no graph to trace here
             model.test_step((split_inputs(layout, X[:1]), y[:1]))

@@ -81,7 +81,7 @@ class Fit:
         self.streams: list[list[int]] = []
         self.val_sources: list[Any] | None = None
         self.val_streams: list[list[int]] = []
-        # the model and the master state (set by _ship_model)
+        # the model and the master state (set by _put_model and _take_state)
         self.model_bytes: Any = None
         self.weights: list[np.ndarray] = []
         self.optimizer_state: list[np.ndarray] = []
@@ -182,7 +182,7 @@ class Fit:
         sample = self._placeholder_rows()
         if sample is None:
             return False
-        self._ship_model(sample)
+        self._put_model(sample[0])
         validate = self.validation_data is not None or self.validation_fraction > 0
         self._warm = [
             self.client.submit(
@@ -192,19 +192,29 @@ class Fit:
             )
             for i, w in enumerate(workers)
         ]
+        self._take_state(*sample)  # while the workers build and trace
         return True
 
-    def _ship_model(self, sample: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Build the driver's model on sample rows, put its bytes in the cluster once, and
-        take the master state from it."""
-        if sample is None:
-            biggest = self.sources[int(np.argmax(self.train_sizes))]
-            sample = self.gather([self.client.submit(sample_rows, biggest, pure=False)])[0]
+    def _ship_model(self) -> None:
+        """Build the driver's model on rows of the biggest partition, put it in the cluster
+        and take the master state from it (the fit without a warm-up)."""
+        biggest = self.sources[int(np.argmax(self.train_sizes))]
+        X, y = self.gather([self.client.submit(sample_rows, biggest, pure=False)])[0]
+        self._put_model(X)
+        self._take_state(X, y)
+
+    def _put_model(self, X: np.ndarray) -> None:
+        """Build the driver's model (weights and optimizer slots) for rows like ``X`` and put
+        it in the cluster once (:func:`~daskml_scale.custom_objects.ship_model`)."""
         from daskml_scale.custom_objects import ship_model
 
-        X, y = sample
+        backend.build_model(self.model, X)
+        self.model_bytes = self.put(ship_model(self.model), "model")
+
+    def _take_state(self, X: np.ndarray, y: np.ndarray) -> None:
+        """The master state from the driver's model, its metrics built too (an eager test
+        step: after the model was put, so the workers need not wait for it)."""
         backend.ensure_built(self.model, X, y)
-        self.model_bytes = self.put(ship_model(self.model, backend.model_to_bytes(self.model)), "model")
         self.weights = backend.get_weights(self.model)
         trainable = {id(v) for v in self.model.trainable_weights}
         self.trainable_mask = [id(v) in trainable for v in self.model.weights]

@@ -373,12 +373,12 @@ class FederatedFit(Fit):
                 return X, y
         return None
 
-    def _ship_model(self, sample: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        if sample is None:
-            raise ArgumentError("Federated training builds the model on placeholder rows from the data's schema, "
-                                "and the preprocessor's transform failed on them; make it accept Dask's "
-                                "placeholder rows (no real row leaves a site)")
-        super()._ship_model(sample)
+    def _ship_model(self) -> None:
+        """Only called without placeholder rows (the warm-up ships the model otherwise):
+        the rows of a site's partition never leave it."""
+        raise ArgumentError("Federated training builds the model on placeholder rows from the data's schema, "
+                            "and the preprocessor's transform failed on them; make it accept Dask's "
+                            "placeholder rows (no real row leaves a site)")
 
     def run(self) -> Any:
         self.frames = {str(s): _frame(v, self.storage_options) for s, v in self.data.items()}
