@@ -213,3 +213,40 @@ def test_the_gpu_check_script_runs_its_steps_on_cpu(tmp_path):
     assert all(np.isfinite(f["val_loss"]) for f in result["fit"].values())
     assert result["predict"]["rows"] == 40000 and result["predict"]["features_array_rows_s"] > 0
     assert result["csv"]["failed"] == 0 and result["csv"]["files"] >= 2
+
+
+@pytest.mark.skipif(backend.name() != "tensorflow", reason="TensorFlow's retracing warning")
+def test_many_models_in_one_process_do_not_blame_the_user_for_retracing():
+    """Each model's compiled loops are traced once: TensorFlow's "triggered tf.function
+    retracing" warning about them is dropped, one about the user's own function is not."""
+    import logging
+
+    import keras
+    import tensorflow as tf
+
+    records: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logger = logging.getLogger("tensorflow")
+    logger.addHandler(handler)
+    try:
+        X = np.random.default_rng(0).normal(size=(32, 3)).astype("float32")
+        y = X.sum(axis=1)
+        for _ in range(7):
+            model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+            model.compile("adam", "mse")
+            backend.ensure_built(model, X, y)
+            assert backend.make_train_fn(model)(X, y, 8) == 4
+            for _ in range(2):  # the second call traces the graph assignment
+                backend.set_weights(model, backend.get_weights(model))
+        ours = [r for r in records if "retracing" in r]
+        assert ours == []
+        for i in range(7):  # the user's own function, made anew in a loop: TensorFlow's advice applies
+            tf.function(lambda x: x + 1)(tf.constant(float(i)))
+        assert any("retracing" in r and "<lambda>" in r for r in records)
+    finally:
+        logger.removeHandler(handler)

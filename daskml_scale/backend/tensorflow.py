@@ -7,7 +7,9 @@ small MLP on one core, against ~1 ms of Python per step inside ``model.fit``).
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from typing import Any, Callable
 
 import numpy as np
@@ -16,6 +18,50 @@ from daskml_scale.backend.base import Backend, TrainFn, assign_values, input_lay
 from daskml_scale.exceptions import ArgumentError
 
 __all__ = ["TensorFlowBackend"]
+
+#: the function a TensorFlow retracing warning names: ``<function outer.<locals>.run at 0x...>``
+_TRACED = re.compile(r"calls to <(?:function|bound method) ([\w.<>]+)[ >]")
+#: modules whose compiled functions are new ``tf.function`` objects for each model
+_OWN_MODULES = ("daskml_scale.backend.tensorflow", "daskml_scale.backend.tf_stacked")
+
+
+class _OwnRetracing(logging.Filter):
+    """Drops TensorFlow's "N out of the last M calls to <function ...> triggered
+    tf.function retracing" warning when the function is one of ours.
+
+    Each model gets its own compiled loops (their variables are captured), so a process
+    that trains or serves several models (a fit after a fit, a search, the many-models
+    loop) traces each once by design; TensorFlow counts the traces by the Python
+    function's code and then blames the user's code with advice that does not apply. A
+    warning about any other function (the user's own ``tf.function``) passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "retracing" not in msg:
+            return True
+        m = _TRACED.search(msg)
+        return m is None or not _is_own(m.group(1))
+
+
+def _is_own(qualname: str) -> bool:
+    import sys
+
+    root = qualname.split(".", 1)[0]
+    for name in _OWN_MODULES:
+        obj = getattr(sys.modules.get(name), root, None)
+        if obj is not None and getattr(obj, "__module__", None) == name:
+            return True
+    return False
+
+
+def _quiet_own_retracing() -> None:
+    """Install :class:`_OwnRetracing` on TensorFlow's logger, once per process."""
+    logger = logging.getLogger("tensorflow")
+    if not any(isinstance(f, _OwnRetracing) for f in logger.filters):
+        logger.addFilter(_OwnRetracing())
+
+
+_quiet_own_retracing()
 
 
 def _assign_fn(variables: list[Any]) -> Callable[[list[np.ndarray]], None]:
