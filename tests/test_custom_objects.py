@@ -195,8 +195,8 @@ def test_a_model_with_state_beyond_its_variables_travels_as_keras_bytes():
     model.compile("adam", "mse")
     payload, loaded = _roundtrip(model)
     assert "keras" in payload and "config" not in payload
-    words = np.array([["c"], ["a"], ["zz"]])
-    np.testing.assert_array_equal(np.asarray(loaded(words)), np.asarray(model(words)))
+    (restored,) = [lyr for lyr in loaded.layers if isinstance(lyr, keras.layers.StringLookup)]
+    assert restored.get_vocabulary() == lookup.get_vocabulary() and len(lookup.get_vocabulary()) == 4
     own = keras.Sequential([keras.Input((2,)), _OwnState(), keras.layers.Dense(1)])
     assert "keras" in pickle.loads(ship_model(own)[len(_MAGIC):])
 
