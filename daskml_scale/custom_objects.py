@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from daskml_scale import backend
+from daskml_scale.backend.base import Backend
 from daskml_scale.exceptions import TrainingError
 
 __all__ = ["ship_model", "load_shipped_model", "custom_objects_of", "install_objects", "references", "resolve"]
@@ -260,13 +261,17 @@ def _from_config(payload: dict[str, Any]) -> Any:
 
     with ObjectSharingScope():
         model = keras.saving.deserialize_keras_object(payload["config"], safe_mode=False)
-    model.set_weights(payload["weights"])
+    model.set_weights(payload["weights"])  # Keras's own: it names the layer whose weights do not match
     state = payload.get("optimizer")
     opt = model.optimizer
     if state is not None and opt is not None:
         if not opt.built:
             opt.build(model.trainable_variables)
-        backend.assign_values(list(opt.variables), state)
+        variables = list(opt.variables)
+        Backend._check_optimizer_state(variables, state)
+        # eager, not backend.set_optimizer_state: its first call there would make the worker's
+        # first epoch trace the graph assignment it saves for repeated calls
+        backend.assign_values(variables, state)
     return model
 
 

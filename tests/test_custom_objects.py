@@ -176,6 +176,21 @@ def test_a_model_travels_as_its_config_and_values_and_comes_back_whole():
     assert "config" in custom and any(type(lyr).__name__ == "Affine" for lyr in restored.layers)
 
 
+def test_a_shipped_optimizer_state_of_the_wrong_length_is_refused_by_count():
+    import keras
+
+    from daskml_scale import ArgumentError
+    from daskml_scale.custom_objects import _from_config
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    model.optimizer.build(model.trainable_variables)
+    payload = pickle.loads(ship_model(model)[len(_MAGIC):])
+    payload["optimizer"] = payload["optimizer"][:-1]
+    with pytest.raises(ArgumentError, match=r"Expected \d+ optimizer variables. Received: \d+"):
+        _from_config(payload)
+
+
 class _OwnState(__import__("keras").layers.Layer):
     """A layer that saves something of its own beside its variables."""
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -44,8 +45,6 @@ class _OwnRetracing(logging.Filter):
 
 
 def _is_own(qualname: str) -> bool:
-    import sys
-
     root = qualname.split(".", 1)[0]
     for name in _OWN_MODULES:
         obj = getattr(sys.modules.get(name), root, None)

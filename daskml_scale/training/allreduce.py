@@ -241,10 +241,10 @@ class AllReduce(Strategy):
         try:
             return open_ports(runner.client, ring_id, workers, self._timeout())
         except Exception as exc:
-            gone = [w for w in workers if w not in set(runner.live_workers())]
-            if gone or isinstance(exc, (OSError, TimeoutError)):
-                raise _MemberLost(f"worker(s) {gone or workers} did not open their ports: {exc}") from exc
-            raise
+            gone = ports_lost(runner, workers, exc)
+            if gone is None:
+                raise
+            raise _MemberLost(f"worker(s) {gone or workers} did not open their ports: {exc}") from exc
 
     def _wait(self, runner: "EpochRunner", futs: list[Any], workers: list[str]) -> list[Any]:
         """Wait for one task per rank; a lost rank's worker ends the attempt at once."""
@@ -279,6 +279,16 @@ class AllReduce(Strategy):
 
 class _MemberLost(Exception):
     """A ring member's worker is gone (internal: the epoch restarts)."""
+
+
+def ports_lost(runner: "EpochRunner", workers: list[str], exc: BaseException) -> list[str] | None:
+    """Whether a failed :func:`~daskml_scale.training.ring.open_ports` lost members: the
+    workers that left (an empty list when none left but one could not be reached or did
+    not answer, as a dying worker does before the scheduler knows), or ``None`` when the
+    failure is something else (it is raised as it is)."""
+    live = set(runner.live_workers())
+    gone = [w for w in workers if w not in live]
+    return gone if gone or isinstance(exc, (OSError, TimeoutError)) else None
 
 
 def _rows(chunk: Sequence[Any]) -> int:

@@ -40,8 +40,8 @@ import numpy as np
 from daskml_scale import backend, config
 from daskml_scale._utils.lru import LRUCache
 from daskml_scale._utils.waits import run_bounded, within
-from daskml_scale.exceptions import ArgumentError, ClusterTimeoutError, TrainingError, WorkersLostError
-from daskml_scale.training.allreduce import _LocalState, _rows, _steps, start_epoch
+from daskml_scale.exceptions import ArgumentError, TrainingError, WorkersLostError
+from daskml_scale.training.allreduce import _LocalState, _rows, _steps, ports_lost, start_epoch
 from daskml_scale.training.averaging import weighted_average
 from daskml_scale.training.gossip_net import Node
 from daskml_scale.training.ring import close_port, open_ports
@@ -207,9 +207,10 @@ class Gossip(Strategy):
             try:
                 addresses = [(h, p) for _, h, p in open_ports(client, gid, workers, self._timeout())]
             except Exception as exc:  # a worker that left, or one that does not answer
-                gone = sorted(set(workers) - set(runner.live_workers()))
-                if not (gone or isinstance(exc, (OSError, ClusterTimeoutError))):
+                gone = ports_lost(runner, workers, exc)
+                if gone is None:
                     raise
+                gone = sorted(gone)
                 raise WorkersLostError(f"Gossip: the workers did not open their ports within {self._timeout():.0f}s"
                                        + (f" ({', '.join(gone)} left)" if gone else "") + runner.checkpoint_hint(),
                                        workers=gone or sorted(workers)) from exc
