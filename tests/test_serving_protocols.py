@@ -346,6 +346,55 @@ def test_v2_binary_tensors_of_one_and_many_rows(bundle, table):
             assert words in r.json()["error"], (name, r.json())
 
 
+def test_v2_binary_requests_sharing_one_header_each_get_their_own_answer(bundle, table):
+    """Single rows whose text has the same lengths make byte-equal binary request headers
+    (the endpoint reads such a header once): each still gets its own row's prediction;
+    the same header with data that does not fit it gets the decoder's error, and the next
+    good request is answered; JSON and binary inputs mixed in one request are answered too."""
+    rows = _frame(table, 0, 400)
+    lengths = rows[["cut", "color", "clarity"]].astype(str).map(len)
+    same = rows[(lengths == lengths.iloc[0]).all(axis=1)].iloc[:12].reset_index(drop=True)
+    requests = [_binary_request(same.iloc[[i]]) for i in range(len(same))]
+    heads = {body[: int(h["inference-header-content-length"])] for body, h in requests}
+    assert len(same) >= 6 and len(heads) == 1  # the premise: one header, different values
+    assert same.drop_duplicates().shape[0] == len(same)
+    body, headers = requests[0]
+    n = int(headers["inference-header-content-length"])
+    short = body[:-2]  # the same header; the last input's data two bytes short
+    binary_names = [c for c in DIAMONDS_NUMERIC if c != "carat"]  # the rest as JSON data
+    mixed = [m for m in v2_columns(same.iloc[[0]]) if m["name"] not in binary_names]
+    mixed += [{"name": c, "shape": [1, 1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}
+              for c in binary_names]
+    mixed_raw = b"".join(np.asarray(same[c].iloc[:1], "<f4").tobytes() for c in binary_names)
+    mixed_head = json.dumps({"inputs": mixed}).encode()
+
+    async def go(c):
+        url = f"/v2/models/{NAME}/infer"
+        got = [await c.post(url, content=b, headers=h) for b, h in requests]
+        bad = await c.post(url, content=short, headers=headers)
+        again = await c.post(url, content=requests[1][0], headers=requests[1][1])
+        mix = await c.post(url, content=mixed_head + mixed_raw,
+                           headers={"inference-header-content-length": str(len(mixed_head))})
+        return got, bad, again, mix
+
+    got, bad, again, mix = run(create_app(bundle, model_name=NAME), go)
+    as32 = same.astype({c: np.float32 for c in same.columns if same[c].dtype.kind == "f"})
+    expected = _expected(bundle, as32)
+    answers = []
+    for r in got:
+        assert r.status_code == 200, r.text
+        k = int(r.headers["inference-header-content-length"])
+        answers.append(np.frombuffer(r.content[k:], "<f4")[0])
+    close(np.array(answers), expected)
+    assert len(set(answers)) > 1
+    assert bad.status_code == 400 and "binary_data_size" in bad.json()["error"], bad.text
+    assert again.status_code == 200
+    k = int(again.headers["inference-header-content-length"])
+    close(np.frombuffer(again.content[k:], "<f4"), expected[1:2])
+    assert mix.status_code == 200, mix.text
+    close(mix.json()["outputs"][0]["data"], expected[:1])
+
+
 def test_v2_health_and_metadata_before_and_after_loading(bundle_url, tmp_path):
     bad = tmp_path / "broken.bundle"
     bad.write_bytes(b"not a bundle")

@@ -20,7 +20,8 @@ import numpy as np
 
 from daskml_scale.serving.errors import RequestError
 
-__all__ = ["DATATYPES", "Tensor", "decode_inputs", "flat_columns", "encode_output", "datatype_of_dtype", "split_body"]
+__all__ = ["DATATYPES", "Layout", "Tensor", "binary_layout", "datatype_of_dtype", "decode_inputs", "encode_output",
+           "flat_columns", "read_layout", "split_body"]
 
 #: v2 datatype -> NumPy dtype (little-endian); BYTES is an object array of str
 DATATYPES: dict[str, Any] = {
@@ -160,63 +161,109 @@ def _from_binary(raw: bytes, datatype: str, name: str, count: int) -> "np.ndarra
     return out
 
 
-def flat_columns(inputs: Any, binary: bytes = b"") -> dict[str, list[Any]] | None:
-    """The common case in one pass: every input a column of shape ``[rows]`` or
-    ``[rows, 1]``, its values flat JSON ``data`` or (binary tensor extension) a
-    ``binary_data_size`` run of ``binary`` and no other parameter -> name -> values;
+def flat_columns(inputs: Any) -> dict[str, list[Any]] | None:
+    """The common case of JSON data in one pass: every input a column of shape
+    ``[rows]`` or ``[rows, 1]``, its values flat JSON ``data`` -> name -> values;
     ``None`` when any input needs :func:`decode_inputs` (nested data, other shapes or
-    datatypes, anything malformed: that path says what is wrong).
+    datatypes, binary data: see :func:`binary_layout`, anything malformed: that path
+    says what is wrong).
 
     The values' types are left to the column checks, which know each column's type.
     """
     if type(inputs) is not list or not inputs:
         return None
     out: dict[str, list[Any]] = {}
-    pos, end = 0, len(binary)
     for t in inputs:
-        if type(t) is not dict:
+        if type(t) is not dict or t.get("parameters"):
             return None
-        params = t.get("parameters")
-        if params:
-            if type(params) is not dict or len(params) != 1 or "data" in t:
-                return None
-            size = params.get("binary_data_size")
-            if type(size) is not int or size <= 0 or pos + size > end:
-                return None
-            datatype = t.get("datatype")
-            if type(datatype) is not str:
-                return None
-            one = _ONE.get(datatype)
-            if one is not None and size == one.size:  # one number (a single-row request): no view to make
-                data = list(one.unpack_from(binary, pos))
-            elif datatype == "BYTES":
-                if size >= 4 and _LEN.unpack_from(binary, pos)[0] == size - 4:  # one string
-                    try:
-                        data = [binary[pos + 4 : pos + size].decode("utf-8")]
-                    except UnicodeDecodeError:
-                        return None
-                else:
-                    data = []
-                    try:
-                        _bytes_elements(binary[pos : pos + size], data)
-                    except (struct.error, UnicodeDecodeError):
-                        return None
-            else:
-                view = _VIEW.get(datatype)
-                if view is None or size % DATATYPES[datatype].itemsize:
-                    return None
-                data = memoryview(binary)[pos : pos + size].cast(view).tolist()
-            pos += size
-        else:
-            data = t.get("data")
-            datatype = t.get("datatype")
-            if type(data) is not list or type(datatype) is not str or datatype not in DATATYPES:
-                return None
+        data = t.get("data")
+        datatype = t.get("datatype")
+        if type(data) is not list or type(datatype) is not str or datatype not in DATATYPES:
+            return None
         name, shape, n = t.get("name"), t.get("shape"), len(data)
         if type(name) is not str or name in out or not n or type(data[0]) is list or (shape != [n, 1] and shape != [n]):
             return None
         out[name] = data
-    return out if pos == end else None
+    return out
+
+
+#: where a request's binary inputs lie: per input (name, shape, size, one-element reader
+#: or None, memoryview format or None: BYTES), and the binary part's whole size
+Layout = tuple[tuple[tuple[str, list[int], int, "struct.Struct | None", "str | None"], ...], int]
+
+
+def binary_layout(inputs: Any) -> Layout | None:
+    """Where each input's values lie in the binary data, from the JSON header alone:
+    every input a column of shape ``[rows]`` or ``[rows, 1]`` whose only parameter is
+    its ``binary_data_size`` (what ``tritonclient`` sends); ``None`` otherwise.
+
+    A header says nothing about the values, so the layout of one header serves every
+    request that has the same header bytes (:class:`~daskml_scale.serving.protocols.v2.InferEndpoint`
+    keeps them): a client sending single rows sends the same header each time.
+    """
+    if type(inputs) is not list or not inputs:
+        return None
+    out = []
+    names: set[str] = set()
+    total = 0
+    for t in inputs:
+        if type(t) is not dict or "data" in t:
+            return None
+        params, name, shape, datatype = t.get("parameters"), t.get("name"), t.get("shape"), t.get("datatype")
+        if type(params) is not dict or len(params) != 1 or type(name) is not str or name in names:
+            return None
+        size = params.get("binary_data_size")
+        if type(size) is not int or size <= 0 or type(shape) is not list or type(datatype) is not str:
+            return None
+        if datatype == "BYTES":  # the count is in the data: checked as it is read
+            one, view = None, None
+            if not (len(shape) == 1 or shape[1:] == [1]):
+                return None
+        else:
+            view = _VIEW.get(datatype)
+            if view is None or size % DATATYPES[datatype].itemsize:
+                return None
+            n = size // DATATYPES[datatype].itemsize
+            if shape != [n, 1] and shape != [n]:
+                return None
+            one = _ONE[datatype] if n == 1 else None  # one number (a single-row request): no view to make
+        names.add(name)
+        out.append((name, shape, size, one, view))
+        total += size
+    return tuple(out), total
+
+
+def read_layout(layout: Layout, binary: bytes) -> dict[str, list[Any]] | None:
+    """The columns (name -> values) of ``binary`` laid out as ``layout`` says; ``None``
+    when the data does not fit it (:func:`decode_inputs` says how)."""
+    columns, total = layout
+    if len(binary) != total:
+        return None
+    out: dict[str, list[Any]] = {}
+    pos = 0
+    for name, shape, size, one, view in columns:
+        if one is not None:
+            data = list(one.unpack_from(binary, pos))
+        elif view is not None:
+            data = memoryview(binary)[pos : pos + size].cast(view).tolist()
+        else:  # BYTES
+            if size >= 4 and _LEN.unpack_from(binary, pos)[0] == size - 4:  # one string
+                try:
+                    data = [binary[pos + 4 : pos + size].decode("utf-8")]
+                except UnicodeDecodeError:
+                    return None
+            else:
+                data = []
+                try:
+                    _bytes_elements(binary[pos : pos + size], data)
+                except (struct.error, UnicodeDecodeError):
+                    return None
+            n = len(data)
+            if not n or (shape != [n, 1] and shape != [n]):
+                return None
+        pos += size
+        out[name] = data
+    return out
 
 
 def _bytes_elements(raw: bytes, out: list[Any]) -> None:
