@@ -28,7 +28,7 @@ demo: $(STAMP)
 JAX_TESTS ?= tests/test_io.py tests/test_preprocessing.py tests/training/test_averaging.py \
 	tests/training/test_parameter_server.py tests/training/test_allreduce.py tests/training/test_strategy.py \
 	tests/test_custom_objects.py tests/test_bundle.py tests/test_predict.py tests/test_serving.py \
-	tests/test_wide_categoricals.py tests/test_backends.py
+	tests/test_wide_categoricals.py tests/test_backends.py tests/test_serving_fastpath.py
 
 test: $(STAMP) browser
 	KERAS_BACKEND=tensorflow $(PY) -m pytest -ra tests

@@ -136,6 +136,9 @@ def add_serve(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-batch-rows", type=int, metavar="N", help="most rows in one coalesced model call (config serve.max-batch-rows)")
     s.add_argument("--max-wait-ms", type=float, metavar="MS", help="longest wait to fill a batch (config serve.max-wait-ms)")
     s.add_argument("--no-micro-batching", action="store_true", help="one model call per request")
+    s.add_argument("--no-numpy-forward", action="store_true",
+                   help="always call the Keras backend (default: a small Dense model answers through its NumPy form; "
+                   "config serve.numpy-forward)")
     s.add_argument("--max-body-bytes", type=int, metavar="N", help="largest request body (config serve.max-body-bytes)")
     s.add_argument("--id-column", metavar="COL", help="column passed through next to the predictions")
     s.add_argument("--on-dropped", choices=["keep", "omit", "error"], metavar="{keep,omit,error}",

@@ -427,6 +427,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level=args.log_level or ("info" if args.verbose else "warning"),
             max_batch_rows=args.max_batch_rows, max_wait_ms=args.max_wait_ms,
             micro_batching=not args.no_micro_batching, max_body_bytes=args.max_body_bytes,
+            numpy_forward=False if args.no_numpy_forward else None,
             id_column=args.id_column, tf_threads=args.tf_threads, freeze_gc=not args.no_gc_freeze,
             on_dropped=args.on_dropped, safe_mode=not args.unsafe, max_queue_rows=args.max_queue_rows,
             token_file=args.token_file, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,

@@ -76,7 +76,7 @@ def _both(url: str, requests: list[tuple[str, str, dict[str, Any]]], concurrent:
     """Each request against one app, with the NumPy path and then with the general path
     (``state.fast = None``): (status, content type, body) per request and path, and how many
     batches the NumPy path turned into features straight from the request's columns."""
-    app = create_app(url, max_wait_ms=20, **options)
+    app = create_app(url, max_wait_ms=20, numpy_forward=False, **options)  # the same model call on both paths
 
     async def send(c):
         if concurrent:
@@ -241,11 +241,15 @@ def test_the_features_tensor_answers_as_before(bundles, table):
 
 @pytest.mark.parametrize("name", ["plain", "classes"])
 def test_the_serving_forward_equals_predict_array(bundles, table, name):
+    """The backend's forward bit for bit; the NumPy one (the plain bundle's small MLP) to float32 rounding."""
     b = load_bundle(bundles[name])
     X, _ = b.preprocessor.transform(table.iloc[:300])
-    forward = serving_forward(b)
+    forward, ours = serving_forward(b, numpy=False), serving_forward(b)
+    assert ours.kind == ("numpy" if name == "plain" else "backend")  # classes: a functional model with an embedding
     for rows in (1, 7, 300):
-        np.testing.assert_array_equal(forward(X[:rows]), b.predict_array(X[:rows], batch_size=rows))
+        expected = b.predict_array(X[:rows], batch_size=rows)
+        np.testing.assert_array_equal(forward(X[:rows]), expected)
+        np.testing.assert_allclose(ours(X[:rows]), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_which_bundles_take_which_path(bundles):
@@ -288,3 +292,60 @@ def test_a_single_record_is_checked_as_every_record_is(bundles, table):
         else:
             assert one == two, record
     assert outcome([{k: v for k, v in good.items() if k != "cut"}])[0] == 422
+
+
+def test_a_small_dense_model_answers_through_numpy_as_the_backend_does(bundles, table, tmp_path):
+    """A ``keras.Sequential`` of Dense, Dropout and Activation layers is served by its NumPy
+    form (``/info``: ``forward`` is ``numpy``), its answers equal to the backend's to float32
+    rounding; any other model, or ``numpy_forward=False``, calls the backend."""
+    import keras
+
+    from daskml_scale.serving.forward import NUMPY_MAX_PARAMETERS, numpy_forward
+
+    b = load_bundle(bundles["plain"])
+    width = b.preprocessor.n_features_
+    rng = np.random.RandomState(0)
+    X = (rng.randn(300, width) * 3).astype(np.float32)
+    backend = serving_forward(b, numpy=False)
+    assert serving_forward(b).kind == "numpy" and backend.kind == "backend"
+    for act in ("linear", "relu", "sigmoid", "tanh", "softmax"):
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((width,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dropout(0.5), keras.layers.Dense(8), keras.layers.Activation("tanh"),
+                                  keras.layers.Dense(3, activation=act)])
+        ours = numpy_forward(model)
+        assert ours is not None, act
+        expected = np.asarray(model.predict(X, verbose=0))
+        for rows in (X[:1], X):
+            np.testing.assert_allclose(ours(rows), expected[: len(rows)], rtol=1e-5, atol=1e-6, err_msg=act)
+        assert np.array_equal(X, (rng.__class__(0).randn(300, width) * 3).astype(np.float32))  # X not written
+
+    class MyDense(keras.layers.Dense):
+        pass
+
+    inp = keras.Input((width,))
+    others = {
+        "a subclass of Dense": [MyDense(2)],
+        "batch normalization": [keras.layers.BatchNormalization(), keras.layers.Dense(2)],
+        "an activation it does not repeat": [keras.layers.Dense(2, activation="gelu")],
+        "more weights than the bound": [keras.layers.Dense(NUMPY_MAX_PARAMETERS // width + 1)],
+        "float16": [keras.layers.Dense(2, dtype="float16")],
+    }
+    for what, layers in others.items():
+        assert numpy_forward(keras.Sequential([keras.Input((width,)), *layers])) is None, what
+    assert numpy_forward(keras.Model(inp, keras.layers.Dense(2)(inp))) is None  # functional: the backend
+
+    rows = _records(table, [*DIAMONDS_NUMERIC, *DIAMONDS_CATEGORICAL], 0, 40)
+    expected = b.predict_frame(pd.DataFrame(rows))["prediction"].to_numpy()
+
+    async def go(**options):
+        app = create_app(bundles["plain"], **options)
+        async with served(app) as c:
+            info = (await c.get("/info")).json()["serving"]["forward"]
+            got = [(await c.post("/predict", json=[r])).json()[0]["prediction"] for r in rows]
+        return info, got
+
+    for options, kind in (({}, "numpy"), ({"numpy_forward": False}, "backend")):
+        info, got = asyncio.run(go(**options))
+        assert info == kind
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)

@@ -132,7 +132,7 @@ class ServingState:
             self.spec = InputSpec(b.input_schema, [*pre.numeric, *pre.categorical, *groups], target=pre.target)
             self.preprocessor = pre
             b.model  # noqa: B018  (load the model now, not on the first request)
-            self.fast = fast_path_for(b, self.spec)
+            self.fast = fast_path_for(b, self.spec, o.numpy_forward)
             if o.warmup:
                 self._warm_up()
             if o.freeze_gc:
@@ -354,6 +354,8 @@ async def info(request: Request) -> Response:
         "required_fields": state.spec.required if state.spec else None,
         "jobs": state.jobs.enabled,
         "token": state.options.token is not None,
+        # how a batch reaches the model: "numpy" or "backend" (daskml_scale.serving.forward)
+        "forward": getattr(getattr(state.fast, "forward", None), "kind", "backend"),
     }
     return _Json(body)
 

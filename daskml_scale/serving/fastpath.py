@@ -49,7 +49,7 @@ _INT_PREFIXES = ("int", "uint")
 _LOOKUP_ROWS = 256
 
 
-def fast_path_for(bundle: "Bundle", spec: "InputSpec") -> "FastPath | None":
+def fast_path_for(bundle: "Bundle", spec: "InputSpec", numpy_forward: bool = True) -> "FastPath | None":
     """The NumPy path of ``bundle`` with the server's model call
     (:func:`~daskml_scale.serving.forward.serving_forward`), or ``None`` where it has
     none (a group bundle, or any subclass: their ``predict_kept`` does more than the
@@ -59,7 +59,7 @@ def fast_path_for(bundle: "Bundle", spec: "InputSpec") -> "FastPath | None":
 
     if type(bundle) is not Bundle:
         return None
-    return FastPath(bundle, spec, serving_forward(bundle))
+    return FastPath(bundle, spec, serving_forward(bundle, numpy=numpy_forward))
 
 
 class FastPath:

@@ -24,6 +24,7 @@ _CONFIG_DEFAULTS: dict[str, tuple[str, Any]] = {
     "max_wait_ms": ("serve.max-wait-ms", 2),
     "max_body_bytes": ("serve.max-body-bytes", 10 * 2**20),
     "max_queue_rows": ("serve.max-queue-rows", 8192),
+    "numpy_forward": ("serve.numpy-forward", True),
     "id_column": ("serve.id-column", None),
     "on_dropped": ("predict.on-dropped", "keep"),
     "jobs_allow_read": ("serve.jobs.allow-read", ()),
@@ -47,6 +48,10 @@ class ServeOptions:
         Longest wait to fill a batch (``serve.max-wait-ms``).
     micro_batching : bool
         ``False``: one model call per request.
+    numpy_forward : bool
+        A small Dense model's batches go through its NumPy form
+        (:mod:`daskml_scale.serving.forward`; ``serve.numpy-forward``); ``False``: always
+        the Keras backend.
     max_body_bytes : int
         Larger request bodies are refused with 413 (``serve.max-body-bytes``).
     max_queue_rows : int
@@ -84,6 +89,7 @@ class ServeOptions:
     max_batch_rows: int = 2048
     max_wait_ms: float = 2.0
     micro_batching: bool = True
+    numpy_forward: bool = True
     max_body_bytes: int = 10 * 2**20
     max_queue_rows: int = 8192
     id_column: str | None = None
