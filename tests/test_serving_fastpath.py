@@ -295,9 +295,9 @@ def test_a_single_record_is_checked_as_every_record_is(bundles, table):
 
 
 def test_a_small_dense_model_answers_through_numpy_as_the_backend_does(bundles, table, tmp_path):
-    """A ``keras.Sequential`` of Dense, Dropout and Activation layers is served by its NumPy
-    form (``/info``: ``forward`` is ``numpy``), its answers equal to the backend's to float32
-    rounding; any other model, or ``numpy_forward=False``, calls the backend."""
+    """A ``keras.Sequential`` (or a functional chain) of Dense, Dropout and Activation layers
+    is served by its NumPy form (``/info``: ``forward`` is ``numpy``), its answers equal to the
+    backend's to float32 rounding; any other model, or ``numpy_forward=False``, calls the backend."""
     import keras
 
     from daskml_scale.serving.forward import NUMPY_MAX_PARAMETERS, numpy_forward
@@ -333,7 +333,11 @@ def test_a_small_dense_model_answers_through_numpy_as_the_backend_does(bundles, 
     }
     for what, layers in others.items():
         assert numpy_forward(keras.Sequential([keras.Input((width,)), *layers])) is None, what
-    assert numpy_forward(keras.Model(inp, keras.layers.Dense(2)(inp))) is None  # functional: the backend
+    # a functional chain of the same layers: NumPy; one with a layer applied twice: the backend
+    chain = keras.Model(inp, keras.layers.Dense(2)(keras.layers.Dropout(0.2)(keras.layers.Dense(4, activation="relu")(inp))))
+    np.testing.assert_allclose(numpy_forward(chain)(X), chain.predict(X, verbose=0), rtol=1e-5, atol=1e-6)
+    twice = keras.layers.Dense(width, activation="tanh")
+    assert numpy_forward(keras.Model(inp, keras.layers.Dense(1)(twice(twice(inp))))) is None
 
     rows = _records(table, [*DIAMONDS_NUMERIC, *DIAMONDS_CATEGORICAL], 0, 40)
     expected = b.predict_frame(pd.DataFrame(rows))["prediction"].to_numpy()

@@ -3,7 +3,8 @@
 Two ways, chosen once when the bundle is loaded (``/info`` says which:
 ``serving.forward``):
 
-* **NumPy** (``"numpy"``), for a small ``keras.Sequential`` made only of ``Dense``
+* **NumPy** (``"numpy"``), for a small ``keras.Sequential`` (or a functional chain of
+  one input and one output, see :func:`numpy_forward`) made only of ``Dense``
   layers (float32, not quantized, no LoRA), ``Dropout`` and ``Activation`` layers,
   with the activations ``linear``, ``relu``, ``sigmoid``, ``tanh`` and ``softmax``:
   the same arithmetic in NumPy on the layers' weights, read once. A call into the
@@ -97,13 +98,33 @@ def _activations() -> dict[Any, Callable[[np.ndarray], np.ndarray] | None]:
     }
 
 
+def _functional_class() -> type | None:
+    """Keras's class of models built by calling layers on ``keras.Input`` (not exported)."""
+    try:
+        from keras.src.models.functional import Functional
+    except ImportError:  # pragma: no cover - another Keras layout
+        return None
+    return Functional
+
+
 def numpy_forward(model: Any) -> Forward | None:
     """The NumPy form of ``model``'s inference call, or ``None`` where the model is not
-    one this module can repeat exactly (see the module's text)."""
+    one this module can repeat exactly (see the module's text).
+
+    A functional model (``keras.Model(inputs, outputs)``) of one input and one output
+    made of the same layers qualifies when its layers, in order, are a chain: checked
+    by running both on a few made-up rows (a layer applied twice, or a branch, makes
+    them differ).
+    """
     import keras
 
-    if type(model) is not keras.Sequential:
+    functional = type(model) is _functional_class()
+    if type(model) is not keras.Sequential and not functional:
         return None
+    if functional:
+        inputs, outputs = getattr(model, "inputs", None) or [], getattr(model, "outputs", None) or []
+        if len(inputs) != 1 or len(outputs) != 1 or len(inputs[0].shape) != 2:
+            return None
     acts = _activations()
     steps: list[tuple[np.ndarray | None, np.ndarray | None, Callable[[np.ndarray], np.ndarray] | None]] = []
     count = 0
@@ -146,4 +167,22 @@ def numpy_forward(model: Any) -> Forward | None:
                 h = act(h)
         return h
 
+    if functional and not _same_on_made_up_rows(model, forward):
+        return None
     return forward
+
+
+def _same_on_made_up_rows(model: Any, forward: Forward) -> bool:
+    """Whether ``forward`` gives what the model itself gives on a few seeded random rows."""
+    import keras
+
+    width = model.inputs[0].shape[-1]
+    if not width:
+        return False
+    X = (np.random.default_rng(0).standard_normal((8, int(width))) * 2).astype(np.float32)
+    try:
+        expected = np.asarray(keras.ops.convert_to_numpy(model(X, training=False)), dtype=np.float32)
+        got = forward(X)
+    except Exception:  # noqa: BLE001  (any failure: the backend's way)
+        return False
+    return got.shape == expected.shape and bool(np.allclose(got, expected, rtol=1e-4, atol=1e-5))
