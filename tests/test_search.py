@@ -7,8 +7,10 @@ cluster, kills it (SIGKILL) mid-search and starts it again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -282,6 +284,17 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+def _study_made(db: Path, name: str) -> bool:
+    """Whether the driver has made the study ``name`` in the SQLite file ``db``, read without
+    opening an optuna storage: opening one while the driver is still setting the schema up
+    races it over alembic's version row (the driver then fails with a UNIQUE constraint)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+            return con.execute("SELECT 1 FROM studies WHERE study_name = ?", (name,)).fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
 @pytest.mark.slow
 def test_the_study_resumes_from_its_storage_after_the_driver_is_killed(client, rows, tmp_path):
     train, _, _ = rows
@@ -301,7 +314,7 @@ def test_the_study_resumes_from_its_storage_after_the_driver_is_killed(client, r
         deadline = time.monotonic() + 400
         while time.monotonic() < deadline:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            if db.exists():
+            if _study_made(db, "restart"):
                 try:
                     trials = optuna.load_study(study_name="restart", storage=storage).trials
                 except Exception:  # noqa: BLE001  (the study is not created yet)
