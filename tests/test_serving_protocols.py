@@ -375,9 +375,16 @@ def test_v2_binary_requests_sharing_one_header_each_get_their_own_answer(bundle,
         again = await c.post(url, content=requests[1][0], headers=requests[1][1])
         mix = await c.post(url, content=mixed_head + mixed_raw,
                            headers={"inference-header-content-length": str(len(mixed_head))})
-        return got, bad, again, mix
+        ids = []  # one answer header each: no id, "id": null, "id": "a" (the id is echoed as sent)
+        for rid in ({}, {"id": None}, {"id": "a"}, {}):
+            head = json.dumps({**rid, "inputs": json.loads(body[:n])["inputs"],
+                               "parameters": {"binary_data_output": True}}).encode()
+            r = await c.post(url, content=head + body[n:], headers={"inference-header-content-length": str(len(head))})
+            ids.append(json.loads(r.content[: int(r.headers["inference-header-content-length"])]))
+        return got, bad, again, mix, ids
 
-    got, bad, again, mix = run(create_app(bundle, model_name=NAME), go)
+    got, bad, again, mix, ids = run(create_app(bundle, model_name=NAME), go)
+    assert ["id" in h for h in ids] == [False, True, True, False] and ids[1]["id"] is None and ids[2]["id"] == "a"
     as32 = same.astype({c: np.float32 for c in same.columns if same[c].dtype.kind == "f"})
     expected = _expected(bundle, as32)
     answers = []

@@ -232,6 +232,12 @@ class InferEndpoint(Endpoint):
         self._requests: dict[bytes, tuple[dict[str, Any], Any, Layout]] = {}
         self._answers: dict[tuple, bytes] = {}
 
+    def _keep(self, store: dict, key: Any, value: Any) -> None:
+        """``store[key] = value``, ``store`` emptied first when it holds :attr:`CACHED`."""
+        if len(store) >= self.CACHED:
+            store.clear()
+        store[key] = value
+
     async def handle(self, served: "Served", scope: "Scope", receive: "Receive") -> tuple[int, list, bytes]:
         state = served.state
         require_ready(state)
@@ -250,9 +256,7 @@ class InferEndpoint(Endpoint):
                 if ctype != "np" and not binary:
                     fast = flat_columns(req.get("inputs"))
                 elif ctype != "np" and (layout := binary_layout(req.get("inputs"))) is not None:
-                    if len(self._requests) >= self.CACHED:
-                        self._requests.clear()
-                    self._requests[head] = (req, ctype, layout)
+                    self._keep(self._requests, head, (req, ctype, layout))
                     fast = read_layout(layout, binary)
             # one flat column per input, all JSON or all binary: straight to the column checks
             if fast is not None:
@@ -283,25 +287,23 @@ class InferEndpoint(Endpoint):
             tensors.append(t)
             if binary:
                 raws.append(raw)
-        rid = req.get("id")
+        has_id, rid = "id" in req, req.get("id")
         key = None
         if raws and len(raws) == len(tensors) and (rid is None or type(rid) is str):
             # every output binary: the header holds no values, only their sizes
-            key = (served.name, served.version, ctype, rid, rows, *[(t["name"], t["datatype"], len(r))
-                                                                   for t, r in zip(tensors, raws)])
+            key = (served.name, served.version, ctype, has_id, rid, rows,
+                   *[(t["name"], t["datatype"], len(r)) for t, r in zip(tensors, raws)])
             head = self._answers.get(key)
         else:
             head = None
         if head is None:
             resp: dict[str, Any] = {"model_name": served.name, "model_version": str(served.version),
                                     "outputs": tensors, "parameters": {"content_type": ctype}}
-            if "id" in req:
+            if has_id:
                 resp["id"] = rid
             head = dumps(resp)
             if key is not None:
-                if len(self._answers) >= self.CACHED:
-                    self._answers.clear()
-                self._answers[key] = head
+                self._keep(self._answers, key, head)
         if not raws:
             return 200, [(b"content-type", JSON)], head
         return 200, [(b"content-type", b"application/octet-stream"),
