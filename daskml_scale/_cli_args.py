@@ -155,6 +155,7 @@ def add_serve(s: argparse.ArgumentParser) -> None:
     s.add_argument("--jobs-allow-write", action="append", metavar="URL_PREFIX", help="POST /jobs may write under this prefix")
     s.add_argument("--tf-threads", type=int, metavar="N", help="TensorFlow threads in the server process")
     s.add_argument("--no-gc-freeze", action="store_true",
-                   help="keep the garbage collector walking every object (default: gc.freeze() after loading)")
+                   help="leave the garbage collector as it is (default: gc.freeze() after loading and a "
+                        "youngest-generation threshold of 10,000)")
     s.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level (default warning, info with --verbose)")
