@@ -108,3 +108,68 @@ def test_a_request_whose_client_has_gone_is_dropped_before_the_model_call():
     assert first["prediction"] == [2.0] and second["prediction"] == [4.0]
     assert isinstance(left, ClientGoneError) and left.status == 499
     assert seen == [1.0, 2.0] and b.metrics.client_gone.total() == 1 and b.idle
+
+
+def test_under_overload_the_end_of_a_batch_starts_the_next_in_the_same_turn_of_the_loop():
+    """With refusals while a batch ran, the next batch is in the model thread by the time the
+    first batch's requests resume (not a turn of the loop later); without refusals the
+    collector starts it, and every request still gets its own answer in both cases."""
+    import threading
+
+    gates: list[threading.Event] = []
+
+    def build(blocks):
+        return pd.DataFrame([r for b in blocks for r in b.rows])
+
+    def predict(frame):
+        gate = threading.Event()
+        gates.append(gate)
+        gate.wait(30)  # released by the test
+        return pd.DataFrame({"prediction": frame["x"] * 2.0})
+
+    async def wait_for_batches(k: int) -> None:
+        for _ in range(3000):
+            if len(gates) >= k:
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError(f"{k} batches did not start")
+
+    async def go(refuse: bool):
+        gates.clear()
+        b = MicroBatcher(predict, build, max_batch_rows=100, max_wait_ms=0, max_queue_rows=4)
+        b.start()
+        queued: list[asyncio.Future] = []
+
+        async def meanwhile() -> None:
+            await wait_for_batches(1)  # the first batch is in the model thread
+            queued.extend(asyncio.ensure_future(b.submit([{"x": float(i)}], 1)) for i in (2, 3))
+            await asyncio.sleep(0)
+            if refuse:
+                late = asyncio.ensure_future(b.submit([{"x": 9.0}], 2))  # 3 rows waiting + 2 > 4: refused
+                await asyncio.sleep(0)
+                assert isinstance(late.exception(), OverloadedError)
+            gates[0].set()
+
+        helper = asyncio.ensure_future(meanwhile())
+        try:
+            # this coroutine resumes in the turn after the batch's end, before the collector task would
+            answer = await b.submit([{"x": 1.0}], 1)
+            started_at_once = b._busy is not None  # the next batch is in the model thread already
+            await helper
+            await wait_for_batches(2)
+            gates[1].set()
+            rest = await asyncio.gather(*queued)
+        finally:
+            for g in gates:
+                g.set()
+            await b.stop()
+        return answer, rest, started_at_once, b
+
+    answer, rest, at_once, b = asyncio.run(go(refuse=True))
+    assert at_once and b.refused == 1
+    assert answer["prediction"] == [2.0] and [r["prediction"] for r in rest] == [[4.0], [6.0]]
+    assert b.metrics.batch_requests.count == 2 and b.idle  # one batch of 1, one of 2
+    answer, rest, at_once, b = asyncio.run(go(refuse=False))
+    assert not at_once and b.refused == 0
+    assert answer["prediction"] == [2.0] and [r["prediction"] for r in rest] == [[4.0], [6.0]]
+    assert b.metrics.batch_requests.count == 2 and b.idle
