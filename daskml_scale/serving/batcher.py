@@ -302,23 +302,26 @@ class MicroBatcher:
           batches larger than starting at once (31.8 rows against 26.4) and the
           requests/s 18% higher (fewer model calls for the same rows).
         """
-        _deliver(done, blocks)
-        q = self._queue
-        overloaded = self.refused != self._refused_at_start
-        while overloaded and not self._closed and q is not None:
-            if self._carry is not None:
-                first, self._carry = self._carry, None
-            elif not q.empty():
-                first = q.get_nowait()
-            else:
-                break
-            batch = [first]
-            self._drain(batch, first.n)
-            if self._start(loop, batch):
-                return
-        busy, self._busy = self._busy, None
-        if busy is not None:
-            _wake(busy)
+        started = False
+        try:
+            _deliver(done, blocks)
+            q = self._queue
+            overloaded = self.refused != self._refused_at_start
+            while overloaded and not started and not self._closed and q is not None:
+                if self._carry is not None:
+                    first, self._carry = self._carry, None
+                elif not q.empty():
+                    first = q.get_nowait()
+                else:
+                    break
+                batch = [first]
+                self._drain(batch, first.n)
+                started = self._start(loop, batch)
+        finally:
+            if not started:  # the model is free: the collector task's turn (even if this raised)
+                busy, self._busy = self._busy, None
+                if busy is not None:
+                    _wake(busy)
 
     # -- in the model thread ----------------------------------------------------------
     def _call(self, blocks: list[Block]) -> list[Columns | BaseException]:
