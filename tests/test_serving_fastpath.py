@@ -245,7 +245,7 @@ def test_the_serving_forward_equals_predict_array(bundles, table, name):
     b = load_bundle(bundles[name])
     X, _ = b.preprocessor.transform(table.iloc[:300])
     forward, ours = serving_forward(b, numpy=False), serving_forward(b)
-    assert ours.kind == ("numpy" if name == "plain" else "backend")  # classes: a functional model with an embedding
+    assert ours.kind == "numpy"  # classes: a functional model with named inputs and an embedding, in its graph's order
     for rows in (1, 7, 300):
         expected = b.predict_array(X[:rows], batch_size=rows)
         np.testing.assert_array_equal(forward(X[:rows]), expected)
@@ -300,6 +300,8 @@ def test_a_small_dense_model_answers_through_numpy_as_the_backend_does(bundles, 
     backend's to float32 rounding; any other model, or ``numpy_forward=False``, calls the backend."""
     import keras
 
+    from daskml_scale.backend.base import input_layout_of, split_inputs
+    from daskml_scale.features import attach_layout
     from daskml_scale.serving.forward import NUMPY_MAX_PARAMETERS, numpy_forward
 
     b = load_bundle(bundles["plain"])
@@ -334,11 +336,45 @@ def test_a_small_dense_model_answers_through_numpy_as_the_backend_does(bundles, 
     }
     for what, layers in others.items():
         assert numpy_forward(keras.Sequential([keras.Input((width,)), *layers])) is None, what
-    # a functional chain of the same layers: NumPy; one with a layer applied twice: the backend
-    chain = keras.Model(inp, keras.layers.Dense(2)(keras.layers.Dropout(0.2)(keras.layers.Dense(4, activation="relu")(inp))))
-    np.testing.assert_allclose(numpy_forward(chain)(X), chain.predict(X, verbose=0), rtol=1e-5, atol=1e-6)
+    # functional models, run in their graph's order: a chain, a layer applied twice, a branch
+    # joined again, an Activation layer feeding two nodes (it must not write its input)
     twice = keras.layers.Dense(width, activation="tanh")
-    assert numpy_forward(keras.Model(inp, keras.layers.Dense(1)(twice(twice(inp))))) is None
+    shared = keras.layers.Activation("relu")(keras.layers.Dense(4)(inp))
+    graphs = {
+        "chain": keras.layers.Dense(2)(keras.layers.Dropout(0.2)(keras.layers.Dense(4, activation="relu")(inp))),
+        "a layer applied twice": keras.layers.Dense(1)(twice(twice(inp))),
+        "a branch": keras.layers.Dense(2)(keras.layers.Concatenate()([
+            keras.layers.Dense(3, activation="sigmoid")(inp), keras.layers.Activation("tanh")(shared), shared])),
+    }
+    for what, out in graphs.items():
+        model = keras.Model(inp, out)
+        ours = numpy_forward(model)
+        assert ours is not None, what
+        np.testing.assert_allclose(ours(X), model.predict(X, verbose=0), rtol=1e-5, atol=1e-6, err_msg=what)
+        assert np.array_equal(X, X_sent), what
+    not_repeated = {
+        "a layer it does not repeat": keras.layers.Dense(1)(keras.layers.LayerNormalization()(inp)),
+        "two outputs": [keras.layers.Dense(1)(inp), keras.layers.Dense(1)(inp)],
+        "an op outside the layers": keras.layers.Dense(1)(keras.ops.square(inp)),
+    }
+    for what, out in not_repeated.items():
+        assert numpy_forward(keras.Model(inp, out)) is None, what
+    # the named inputs of model_inputs: a masked embedding is the backend's
+    pre = b.preprocessor.__class__(target="price", numeric=["carat"], categorical=["cut", "color"],
+                                   categorical_encoding={"color": "int"}).fit(table)
+    inputs, features = daskml_scale.model_inputs(pre, embedding_dims=2)
+    coded = keras.Model(inputs, keras.layers.Dense(1)(keras.layers.Dense(5, activation="relu")(features)))
+    attach_layout(coded, pre)
+    Xc, _ = pre.transform(table.iloc[:50])
+    ours = numpy_forward(coded)
+    assert ours is not None
+    np.testing.assert_allclose(ours(Xc), coded.predict(split_inputs(input_layout_of(coded), Xc), verbose=0),
+                               rtol=1e-5, atol=1e-6)
+    masked_in = {"numeric": keras.Input((pre.n_features_ - 1,), name="numeric"), "color": keras.Input((1,), name="color", dtype="int32")}
+    emb = keras.layers.Flatten()(keras.layers.Embedding(len(pre.categories_["color"]) + 1, 2, mask_zero=True)(masked_in["color"]))
+    masked = keras.Model(masked_in, keras.layers.Dense(1)(keras.layers.Concatenate()([masked_in["numeric"], emb])))
+    attach_layout(masked, pre)
+    assert numpy_forward(masked) is None
 
     rows = _records(table, [*DIAMONDS_NUMERIC, *DIAMONDS_CATEGORICAL], 0, 40)
     expected = b.predict_frame(pd.DataFrame(rows))["prediction"].to_numpy()
