@@ -390,3 +390,20 @@ def test_a_small_dense_model_answers_through_numpy_as_the_backend_does(bundles, 
         info, got = asyncio.run(go(**options))
         assert info == kind
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+    # the bundle of model_inputs (named inputs, an embedding, a classifier) served through NumPy
+    frame = table[["carat", "depth", "price", "color", "clarity"]].iloc[:30]
+    classes = load_bundle(bundles["classes"])
+    want = classes.predict_frame(frame)
+
+    async def classify():
+        async with served(create_app(bundles["classes"])) as c:
+            info = (await c.get("/info")).json()["serving"]["forward"]
+            got = [(await c.post("/predict", json=[r])).json()[0] for r in frame.to_dict("records")]
+        return info, got
+
+    info, got = asyncio.run(classify())
+    assert info == "numpy"
+    assert [g["label"] for g in got] == want["label"].tolist()
+    probs = [c for c in want.columns if c != "label"]
+    np.testing.assert_allclose([[g[c] for c in probs] for g in got], want[probs].to_numpy(), rtol=1e-5, atol=1e-6)
