@@ -85,6 +85,11 @@ def test_a_folder_of_bundles_routes_by_name_on_every_protocol(folder, table):
             "unknown_v2": await c.get("/v2/models/nope"),
             "unknown_info": await c.get("/models/nope/info"),
             "ready": await c.get("/v2/health/ready"),
+            # the same paths again, interleaved: now answered from the kept route matches
+            "again": [await c.post(path, json=recs) for path in ("/models/price/predict", "/models/cut/predict",
+                                                                 "/models/nope/predict", "/models/price/predict")],
+            "again_v2": [await c.post(f"/v2/models/{name}/infer", json={"inputs": v2_columns(frame)})
+                         for name in ("price", "cut", "nope", "cut")],
         }
 
     r = run(create_app(folder["dir"]), go)  # sorted file names: cut is the first, the default
@@ -111,6 +116,15 @@ def test_a_folder_of_bundles_routes_by_name_on_every_protocol(folder, table):
     assert count(r["price_metrics"].text, "/v1/models/{name}:predict") == 1
     assert count(r["cut_metrics"].text, "/v1/models/{name}:predict") == 0
     assert r["ready"].status_code == 200
+    price1, cut1, nope, price2 = r["again"]
+    close([o["prediction"] for o in price1.json()], exp_price)
+    close([o["prediction"] for o in price2.json()], exp_price)
+    assert [o["label"] for o in cut1.json()] == exp_cut and nope.status_code == 404
+    v2_price, v2_cut, v2_nope, v2_cut2 = r["again_v2"]
+    close({o["name"]: o["data"] for o in v2_price.json()["outputs"]}["prediction"], exp_price)
+    for a in (v2_cut, v2_cut2):
+        assert {o["name"]: o["data"] for o in a.json()["outputs"]}["label"] == exp_cut
+    assert v2_nope.status_code == 404 and v2_nope.json()["error"]
 
 
 def test_a_new_version_is_swapped_in_without_failing_a_request_in_flight(folder, table):
