@@ -24,7 +24,7 @@ import daskml_scale
 from daskml_scale.bundle import load_bundle, save_bundle
 from daskml_scale.datasets import DIAMONDS_CATEGORICAL, DIAMONDS_NUMERIC, diamonds, diamonds_transform
 from daskml_scale.serving import create_app
-from daskml_scale.serving.app import SERVING_GC_THRESHOLD
+from daskml_scale.serving.collector import SERVING_GC_THRESHOLD
 from daskml_scale.serving.batcher import MicroBatcher
 from daskml_scale.serving.inputs import RequestError
 
@@ -443,7 +443,7 @@ def test_jobs_run_predict_files_on_the_cluster(client, bundle, table, tmp_path):
 def test_the_collector_of_a_serving_process_is_tuned_and_a_users_setting_kept():
     code = """
 import gc
-from daskml_scale.serving.app import SERVING_GC_THRESHOLD, tune_collector
+from daskml_scale.serving.collector import SERVING_GC_THRESHOLD, tune_collector
 out = []
 for before in ((700, 10, 10), (50_000, 5, 5), (0, 10, 10)):
     gc.set_threshold(*before)

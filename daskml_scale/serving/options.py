@@ -67,7 +67,7 @@ class ServeOptions:
         One prediction on a made-up row after loading.
     freeze_gc : bool
         ``gc.freeze()`` and a higher threshold for the youngest generation after loading
-        (:func:`~daskml_scale.serving.app.tune_collector`).
+        (:func:`~daskml_scale.serving.collector.tune_collector`).
     on_dropped : {"keep", "omit", "error"}
         Rows the transform drops (``predict.on-dropped``): ``"keep"`` answers them
         with ``null`` predictions, ``"dropped": true`` and the reason; ``"omit"``
