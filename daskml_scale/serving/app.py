@@ -29,6 +29,7 @@ from daskml_scale.dropped_rows import apply_on_dropped
 from daskml_scale.exceptions import DataError
 from daskml_scale.serving.auth import AuthMiddleware
 from daskml_scale.serving.batcher import Block, Columns, MicroBatcher
+from daskml_scale.serving.collector import tune_collector
 from daskml_scale.serving.errors import RequestError, ServingError
 from daskml_scale.serving.fastpath import FastPath, fast_path_for
 from daskml_scale.serving.http import receive_body as _receive_body
@@ -39,7 +40,6 @@ from daskml_scale.serving.metrics import CONTENT_TYPE, Registry
 from daskml_scale.serving.models import ModelSet, Named, list_models, sources_of
 from daskml_scale.serving.openapi import openapi_document
 from daskml_scale.serving.options import ServeOptions
-from daskml_scale.serving.collector import tune_collector
 from daskml_scale.serving.protocols import routes as protocol_routes
 from daskml_scale.serving.protocols.common import FeatureModel
 

@@ -238,7 +238,8 @@ class MicroBatcher:
         after_busy = False
         while True:
             if self._busy is not None:
-                await self._busy  # done when a batch ends and leaves the next to this task
+                # wait-bounded: done by the running batch's end (the model call in this process)
+                await self._busy
                 after_busy = True
                 continue
             if self._carry is not None:

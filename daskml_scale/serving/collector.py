@@ -19,8 +19,9 @@ def tune_collector() -> None:
       container objects rather than 700. A request's parsed JSON stays alive for the few
       milliseconds its batch takes, so with 64 requests in flight each collection of the
       youngest generation walks every one of them, and the default collected them
-      several times over: ~10 us of a v2 JSON request's ~35 us of handling (one object
-      per column), ~3 us of ``/predict``'s. Cycles are still collected, 14 times less often.
+      several times over: ~7 us of a v2 JSON request (one object per column), ~3-4 us
+      of a ``/predict`` one, measured in one process with 64 requests in flight. Cycles
+      are still collected, 14 times less often.
     """
     gc.collect()
     gc.freeze()
